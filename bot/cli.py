@@ -1,0 +1,115 @@
+"""The `flowbot` command: check, graph, serve, telegram webhook-info."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import sys
+from collections.abc import Sequence
+
+from bot.config import Config, load_config
+from bot.errors import ConfigError, FlowbotError
+from bot.graph import dot, mermaid
+
+
+def _load(path: str) -> Config:
+    try:
+        config = load_config(path)
+    except ConfigError as exc:
+        print(f"{path}: {len(exc.errors)} problem(s):", file=sys.stderr)
+        for line in exc.errors:
+            print(f"  error: {line}", file=sys.stderr)
+        for line in exc.warnings:
+            print(f"  warning: {line}", file=sys.stderr)
+        raise SystemExit(2) from None
+    for line in config.warnings:
+        print(f"warning: {line}", file=sys.stderr)
+    return config
+
+
+def cmd_check(args: argparse.Namespace) -> int:
+    config = _load(args.config)
+    blocks = sum(len(f.blocks) for f in config.flows.values())
+    print(f"{args.config}: ok ({len(config.flows)} flow(s), {blocks} block(s))")
+    return 0
+
+
+def cmd_graph(args: argparse.Namespace) -> int:
+    config = _load(args.config)
+    name = args.flow or config.bot.start_flow
+    flow = config.flows.get(name)
+    if flow is None:
+        print(f"no flow named {name!r}; flows: {', '.join(config.flows)}", file=sys.stderr)
+        return 2
+    sys.stdout.write(dot(flow) if args.format == "dot" else mermaid(flow))
+    return 0
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    from aiohttp import web
+
+    from bot.server import build_app, enabled_channels
+
+    config = _load(args.config)
+    host = args.host or config.server.host
+    port = args.port if args.port is not None else config.server.port
+    app = build_app(config, channel_factories=enabled_channels(config))
+    shown = "127.0.0.1" if host in ("0.0.0.0", "::") else host  # noqa: S104 - display only
+    where = f"http://{shown}:{port}{config.server.path_prefix}/"
+    print(f"flowbot: serving {args.config} — open {where} to chat", flush=True)
+    web.run_app(app, host=host, port=port, print=None, access_log=None)
+    return 0
+
+
+def cmd_telegram(args: argparse.Namespace) -> int:
+    from channels.telegram import webhook_info
+
+    config = _load(args.config)
+    print(asyncio.run(webhook_info(config)))
+    return 0
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="flowbot", description="Chat flows that wait for the "
+                                "outside world: Telegram, WhatsApp (Twilio) and web chat.")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    check = sub.add_parser("check", help="validate a config and list every problem")
+    check.add_argument("--config", required=True, help="the TOML config file")
+    check.set_defaults(func=cmd_check)
+
+    graph = sub.add_parser("graph", help="draw a flow as Mermaid or Graphviz dot")
+    graph.add_argument("--config", required=True, help="the TOML config file")
+    graph.add_argument("--flow", help="which flow (default: bot.start_flow)")
+    graph.add_argument("--format", choices=("mermaid", "dot"), default="mermaid")
+    graph.set_defaults(func=cmd_graph)
+
+    serve = sub.add_parser("serve", help="run the server, the timer and the outbox")
+    serve.add_argument("--config", required=True, help="the TOML config file")
+    serve.add_argument("--host", help="override server.host")
+    serve.add_argument("--port", type=int, help="override server.port")
+    serve.set_defaults(func=cmd_serve)
+
+    tg = sub.add_parser("telegram", help="Telegram helpers")
+    tg_sub = tg.add_subparsers(dest="telegram_command", required=True)
+    info = tg_sub.add_parser("webhook-info", help="show what Telegram has as our webhook")
+    info.add_argument("--config", required=True, help="the TOML config file")
+    info.set_defaults(func=cmd_telegram)
+    return p
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    try:
+        code: int = args.func(args)
+    except FlowbotError as exc:
+        print(f"flowbot: {exc}", file=sys.stderr)
+        return 2
+    return code
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,149 @@
+"""The whole TOML config, parsed once into frozen dataclasses; every problem reported at once."""
+
+from __future__ import annotations
+
+import re
+import tomllib
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from bot.channel_config import ChannelsConfig, parse_channels
+from bot.errors import ConfigError
+from bot.flow import Flow
+from bot.flow_parse import check_references, parse_flow
+from bot.toml_reader import Problems, Reader, did_you_mean
+
+# A Telegram bot token (123456:ABC…) or a Twilio auth token pasted where it must not be.
+_LITERAL_SECRET = re.compile(r"\b\d{6,12}:[A-Za-z0-9_-]{30,}\b")
+
+
+@dataclass(frozen=True)
+class ServerConfig:
+    host: str = "127.0.0.1"
+    port: int = 8080
+    public_url: str = "http://127.0.0.1:8080"
+    path_prefix: str = ""
+    max_body_bytes: int = 65536
+    cors_allow_origin: str = "*"
+
+    def url(self, path: str) -> str:
+        """The public URL of one of our routes."""
+        return f"{self.public_url.rstrip('/')}{self.path_prefix}{path}"
+
+
+@dataclass(frozen=True)
+class StorageConfig:
+    path: Path = Path("flowbot.db")
+
+
+@dataclass(frozen=True)
+class BotConfig:
+    start_flow: str = "main"
+    restart_words: tuple[str, ...] = ("/start",)
+    max_steps: int = 100  # blocks run for one event before we call it a loop
+    default_pending_message: str = "Please finish the step above first — I'm still waiting for it."
+
+
+@dataclass(frozen=True)
+class Config:
+    server: ServerConfig
+    storage: StorageConfig
+    bot: BotConfig
+    channels: ChannelsConfig
+    flows: Mapping[str, Flow]
+    warnings: tuple[str, ...] = field(default=())
+
+
+def _server(r: Reader) -> ServerConfig:
+    prefix = r.text("path_prefix", "")
+    if prefix and (not prefix.startswith("/") or prefix.endswith("/")):
+        r.problems.error(r.at("path_prefix"), "must start with '/' and not end with one, e.g. '/bot'")
+    port = r.integer("port", 8080, lo=0, hi=65535)
+    public_url = r.text("public_url", f"http://127.0.0.1:{port}")
+    if not public_url.startswith(("http://", "https://")):
+        r.problems.error(r.at("public_url"), "must start with http:// or https://")
+    cfg = ServerConfig(
+        host=r.text("host", "127.0.0.1"),
+        port=port,
+        public_url=public_url.rstrip("/"),
+        path_prefix=prefix,
+        max_body_bytes=r.integer("max_body_bytes", 65536, lo=1024, hi=16 * 1024 * 1024),
+        cors_allow_origin=r.text("cors_allow_origin", "*"),
+    )
+    r.done()
+    return cfg
+
+
+def _storage(r: Reader, base: Path) -> StorageConfig:
+    path = Path(r.text("path", "flowbot.db"))
+    r.done()
+    return StorageConfig(path if path.is_absolute() else base / path)
+
+
+def _bot(r: Reader) -> BotConfig:
+    cfg = BotConfig(
+        start_flow=r.text("start_flow", "main"),
+        restart_words=r.str_list("restart_words", ("/start",)),
+        max_steps=r.integer("max_steps", 100, lo=10, hi=10000),
+        default_pending_message=r.text("default_pending_message", BotConfig.default_pending_message),
+    )
+    r.done()
+    return cfg
+
+
+def _find_literal_secrets(value: Any, place: str, problems: Problems) -> None:
+    if isinstance(value, dict):
+        for k, v in value.items():
+            _find_literal_secrets(v, f"{place}.{k}" if place else k, problems)
+    elif isinstance(value, list):
+        for i, v in enumerate(value):
+            _find_literal_secrets(v, f"{place}.{i}", problems)
+    elif isinstance(value, str) and _LITERAL_SECRET.search(value):
+        problems.error(place, "looks like a bot token; keep secrets in environment variables")
+
+
+def parse_config(doc: dict[str, Any], base: Path, problems: Problems) -> Config:
+    r = Reader(doc, "", problems)
+    server = _server(Reader(r.table_("server"), "server", problems))
+    storage = _storage(Reader(r.table_("storage"), "storage", problems), base)
+    bot = _bot(Reader(r.table_("bot"), "bot", problems))
+    channels = parse_channels(r.table_("channels"), problems)
+    raw_flows = r.table_("flows")
+    r.done()
+    _find_literal_secrets(doc, "", problems)
+
+    flows: dict[str, Flow] = {}
+    for name, table in raw_flows.items():
+        flow = parse_flow(name, table, problems)
+        if flow is not None:
+            flows[name] = flow
+    for flow in flows.values():
+        check_references(flow, flows, problems)
+    if not raw_flows:
+        problems.error("flows", "define at least one flow, e.g. [flows.main]")
+    elif bot.start_flow not in raw_flows:
+        problems.error(
+            "bot.start_flow",
+            f"no flow named {bot.start_flow!r}{did_you_mean(bot.start_flow, raw_flows)}",
+        )
+    return Config(server, storage, bot, channels, flows, tuple(problems.warnings))
+
+
+def load_config(path: str | Path) -> Config:
+    """Read and validate a config file; raise `ConfigError` listing every problem."""
+    path = Path(path)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except OSError as exc:
+        raise ConfigError([f"{path}: cannot read it ({exc.strerror})"], []) from None
+    try:
+        doc = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError([f"{path}: not valid TOML: {exc}"], []) from None
+    problems = Problems()
+    config = parse_config(doc, path.resolve().parent, problems)
+    if problems.errors:
+        raise ConfigError(problems.errors, problems.warnings)
+    return config

@@ -1,0 +1,61 @@
+"""The error hierarchy. The HTTP edge maps `ApiError`s to statuses; the CLI maps the rest."""
+
+from __future__ import annotations
+
+
+class FlowbotError(Exception):
+    """Base of every error flowbot raises on purpose."""
+
+
+class ConfigError(FlowbotError):
+    def __init__(self, errors: list[str], warnings: list[str]) -> None:
+        super().__init__(f"{len(errors)} problem(s) in the config")
+        self.errors = errors
+        self.warnings = warnings
+
+
+class ApiError(FlowbotError):
+    """A request we refuse; it changed nothing. `code` is for machines, `message` for people."""
+
+    status = 400
+
+    def __init__(self, code: str, message: str, **extra: object) -> None:
+        super().__init__(message)
+        self.code = code
+        self.message = message
+        self.extra = extra
+
+    def body(self) -> dict[str, object]:
+        return {"error": self.code, "message": self.message, **self.extra}
+
+
+class BadRequest(ApiError):
+    status = 400
+
+
+class Unauthorized(ApiError):
+    status = 401
+
+
+class Forbidden(ApiError):
+    status = 403
+
+
+class NotFound(ApiError):
+    status = 404
+
+
+class Conflict(ApiError):
+    status = 409
+
+
+class Gone(ApiError):
+    status = 410
+
+
+class TooLarge(ApiError):
+    status = 413
+
+
+class StaleState(FlowbotError):
+    """A conversation changed under us (optimistic concurrency); the caller retries."""

@@ -1,0 +1,361 @@
+"""Parses `[flows.NAME]` tables into `Flow`s, reporting every problem with its place."""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Callable, Collection
+from typing import Any
+
+from bot.flow import (
+    BLOCK_TYPES,
+    FLOW_TARGET_PREFIX,
+    Block,
+    ButtonsBlock,
+    Choice,
+    ConditionBlock,
+    DelayBlock,
+    EndBlock,
+    Flow,
+    HttpBlock,
+    InputBlock,
+    JumpBlock,
+    MessageBlock,
+    Rule,
+    SetBlock,
+    WebhookBlock,
+    WebViewBlock,
+)
+from bot.toml_reader import Problems, Reader, did_you_mean
+
+MAX_CHOICES = 10
+MAX_MAPPED_FIELDS = 50
+CONDITION_OPS = (
+    "equals",
+    "not_equals",
+    "contains",
+    "not_contains",
+    "is_empty",
+    "is_not_empty",
+    "greater_than",
+    "less_than",
+    "matches",
+)
+VALIDATIONS = ("text", "number", "email", "phone", "regex")
+HTTP_METHODS = ("GET", "POST", "PUT", "PATCH", "DELETE")
+READ_ONLY_VARIABLES = ("channel", "user_id", "conversation_key", "webhook_url")
+_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
+
+
+def _variable(r: Reader, key: str, *, required: bool = True) -> str:
+    name: str = r.text(key) if required else r.text(key, "")
+    if name and not _NAME.match(name):
+        r.problems.error(r.at(key), f"{name!r} is not a variable name (letters, digits, _)")
+    elif name in READ_ONLY_VARIABLES:
+        r.problems.error(r.at(key), f"'{name}' is a built-in variable and cannot be set")
+    return name
+
+
+def _regex(r: Reader, key: str, pattern: str) -> None:
+    try:
+        re.compile(pattern)
+    except re.error as exc:
+        r.problems.error(r.at(key), f"is not a valid regular expression: {exc}")
+
+
+def _field_map(r: Reader, key: str) -> tuple[tuple[str, str], ...]:
+    mapping = r.str_table(key)
+    if len(mapping) > MAX_MAPPED_FIELDS:
+        r.problems.error(
+            r.at(key), f"maps {len(mapping)} fields; at most {MAX_MAPPED_FIELDS} are allowed"
+        )
+    for var in mapping:
+        if not _NAME.match(var):
+            r.problems.error(f"{r.at(key)}.{var}", "is not a variable name (letters, digits, _)")
+        elif var in READ_ONLY_VARIABLES:
+            r.problems.error(f"{r.at(key)}.{var}", "is a built-in variable and cannot be set")
+    return tuple(mapping.items())
+
+
+def _target(r: Reader, key: str, *, required: bool = False) -> str | None:
+    value: str | None = r.text(key) if required else r.text(key, None)
+    return value or None
+
+
+def _message(r: Reader, bid: str) -> Block:
+    return MessageBlock(bid, text=r.text("text"), next=_target(r, "next"))
+
+
+def _input(r: Reader, bid: str) -> Block:
+    validation = r.text("validation", "text", choices=VALIDATIONS)
+    pattern = r.text("pattern", "")
+    if validation == "regex":
+        if not pattern:
+            r.problems.error(r.at("pattern"), "is required when validation = 'regex'")
+        _regex(r, "pattern", pattern)
+    elif pattern:
+        r.problems.error(r.at("pattern"), "is only used with validation = 'regex'")
+    return InputBlock(
+        bid,
+        text=r.text("text"),
+        variable=_variable(r, "variable"),
+        validation=validation,
+        pattern=pattern,
+        retry_message=r.text("retry_message", ""),
+        next=_target(r, "next"),
+    )
+
+
+def _buttons(r: Reader, bid: str) -> Block:
+    raw = r.raw("choices", [])
+    choices: list[Choice] = []
+    if not isinstance(raw, list) or not raw:
+        r.problems.error(r.at("choices"), "must be a non-empty list of {label, next} tables")
+        raw = []
+    if len(raw) > MAX_CHOICES:
+        r.problems.error(r.at("choices"), f"has {len(raw)} choices; at most {MAX_CHOICES}")
+    labels: set[str] = set()
+    for i, item in enumerate(raw):
+        cr = Reader(item if isinstance(item, dict) else {}, f"{r.at('choices')}.{i}", r.problems)
+        if not isinstance(item, dict):
+            r.problems.error(cr.place, "must be a table like {label = 'Yes', next = 'yes'}")
+            continue
+        label = cr.text("label")
+        if label.casefold() in labels:
+            r.problems.error(cr.at("label"), f"{label!r} is used twice in this block")
+        labels.add(label.casefold())
+        choices.append(Choice(label, _target(cr, "next"), cr.text("value", label)))
+        cr.done()
+    return ButtonsBlock(
+        bid,
+        text=r.text("text"),
+        variable=_variable(r, "variable", required=False),
+        choices=tuple(choices),
+        retry_message=r.text("retry_message", ""),
+    )
+
+
+def _condition(r: Reader, bid: str) -> Block:
+    raw = r.raw("rules", [])
+    rules: list[Rule] = []
+    if not isinstance(raw, list):
+        r.problems.error(r.at("rules"), "must be a list of {variable, op, value, next} tables")
+        raw = []
+    for i, item in enumerate(raw):
+        rr = Reader(item if isinstance(item, dict) else {}, f"{r.at('rules')}.{i}", r.problems)
+        if not isinstance(item, dict):
+            r.problems.error(rr.place, "must be a table like {variable='x', op='equals', ...}")
+            continue
+        op = rr.text("op", choices=CONDITION_OPS)
+        needs_value = op not in ("is_empty", "is_not_empty")
+        value = rr.text("value") if needs_value else rr.text("value", "")
+        if op == "matches":
+            _regex(rr, "value", value)
+        if op in ("greater_than", "less_than") and not _is_number(value):
+            rr.problems.error(rr.at("value"), f"must be a number for {op}, not {value!r}")
+        rules.append(Rule(rr.text("variable"), op, value, _target(rr, "next")))
+        rr.done()
+    return ConditionBlock(bid, rules=tuple(rules), else_=_target(r, "else"))
+
+
+def _is_number(text: str) -> bool:
+    try:
+        float(text)
+    except ValueError:
+        return False
+    return True
+
+
+def _set(r: Reader, bid: str) -> Block:
+    return SetBlock(
+        bid, variable=_variable(r, "variable"), value=r.text("value"), next=_target(r, "next")
+    )
+
+
+def _http(r: Reader, bid: str) -> Block:
+    method = r.text("method", "GET").upper()
+    if method not in HTTP_METHODS:
+        r.problems.error(r.at("method"), f"must be one of {', '.join(HTTP_METHODS)}")
+    url = r.text("url")
+    if url and not url.startswith(("http://", "https://", "{{")):
+        r.problems.error(r.at("url"), "must start with http:// or https://")
+    return HttpBlock(
+        bid,
+        method=method,
+        url=url,
+        headers=tuple(r.str_table("headers").items()),
+        body=r.raw("body"),
+        timeout=r.number("timeout", 10.0, lo=0.1, hi=120),
+        map=_field_map(r, "map"),
+        status_variable=_variable(r, "status_variable", required=False),
+        on_success=_target(r, "on_success"),
+        on_failure=_target(r, "on_failure"),
+    )
+
+
+def _delay(r: Reader, bid: str) -> Block:
+    return DelayBlock(bid, seconds=r.number("seconds", lo=0.0, hi=30 * 86400), next=_target(r, "next"))
+
+
+def _jump(r: Reader, bid: str) -> Block:
+    block, flow = r.text("block", ""), r.text("flow", "")
+    if bool(block) == bool(flow):
+        r.problems.error(r.place, "needs exactly one of `block` (this flow) or `flow` (its start)")
+    return JumpBlock(bid, target=block or f"{FLOW_TARGET_PREFIX}{flow}")
+
+
+def _end(r: Reader, bid: str) -> Block:
+    return EndBlock(bid, text=r.text("text", ""))
+
+
+def _webview(r: Reader, bid: str) -> Block:
+    blocking = r.flag("blocking", True)
+    url = r.text("url")
+    verify = r.text("verify", "", choices=("", "telegram"))
+    if url and not url.startswith(("http://", "https://", "/", "{{")):
+        r.problems.error(r.at("url"), "must be an http(s) URL or a path on this server")
+    inputs = r.str_list("input_variables", ())
+    if blocking:
+        expiration = r.number("expiration", lo=1, hi=86400)
+        targets = {k: _target(r, k, required=True) for k in ("on_success", "on_error", "on_expired")}
+        if r.has("next"):
+            r.problems.error(r.at("next"), "is for blocking = false; use on_success/on_error")
+        nxt = None
+    else:
+        expiration = r.number("expiration", 86400.0, lo=1, hi=30 * 86400)
+        targets = {}
+        for key in ("on_success", "on_error", "on_expired"):
+            if r.has(key):
+                r.problems.error(r.at(key), "is only for blocking = true; use `next`")
+        nxt = _target(r, "next")
+    return WebViewBlock(
+        bid,
+        url=url,
+        text=r.text("text"),
+        button=r.text("button", "Open"),
+        input_variables=inputs,
+        blocking=blocking,
+        expiration=expiration,
+        pending_message=r.text("pending_message", ""),
+        response_variable=_variable(r, "response_variable", required=False),
+        verify=verify,
+        next=nxt,
+        **targets,
+    )
+
+
+def _webhook(r: Reader, bid: str) -> Block:
+    return WebhookBlock(
+        bid,
+        text=r.text("text", ""),
+        timeout=r.number("timeout", lo=1, hi=300),
+        map=_field_map(r, "map"),
+        save_payload_to=_variable(r, "save_payload_to", required=False),
+        pending_message=r.text("pending_message", ""),
+        secret_env=r.text("secret_env", ""),
+        on_success=_target(r, "on_success", required=True),
+        on_failure=_target(r, "on_failure", required=True),
+    )
+
+
+_PARSERS: dict[str, Callable[[Reader, str], Block]] = {
+    "message": _message,
+    "input": _input,
+    "buttons": _buttons,
+    "condition": _condition,
+    "set": _set,
+    "http": _http,
+    "delay": _delay,
+    "jump": _jump,
+    "end": _end,
+    "webview": _webview,
+    "webhook": _webhook,
+}
+assert set(_PARSERS) == set(BLOCK_TYPES)
+
+
+def parse_flow(name: str, table: Any, problems: Problems) -> Flow | None:
+    place = f"flows.{name}"
+    if not isinstance(table, dict):
+        problems.error(place, "must be a table with `start` and `blocks`")
+        return None
+    r = Reader(table, place, problems)
+    start = r.text("start")
+    raw_blocks = r.table_("blocks")
+    r.done()
+    blocks: dict[str, Block] = {}
+    for bid, btable in raw_blocks.items():
+        bplace = f"{place}.blocks.{bid}"
+        if not _NAME.match(bid):
+            problems.error(bplace, "block names use letters, digits and _ only")
+        if not isinstance(btable, dict):
+            problems.error(bplace, "must be a table with a `type`")
+            continue
+        br = Reader(btable, bplace, problems)
+        kind = br.text("type", choices=tuple(_PARSERS))
+        parser = _PARSERS.get(kind)
+        if parser is None:
+            continue
+        blocks[bid] = parser(br, bid)
+        br.done()
+    if not raw_blocks:
+        problems.error(f"{place}.blocks", "a flow needs at least one block")
+    elif start and start not in raw_blocks:
+        problems.error(f"{place}.start", f"no block named {start!r}{did_you_mean(start, raw_blocks)}")
+    return Flow(name, start, blocks)
+
+
+def check_references(flow: Flow, flow_names: Collection[str], problems: Problems) -> None:
+    """Every edge points at a block of this flow or at another flow; warn on dead blocks."""
+    for bid, block in flow.blocks.items():
+        for key, target in _edge_keys(block):
+            if target is None:
+                continue
+            place = f"flows.{flow.name}.blocks.{bid}.{key}"
+            if target.startswith(FLOW_TARGET_PREFIX):
+                other = target.removeprefix(FLOW_TARGET_PREFIX)
+                if other not in flow_names:
+                    problems.error(place, f"no flow named {other!r}{did_you_mean(other, flow_names)}")
+            elif target not in flow.blocks:
+                problems.error(place, f"no block named {target!r}{did_you_mean(target, flow.blocks)}")
+    live = reachable(flow)
+    for bid in flow.blocks:
+        if bid not in live:
+            problems.warn(f"flows.{flow.name}.blocks.{bid}", "no path from the start reaches it")
+
+
+def _edge_keys(block: Block) -> list[tuple[str, str | None]]:
+    """Edges named by the config key that holds them, for error places."""
+    if isinstance(block, ButtonsBlock):
+        return [(f"choices.{i}.next", c.next) for i, c in enumerate(block.choices)]
+    if isinstance(block, ConditionBlock):
+        return [(f"rules.{i}.next", r.next) for i, r in enumerate(block.rules)] + [
+            ("else", block.else_)
+        ]
+    if isinstance(block, JumpBlock):
+        key = "flow" if block.target.startswith(FLOW_TARGET_PREFIX) else "block"
+        return [(key, block.target)]
+    if isinstance(block, InputBlock | MessageBlock | SetBlock | DelayBlock):
+        return [("next", block.next)]
+    if isinstance(block, WebViewBlock):
+        if not block.blocking:
+            return [("next", block.next)]
+        return [
+            ("on_success", block.on_success),
+            ("on_error", block.on_error),
+            ("on_expired", block.on_expired),
+        ]
+    if isinstance(block, HttpBlock | WebhookBlock):
+        return [("on_success", block.on_success), ("on_failure", block.on_failure)]
+    return []
+
+
+def reachable(flow: Flow) -> set[str]:
+    seen: set[str] = set()
+    todo = [flow.start]
+    while todo:
+        bid = todo.pop()
+        if bid in seen or bid not in flow.blocks:
+            continue
+        seen.add(bid)
+        todo.extend(t for _, t in flow.blocks[bid].edges() if t)
+    return seen

@@ -1,0 +1,162 @@
+"""Delivers committed outbox rows through their channels: in order per conversation,
+within the channel's rate limits, retrying transient failures with backoff."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import random
+from collections.abc import Mapping
+
+from bot.clock import Clock
+from channels.base import Channel, RateLimit, SendError
+from storage.store import OutboxRow
+from storage.worker import DbWorker
+
+log = logging.getLogger(__name__)
+
+MAX_ATTEMPTS = 8
+BATCH = 500
+
+
+def backoff(attempts: int) -> float:
+    """1 s, 2 s, 4 s … capped at 5 minutes, with jitter so retries do not stampede."""
+    return min(300.0, 2.0 ** attempts) * (0.8 + 0.4 * random.random())
+
+
+class _Bucket:
+    """Token bucket over the event loop's monotonic clock."""
+
+    def __init__(self, rate: float, capacity: float) -> None:
+        self.rate = rate
+        self.capacity = capacity
+        self.tokens = capacity
+        self.stamp = asyncio.get_running_loop().time()
+
+    async def take(self) -> None:
+        loop = asyncio.get_running_loop()
+        while True:
+            now = loop.time()
+            self.tokens = min(self.capacity, self.tokens + (now - self.stamp) * self.rate)
+            self.stamp = now
+            if self.tokens >= 1:
+                self.tokens -= 1
+                return
+            await asyncio.sleep((1 - self.tokens) / self.rate)
+
+
+class RateLimiter:
+    def __init__(self, limit: RateLimit) -> None:
+        self.limit = limit
+        self._global: _Bucket | None = None
+        self._chats: dict[str, _Bucket] = {}
+
+    async def acquire(self, chat: str) -> None:
+        if self.limit.per_chat_per_second:
+            bucket = self._chats.get(chat)
+            if bucket is None:
+                if len(self._chats) > 10_000:
+                    self._chats.clear()
+                bucket = self._chats[chat] = _Bucket(self.limit.per_chat_per_second,
+                                                     self.limit.burst)
+            await bucket.take()
+        if self.limit.global_per_second:
+            if self._global is None:
+                self._global = _Bucket(self.limit.global_per_second,
+                                       self.limit.global_per_second)
+            await self._global.take()
+
+
+class Outbox:
+    def __init__(self, worker: DbWorker, channels: Mapping[str, Channel], clock: Clock) -> None:
+        self.worker = worker
+        self.channels = channels
+        self.clock = clock
+        self._limiters = {name: RateLimiter(ch.rate_limit) for name, ch in channels.items()}
+        self._wake = asyncio.Event()
+        self._busy: set[int] = set()
+        self._tasks: set[asyncio.Task[None]] = set()
+
+    def notify(self) -> None:
+        self._wake.set()
+
+    async def run(self) -> None:
+        while True:
+            self._wake.clear()
+            try:
+                await self.pass_once()
+                nxt = await self.worker.run(lambda s: s.next_delivery_time())
+            except Exception:
+                log.exception("outbox pass failed; trying again in 1 s")
+                nxt = self.clock.now() + 1
+            delay = 30.0 if nxt is None else min(30.0, max(0.05, nxt - self.clock.now()))
+            try:
+                await asyncio.wait_for(self._wake.wait(), timeout=delay)
+            except TimeoutError:
+                pass
+
+    async def pass_once(self) -> None:
+        """Start delivering every due row of conversations not already being delivered."""
+        now = self.clock.now()
+        rows = await self.worker.run(lambda s: s.pending_deliveries(now, BATCH))
+        by_conv: dict[int, list[OutboxRow]] = {}
+        for row in rows:
+            if row.conversation_id not in self._busy:
+                by_conv.setdefault(row.conversation_id, []).append(row)
+        for cid, conv_rows in by_conv.items():
+            self._busy.add(cid)
+            task = asyncio.get_running_loop().create_task(self._deliver(cid, conv_rows))
+            self._tasks.add(task)
+            task.add_done_callback(self._tasks.discard)
+
+    async def drain(self) -> None:
+        """Deliver until nothing due is left (tests, shutdown)."""
+        while True:
+            await self.pass_once()
+            if not self._tasks:
+                return
+            await asyncio.gather(*list(self._tasks))
+
+    async def _deliver(self, cid: int, rows: list[OutboxRow]) -> None:
+        try:
+            for row in rows:
+                if not await self._deliver_one(row):
+                    return  # keep order: later rows wait for this one's retry
+        finally:
+            self._busy.discard(cid)
+            self._wake.set()
+
+    async def _deliver_one(self, row: OutboxRow) -> bool:
+        channel = self.channels.get(row.channel)
+        if channel is None:
+            await self.worker.run(lambda s: s.mark_failed(
+                row.id, f"channel '{row.channel}' is not enabled on this server"))
+            return True
+        await self._limiters[row.channel].acquire(row.user_id)
+        try:
+            platform_id = await channel.send(row.delivery())
+        except SendError as exc:
+            return await self._failed(row, exc)
+        except Exception as exc:  # a bug or an unexpected library error: retry, loudly
+            log.exception("outbox %d: unexpected error from channel %s", row.id, row.channel)
+            return await self._failed(row, SendError(repr(exc), permanent=False))
+        now = self.clock.now()
+        await self.worker.run(lambda s: s.mark_sent(row.id, now, platform_id))
+        return True
+
+    async def _failed(self, row: OutboxRow, exc: SendError) -> bool:
+        error = f"{exc.code}: {exc}" if exc.code else str(exc)
+        if exc.permanent or row.attempts + 1 >= MAX_ATTEMPTS:
+            log.warning("outbox %d to %s failed for good: %s", row.id, row.channel, error)
+            await self.worker.run(lambda s: s.mark_failed(row.id, error))
+            return True
+        delay = exc.retry_after if exc.retry_after is not None else backoff(row.attempts)
+        log.info("outbox %d to %s: %s; retrying in %.1f s", row.id, row.channel, error, delay)
+        at = self.clock.now() + delay
+        await self.worker.run(lambda s: s.mark_retry(row.id, at, error))
+        return False
+
+    async def close(self) -> None:
+        for task in list(self._tasks):
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)

@@ -1,0 +1,179 @@
+"""The one aiohttp server: every route, JSON errors, and the background tasks' lifecycle."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
+from importlib import resources
+
+import aiohttp
+from aiohttp import web
+
+from bot import http_api
+from bot.clock import Clock, SystemClock
+from bot.config import Config
+from bot.errors import ApiError
+from bot.outbox import Outbox
+from bot.runtime import Runtime
+from bot.timers import Timer
+from channels.base import Channel
+from storage.store import Store
+from storage.worker import DbWorker
+
+log = logging.getLogger(__name__)
+
+RUNTIME = web.AppKey("runtime", Runtime)
+OUTBOX = web.AppKey("outbox", Outbox)
+TIMER = web.AppKey("timer", Timer)
+
+ChannelFactory = Callable[[Config, Runtime], Channel]
+
+
+def enabled_channels(config: Config) -> dict[str, ChannelFactory]:
+    """The channels the config turns on. Imported here, so an unused SDK is never loaded."""
+    factories: dict[str, ChannelFactory] = {}
+    if config.channels.web.enabled:
+        from channels.web import WebChannel
+
+        factories["web"] = WebChannel.create
+    if config.channels.telegram.enabled:
+        from channels.telegram import TelegramChannel
+
+        factories["telegram"] = TelegramChannel.create
+    if config.channels.whatsapp.enabled:
+        from channels.whatsapp import WhatsAppChannel
+
+        factories["whatsapp"] = WhatsAppChannel.create
+    return factories
+
+
+def _cors_headers(config: Config) -> dict[str, str]:
+    return {
+        "Access-Control-Allow-Origin": config.server.cors_allow_origin,
+        "Access-Control-Allow-Methods": "POST, OPTIONS",
+        "Access-Control-Allow-Headers": "Content-Type",
+        "Access-Control-Max-Age": "86400",
+        "Vary": "Origin",
+    }
+
+
+def _error_middleware(config: Config) -> Callable[..., Awaitable[web.StreamResponse]]:
+    cors = _cors_headers(config)
+
+    @web.middleware
+    async def middleware(request: web.Request,
+                         handler: Callable[[web.Request], Awaitable[web.StreamResponse]]
+                         ) -> web.StreamResponse:
+        is_callback = request.path.endswith("/webview/callback")
+        try:
+            response = await handler(request)
+        except ApiError as exc:
+            response = web.json_response(exc.body(), status=exc.status)
+        except web.HTTPException as exc:
+            if exc.status < 400:
+                raise
+            response = web.json_response(
+                {"error": exc.reason.lower().replace(" ", "_"),
+                 "message": f"{exc.reason}: {request.method} {request.path}"},
+                status=exc.status)
+        if is_callback:
+            response.headers.update(cors)
+        return response
+
+    return middleware
+
+
+async def _healthz(request: web.Request) -> web.Response:
+    return web.json_response({"status": "ok"})
+
+
+async def _metrics(request: web.Request) -> web.Response:
+    runtime = request.app[RUNTIME]
+    counts = await runtime.worker.run(lambda s: s.counts())
+    lines = [f"flowbot_{name} {value}" for name, value in sorted(counts.items())]
+    lines += [f'flowbot_events_total{{kind="{k}"}} {v}' for k, v in sorted(runtime.metrics.items())]
+    lines.append(f"flowbot_db_commits_total {runtime.worker.commits}")
+    lines.append(f"flowbot_db_jobs_total {runtime.worker.jobs}")
+    return web.Response(text="\n".join(lines) + "\n", content_type="text/plain")
+
+
+async def _openapi(request: web.Request) -> web.Response:
+    doc = json.loads(resources.files("bot").joinpath("openapi.json").read_text("utf-8"))
+    cfg = request.app[RUNTIME].config.server
+    doc["servers"] = [{"url": cfg.public_url + cfg.path_prefix}]
+    return web.json_response(doc)
+
+
+def build_app(
+    config: Config,
+    *,
+    channel_factories: Mapping[str, ChannelFactory] | None = None,
+    clock: Clock | None = None,
+    run_background: bool = True,
+) -> web.Application:
+    """The app for `config`. `run_background=False` leaves the timer and outbox loops off,
+    for tests that drive them by hand (`fire_due()`, `drain()`)."""
+    clock = clock or SystemClock()
+    store = Store(config.storage.path)
+    worker = DbWorker(store)
+    runtime = Runtime(config, worker, clock)
+    channels = {name: make(config, runtime)
+                for name, make in (channel_factories or {}).items()}
+    outbox = Outbox(worker, channels, clock)
+    runtime.on_messages = outbox.notify
+    timer = Timer(runtime, clock)
+
+    app = web.Application(middlewares=[_error_middleware(config)],
+                          client_max_size=config.server.max_body_bytes + 1024)
+    app[RUNTIME] = runtime
+    app[OUTBOX] = outbox
+    app[TIMER] = timer
+    prefix = config.server.path_prefix
+
+    async def callback(request: web.Request) -> web.Response:
+        return await http_api.webview_callback(request, runtime)
+
+    async def preflight(request: web.Request) -> web.Response:
+        return web.Response(status=204)
+
+    async def webhook(request: web.Request) -> web.Response:
+        return await http_api.webhook(request, runtime)
+
+    app.router.add_get(f"{prefix}/healthz", _healthz)
+    app.router.add_get(f"{prefix}/metrics", _metrics)
+    app.router.add_get(f"{prefix}/openapi.json", _openapi)
+    app.router.add_post(f"{prefix}/webview/callback", callback)
+    app.router.add_route("OPTIONS", f"{prefix}/webview/callback", preflight)
+    app.router.add_post(f"{prefix}/webhook", webhook)
+    for channel in channels.values():
+        for route in channel.routes():
+            app.router.add_route(route.method, f"{prefix}{route.path}", route.handler)
+
+    async def lifecycle(app: web.Application) -> AsyncIterator[None]:
+        worker.start()
+        runtime.http = aiohttp.ClientSession()
+        for channel in channels.values():
+            await channel.start()
+        loops = [asyncio.create_task(timer.run(), name="timer"),
+                 asyncio.create_task(outbox.run(), name="outbox")] if run_background else []
+        try:
+            yield
+        finally:
+            for task in loops:
+                task.cancel()
+            for task in loops:
+                with contextlib.suppress(asyncio.CancelledError):
+                    await task
+            await outbox.close()
+            await runtime.close()
+            for channel in channels.values():
+                await channel.stop()
+            await runtime.http.close()
+            await worker.stop()
+            store.close()
+
+    app.cleanup_ctx.append(lifecycle)
+    return app

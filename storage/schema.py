@@ -1,0 +1,76 @@
+"""Schema migrations, applied in order at start-up (sqlite-utils `Migrations`)."""
+
+from __future__ import annotations
+
+from sqlite_utils import Database
+from sqlite_utils.migrations import Migrations
+
+migrations = Migrations("flowbot")
+
+
+@migrations()
+def m001_initial(db: Database) -> None:
+    db.executescript(
+        """
+        CREATE TABLE conversations (
+            id INTEGER PRIMARY KEY,
+            channel TEXT NOT NULL,
+            user_id TEXT NOT NULL,
+            key TEXT NOT NULL UNIQUE,
+            flow TEXT NOT NULL DEFAULT '',
+            block TEXT,
+            wait_id TEXT,
+            variables TEXT NOT NULL DEFAULT '{}',
+            version INTEGER NOT NULL DEFAULT 0,
+            created REAL NOT NULL,
+            updated REAL NOT NULL,
+            UNIQUE (channel, user_id)
+        );
+        CREATE TABLE waits (
+            id TEXT PRIMARY KEY,
+            conversation_id INTEGER NOT NULL REFERENCES conversations(id),
+            kind TEXT NOT NULL,
+            flow TEXT NOT NULL,
+            block TEXT NOT NULL,
+            deadline REAL NOT NULL,
+            blocking INTEGER NOT NULL,
+            state TEXT NOT NULL DEFAULT 'pending',
+            request TEXT,
+            created REAL NOT NULL,
+            resolved_at REAL
+        ) WITHOUT ROWID;
+        -- the timer's index: only pending rows, ordered by deadline
+        CREATE INDEX waits_due ON waits (deadline) WHERE state = 'pending';
+        CREATE TABLE outbox (
+            id INTEGER PRIMARY KEY,
+            conversation_id INTEGER NOT NULL,
+            channel TEXT NOT NULL,
+            user_id TEXT NOT NULL,
+            message TEXT NOT NULL,
+            state TEXT NOT NULL DEFAULT 'pending',
+            attempts INTEGER NOT NULL DEFAULT 0,
+            next_attempt REAL NOT NULL,
+            error TEXT,
+            created REAL NOT NULL,
+            sent_at REAL
+        );
+        CREATE INDEX outbox_pending ON outbox (next_attempt) WHERE state = 'pending';
+        CREATE INDEX outbox_by_user ON outbox (channel, user_id, id);
+        CREATE TABLE events (
+            id TEXT PRIMARY KEY,
+            at REAL NOT NULL
+        ) WITHOUT ROWID;
+        """
+    )
+
+
+@migrations()
+def m002_delivery_status(db: Database) -> None:
+    """Platform message ids, so status callbacks (Twilio) can be matched to outbox rows."""
+    db.executescript(
+        """
+        ALTER TABLE outbox ADD COLUMN platform_id TEXT;
+        ALTER TABLE outbox ADD COLUMN platform_status TEXT;
+        CREATE INDEX outbox_platform_id ON outbox (platform_id) WHERE platform_id IS NOT NULL;
+        """
+    )

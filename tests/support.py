@@ -1,0 +1,115 @@
+"""Test helpers: a recording channel and a harness around a real app on 127.0.0.1."""
+
+from __future__ import annotations
+
+import textwrap
+from collections.abc import AsyncIterator, Sequence
+from contextlib import asynccontextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from aiohttp.test_utils import TestClient, TestServer
+
+from bot.clock import FakeClock
+from bot.config import Config, load_config
+from bot.outbox import Outbox
+from bot.runtime import Runtime
+from bot.server import OUTBOX, RUNTIME, build_app
+from channels.base import Delivery, Inbound, Message, RateLimit, Route, SendError
+
+
+@dataclass
+class RecordingChannel:
+    """A channel that records what it was asked to send; can be told to fail."""
+
+    name: str = "rec"
+    rate_limit: RateLimit = RateLimit()
+    sent: list[Delivery] = field(default_factory=list)
+    failures: list[SendError] = field(default_factory=list)  # raised by the next sends
+
+    def routes(self) -> Sequence[Route]:
+        return []
+
+    async def start(self) -> None:
+        pass
+
+    async def stop(self) -> None:
+        pass
+
+    async def send(self, delivery: Delivery) -> str | None:
+        if self.failures:
+            raise self.failures.pop(0)
+        self.sent.append(delivery)
+        return f"rec-{delivery.id}"
+
+    def messages(self, user: str) -> list[Message]:
+        return [d.message for d in self.sent if d.user_id == user]
+
+
+def write_config(tmp_path: Path, flows: str, extra: str = "") -> Config:
+    """A config with the web channel off, a DB in tmp_path, and the given flows."""
+    text = textwrap.dedent(f"""
+        [server]
+        public_url = "http://bot.test"
+        [storage]
+        path = "{tmp_path / 'flowbot.db'}"
+        [channels.web]
+        enabled = false
+    """) + textwrap.dedent(extra) + textwrap.dedent(flows)
+    path = tmp_path / "config.toml"
+    path.write_text(text)
+    return load_config(path)
+
+
+@dataclass
+class Harness:
+    client: TestClient[Any, Any]
+    runtime: Runtime
+    outbox: Outbox
+    clock: FakeClock
+    channel: RecordingChannel
+    seen: dict[str, int] = field(default_factory=dict)
+
+    async def flush(self) -> None:
+        await self.outbox.drain()
+
+    def new_messages(self, user: str) -> list[Message]:
+        msgs = self.channel.messages(user)
+        start = self.seen.get(user, 0)
+        self.seen[user] = len(msgs)
+        return msgs[start:]
+
+    async def say(self, text: str, user: str = "u1", payload: str | None = None,
+                  **kw: Any) -> list[Message]:
+        """The user writes (or presses a button); returns the messages they get back."""
+        await self.runtime.handle_inbound(Inbound("rec", user, text, payload, **kw))
+        await self.flush()
+        return self.new_messages(user)
+
+    async def texts(self, text: str, user: str = "u1", **kw: Any) -> list[str]:
+        return [m.text for m in await self.say(text, user, **kw)]
+
+    async def advance(self, seconds: float) -> int:
+        """Move time and fire whatever fell due, as the timer would."""
+        self.clock.advance(seconds)
+        fired = await self.runtime.fire_due()
+        await self.flush()
+        return fired
+
+    async def post(self, path: str, **kw: Any) -> tuple[int, Any]:
+        resp = await self.client.post(path, **kw)
+        body = await resp.json() if resp.content_type == "application/json" else await resp.text()
+        await self.flush()
+        return resp.status, body
+
+
+@asynccontextmanager
+async def harness(config: Config, channel: RecordingChannel | None = None
+                  ) -> AsyncIterator[Harness]:
+    channel = channel or RecordingChannel()
+    clock = FakeClock()
+    app = build_app(config, channel_factories={"rec": lambda _c, _r: channel}, clock=clock,
+                    run_background=False)
+    async with TestClient(TestServer(app, host="127.0.0.1")) as client:
+        yield Harness(client, app[RUNTIME], app[OUTBOX], clock, channel)
