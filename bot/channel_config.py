@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 from bot.toml_reader import Problems, Reader
@@ -43,8 +44,15 @@ class WhatsAppConfig:
 
 
 @dataclass(frozen=True)
+class FileChannelConfig:
+    enabled: bool = False
+    path: Path = Path("flowbot-outbox.jsonl")
+
+
+@dataclass(frozen=True)
 class ChannelsConfig:
     web: WebChannelConfig = WebChannelConfig()
+    file: FileChannelConfig = FileChannelConfig()
     telegram: TelegramConfig = TelegramConfig()
     whatsapp: WhatsAppConfig = WhatsAppConfig()
 
@@ -116,10 +124,20 @@ def _whatsapp(table: dict[str, Any], problems: Problems) -> WhatsAppConfig:
     return cfg
 
 
-def parse_channels(table: dict[str, Any], problems: Problems) -> ChannelsConfig:
+def _file(table: dict[str, Any], problems: Problems, base: Path) -> FileChannelConfig:
+    r = Reader(table, "channels.file", problems)
+    path = Path(r.text("path", "flowbot-outbox.jsonl"))
+    cfg = FileChannelConfig(enabled=r.flag("enabled", False),
+                            path=path if path.is_absolute() else base / path)
+    r.done()
+    return cfg
+
+
+def parse_channels(table: dict[str, Any], problems: Problems, base: Path) -> ChannelsConfig:
     r = Reader(table, "channels", problems)
     cfg = ChannelsConfig(
         web=_web(r.table_("web"), problems),
+        file=_file(r.table_("file"), problems, base),
         telegram=_telegram(r.table_("telegram"), problems),
         whatsapp=_whatsapp(r.table_("whatsapp"), problems),
     )

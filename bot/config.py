@@ -109,7 +109,7 @@ def parse_config(doc: dict[str, Any], base: Path, problems: Problems) -> Config:
     server = _server(Reader(r.table_("server"), "server", problems))
     storage = _storage(Reader(r.table_("storage"), "storage", problems), base)
     bot = _bot(Reader(r.table_("bot"), "bot", problems))
-    channels = parse_channels(r.table_("channels"), problems)
+    channels = parse_channels(r.table_("channels"), problems, base)
     raw_flows = r.table_("flows")
     r.done()
     _find_literal_secrets(doc, "", problems)

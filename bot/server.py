@@ -39,6 +39,10 @@ def enabled_channels(config: Config) -> dict[str, ChannelFactory]:
         from channels.web import WebChannel
 
         factories["web"] = WebChannel.create
+    if config.channels.file.enabled:
+        from channels.file import FileChannel
+
+        factories["file"] = FileChannel.create
     if config.channels.telegram.enabled:
         from channels.telegram import TelegramChannel
 
