@@ -57,7 +57,7 @@ class Reader:
     def text(self, key: str, default: Any = _MISSING, *, choices: tuple[str, ...] = ()) -> Any:
         value = self._get(key, default)
         if key not in self.table:
-            return value
+            return "" if value is _MISSING else value
         if not isinstance(value, str):
             self._wrong(key, "a string", value)
             return default if default is not _MISSING else ""
@@ -71,7 +71,7 @@ class Reader:
     def integer(self, key: str, default: Any = _MISSING, *, lo: int, hi: int) -> Any:
         value = self._get(key, default)
         if key not in self.table:
-            return value
+            return lo if value is _MISSING else value
         if isinstance(value, bool) or not isinstance(value, int):
             self._wrong(key, "a whole number", value)
             return default if default is not _MISSING else lo
@@ -82,7 +82,7 @@ class Reader:
     def number(self, key: str, default: Any = _MISSING, *, lo: float, hi: float) -> Any:
         value = self._get(key, default)
         if key not in self.table:
-            return value
+            return float(lo) if value is _MISSING else value
         if isinstance(value, bool) or not isinstance(value, int | float):
             self._wrong(key, "a number", value)
             return default if default is not _MISSING else lo
@@ -92,6 +92,8 @@ class Reader:
 
     def flag(self, key: str, default: Any = _MISSING) -> Any:
         value = self._get(key, default)
+        if value is _MISSING:
+            return False
         if key in self.table and not isinstance(value, bool):
             self._wrong(key, "true or false", value)
             return default if default is not _MISSING else False
@@ -100,7 +102,7 @@ class Reader:
     def str_list(self, key: str, default: Any = _MISSING) -> Any:
         value = self._get(key, default)
         if key not in self.table:
-            return tuple(value) if isinstance(value, list | tuple) else value
+            return tuple(value) if isinstance(value, list | tuple) else ()
         if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
             self._wrong(key, "a list of strings", value)
             return ()

@@ -1,0 +1,237 @@
+"""Config validation and the `check` / `graph` commands, as an admin meets them."""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+
+from bot.cli import main
+from bot.config import load_config
+from bot.errors import ConfigError
+
+ROOT = Path(__file__).resolve().parent.parent
+EXAMPLE = ROOT / "config.example.toml"
+
+
+def errors_of(tmp_path: Path, text: str) -> list[str]:
+    path = tmp_path / "bad.toml"
+    path.write_text(textwrap.dedent(text))
+    with pytest.raises(ConfigError) as info:
+        load_config(path)
+    return info.value.errors
+
+
+def test_example_config_passes_check(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["check", "--config", str(EXAMPLE)]) == 0
+    out = capsys.readouterr()
+    assert "ok (1 flow(s)" in out.out
+    assert "warning" not in out.err
+
+
+def test_example_flow_uses_both_waits() -> None:
+    config = load_config(EXAMPLE)
+    kinds = {type(b).__name__ for b in config.flows["main"].blocks.values()}
+    assert {"WebViewBlock", "WebhookBlock", "InputBlock", "ButtonsBlock"} <= kinds
+
+
+def test_every_problem_is_reported_at_once_with_its_place(tmp_path: Path) -> None:
+    errors = errors_of(tmp_path, """
+        [server]
+        port = "eighty"
+        colour = "blue"
+        [flows.main]
+        start = "hello"
+        [flows.main.blocks.hello]
+        type = "mesage"
+        [flows.main.blocks.pay]
+        type = "webview"
+        url = "https://pay.example"
+        text = "Pay"
+        expiration = 0
+        on_success = "done"
+        on_error = "done"
+        on_expired = "expird"
+        [flows.main.blocks.expired]
+        type = "end"
+        [flows.main.blocks.done]
+        type = "end"
+        [flows.main.blocks.hook]
+        type = "webhook"
+        timeout = 301
+        on_success = "done"
+        on_failure = "done"
+        map = { "a b" = "x" }
+    """)
+    assert "server.port: must be a whole number, not str 'eighty'" in errors
+    assert "server.colour: unknown key" in errors
+    assert ("flows.main.blocks.hello.type: must be one of message, input, buttons, condition, "
+            "set, http, delay, jump, end, webview, webhook, not 'mesage' "
+            "(did you mean 'message'?)") in errors
+    assert "flows.main.blocks.pay.expiration: must be 1..86400, not 0" in errors
+    assert ("flows.main.blocks.pay.on_expired: no block named 'expird' "
+            "(did you mean 'expired'?)") in errors
+    assert "flows.main.blocks.hook.timeout: must be 1..300, not 301" in errors
+    assert "flows.main.blocks.hook.map.a b: is not a variable name (letters, digits, _)" in errors
+
+
+@pytest.mark.parametrize(("block", "error"), [
+    ('type = "message"', "flows.main.blocks.b.text: is required"),
+    ('type = "message"\ntext = "x"\nnext = "nowhere"',
+     "flows.main.blocks.b.next: no block named 'nowhere'"),
+    ('type = "input"\ntext = "x"\nvariable = "conversation_key"',
+     "flows.main.blocks.b.variable: 'conversation_key' is a built-in variable and cannot be set"),
+    ('type = "input"\ntext = "x"\nvariable = "v"\nvalidation = "regex"\npattern = "("',
+     "flows.main.blocks.b.pattern: is not a valid regular expression"),
+    ('type = "buttons"\ntext = "x"\nchoices = []',
+     "flows.main.blocks.b.choices: must be a non-empty list"),
+    ('type = "buttons"\ntext = "x"\nchoices = [' + ", ".join(
+        f'{{label = "c{i}"}}' for i in range(11)) + "]",
+     "flows.main.blocks.b.choices: has 11 choices; at most 10"),
+    ('type = "condition"\nrules = [{variable = "x", op = "bigger", value = "1"}]',
+     "flows.main.blocks.b.rules.0.op: must be one of"),
+    ('type = "condition"\nrules = [{variable = "x", op = "greater_than", value = "ten"}]',
+     "flows.main.blocks.b.rules.0.value: must be a number for greater_than"),
+    ('type = "http"\nurl = "ftp://x"', "flows.main.blocks.b.url: must start with http://"),
+    ('type = "http"\nurl = "https://x"\nmethod = "BREW"', "flows.main.blocks.b.method: must be one of"),
+    ('type = "http"\nurl = "https://x"\nmap = {' + ", ".join(
+        f'v{i} = "a"' for i in range(51)) + "}",
+     "flows.main.blocks.b.map: maps 51 fields; at most 50 are allowed"),
+    ('type = "webhook"\ntimeout = 0\non_success = "a"\non_failure = "a"',
+     "flows.main.blocks.b.timeout: must be 1..300, not 0"),
+    ('type = "webhook"\ntimeout = 10\non_success = "a"',
+     "flows.main.blocks.b.on_failure: is required"),
+    ('type = "webview"\nurl = "https://x"\ntext = "t"\nexpiration = 10\non_success = "a"\n'
+     'on_error = "a"', "flows.main.blocks.b.on_expired: is required"),
+    ('type = "webview"\nurl = "https://x"\ntext = "t"\non_success = "a"\non_error = "a"\n'
+     'on_expired = "a"', "flows.main.blocks.b.expiration: is required"),
+    ('type = "webview"\nurl = "https://x"\ntext = "t"\nblocking = false\non_success = "a"',
+     "flows.main.blocks.b.on_success: is only for blocking = true"),
+    ('type = "jump"', "flows.main.blocks.b: needs exactly one of `block`"),
+    ('type = "jump"\nflow = "other"', "flows.main.blocks.b.flow: no flow named 'other'"),
+    ('type = "delay"\nseconds = -1', "flows.main.blocks.b.seconds: must be 0..2.592e+06"),
+])
+def test_each_kind_of_block_error(tmp_path: Path, block: str, error: str) -> None:
+    errors = errors_of(tmp_path, """
+        [flows.main]
+        start = "a"
+        [flows.main.blocks.a]
+        type = "jump"
+        block = "b"
+        [flows.main.blocks.b]
+    """ + block + "\n")
+    assert any(e.startswith(error) for e in errors), errors
+
+
+def test_literal_secrets_are_refused(tmp_path: Path) -> None:
+    errors = errors_of(tmp_path, """
+        [channels.telegram]
+        token = "123456789:AAHfiqksKZ8WmR2zSjiQ7_v4TMAKdiHm9T0"
+        [flows.main]
+        start = "a"
+        [flows.main.blocks.a]
+        type = "message"
+        text = "use 123456789:AAHfiqksKZ8WmR2zSjiQ7_v4TMAKdiHm9T0"
+    """)
+    assert any(e.startswith("channels.telegram.token: secrets are not written in the config")
+               for e in errors)
+    assert ("flows.main.blocks.a.text: looks like a bot token; keep secrets in environment "
+            "variables") in errors
+
+
+def test_start_flow_and_toml_syntax(tmp_path: Path) -> None:
+    errors = errors_of(tmp_path, """
+        [bot]
+        start_flow = "mian"
+        [flows.main]
+        start = "a"
+        [flows.main.blocks.a]
+        type = "end"
+    """)
+    assert errors == ["bot.start_flow: no flow named 'mian' (did you mean 'main'?)"]
+    (tmp_path / "broken.toml").write_text("[flows\n")
+    with pytest.raises(ConfigError) as info:
+        load_config(tmp_path / "broken.toml")
+    assert "not valid TOML" in info.value.errors[0]
+
+
+def test_check_exits_2_and_lists_problems_without_traceback(tmp_path: Path) -> None:
+    broken = tmp_path / "broken.toml"
+    text = EXAMPLE.read_text().replace('on_expired = "payment_expired"',
+                                       'on_expired = "payment_expird"')
+    broken.write_text(text.replace('timeout = 300', 'timeout = 900'))
+    proc = subprocess.run([sys.executable, "-m", "bot.cli", "check", "--config", str(broken)],
+                          capture_output=True, text=True, cwd=ROOT)
+    assert proc.returncode == 2
+    assert "Traceback" not in proc.stderr
+    assert ("error: flows.main.blocks.pay.on_expired: no block named 'payment_expird' "
+            "(did you mean 'payment_expired'?)") in proc.stderr
+    assert "error: flows.main.blocks.webhook_intro.timeout: must be 1..300, not 900" in proc.stderr
+    assert "warning: flows.main.blocks.payment_expired: no path from the start reaches it" \
+        in proc.stderr
+    missing = subprocess.run([sys.executable, "-m", "bot.cli", "check", "--config", "nope.toml"],
+                             capture_output=True, text=True, cwd=tmp_path)
+    assert missing.returncode == 2 and "cannot read it" in missing.stderr
+
+
+def test_unreachable_blocks_are_warned_not_refused(tmp_path: Path,
+                                                   capsys: pytest.CaptureFixture[str]) -> None:
+    path = tmp_path / "c.toml"
+    path.write_text(textwrap.dedent("""
+        [flows.main]
+        start = "a"
+        [flows.main.blocks.a]
+        type = "end"
+        [flows.main.blocks.orphan]
+        type = "end"
+    """))
+    assert main(["check", "--config", str(path)]) == 0
+    assert "warning: flows.main.blocks.orphan: no path from the start reaches it" in \
+        capsys.readouterr().err
+
+
+def test_graph_labels_every_edge(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["graph", "--config", str(EXAMPLE)]) == 0
+    out = capsys.readouterr().out
+    assert out.startswith("flowchart TD")
+    for edge in ('pay -->|"success"| paid', 'pay -->|"error"| payment_failed',
+                 'pay -->|"expired"| payment_expired', 'webhook_intro -->|"failure"| webhook_timeout',
+                 'menu -->|"Pay with a web page"| price', 'bye["bye (end)"]'):
+        assert edge in out
+    assert main(["graph", "--config", str(EXAMPLE), "--format", "dot"]) == 0
+    dot = capsys.readouterr().out
+    assert '"pay" -> "payment_expired" [label="expired"];' in dot
+    if shutil.which("dot"):
+        subprocess.run(["dot", "-Tsvg"], input=dot, text=True, check=True, capture_output=True)
+
+
+def test_graph_shows_condition_rules(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    path = tmp_path / "c.toml"
+    path.write_text(textwrap.dedent("""
+        [flows.main]
+        start = "c"
+        [flows.main.blocks.c]
+        type = "condition"
+        rules = [{ variable = "age", op = "greater_than", value = "17", next = "adult" }]
+        else = "child"
+        [flows.main.blocks.adult]
+        type = "end"
+        [flows.main.blocks.child]
+        type = "end"
+    """))
+    assert main(["graph", "--config", str(path)]) == 0
+    out = capsys.readouterr().out
+    assert 'c -->|"age greater_than 17"| adult' in out
+    assert 'c -->|"else"| child' in out
+
+
+def test_every_cli_command_has_help() -> None:
+    for args in (["--help"], ["check", "--help"], ["graph", "--help"], ["serve", "--help"],
+                 ["telegram", "webhook-info", "--help"]):
+        proc = subprocess.run([sys.executable, "-m", "bot.cli", *args], capture_output=True,
+                              text=True, cwd=ROOT)
+        assert proc.returncode == 0 and "usage: flowbot" in proc.stdout
