@@ -13,7 +13,10 @@ _MISSING = object()
 
 
 def lookup(value: Any, path: str) -> Any:
-    """`data.items.0.id` into nested dicts and lists; None when any step is missing."""
+    """`data.items.0.id` into nested dicts and lists; None when any step is missing.
+    A key that is the whole dotted path (form fields like `order.status`) wins."""
+    if isinstance(value, Mapping) and path in value:
+        return value[path]
     for part in path.split("."):
         if isinstance(value, Mapping) and part in value:
             value = value[part]
