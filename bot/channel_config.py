@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from bot.flow import Flow, WebViewBlock
 from bot.toml_reader import Problems, Reader
 
 TELEGRAM_API = "https://api.telegram.org/bot"
@@ -38,8 +40,10 @@ class WhatsAppConfig:
     from_: str = ""
     public_url: str = ""  # the URL Twilio signs; defaults to server.public_url
     api_base_url: str = TWILIO_API
-    buttons_content_sid: str = ""
+    # quick-reply Content templates by their number of buttons: ((2, "HX…"), (3, "HX…"))
+    buttons_content_sid: tuple[tuple[int, str], ...] = ()
     webview_content_sid: str = ""
+    webview_url_base: str = ""  # the fixed start of the template's URL; default <public_url>/
     status_callback: bool = False
 
 
@@ -91,12 +95,47 @@ def _telegram(table: dict[str, Any], problems: Problems) -> TelegramConfig:
         mode=r.text("mode", "webhook", choices=("webhook", "polling")),
         secret_env=_env_name(r, "secret_env", "TELEGRAM_WEBHOOK_SECRET"),
         register_webhook=r.flag("register_webhook", True),
-        api_base_url=r.text("api_base_url", TELEGRAM_API),
+        api_base_url=_bot_api_url(r),
         webview_button=r.text("webview_button", "url", choices=("url", "web_app")),
         init_data_max_age=r.number("init_data_max_age", 3600.0, lo=1, hi=7 * 86400),
     )
     r.done()
     return cfg
+
+
+def _bot_api_url(r: Reader) -> str:
+    """PTB appends the token to it ("…/bot" + token), or fills a `{token}` placeholder."""
+    url: str = r.text("api_base_url", TELEGRAM_API)
+    if not url.startswith(("http://", "https://")):
+        r.problems.error(r.at("api_base_url"), f"must start with http:// or https://, e.g. "
+                         f"{TELEGRAM_API!r} (the bot token is appended to it)")
+    return url
+
+
+def check_telegram_webviews(telegram: TelegramConfig, public_url: str,
+                            flows: Mapping[str, Flow], problems: Problems) -> None:
+    """Telegram opens Mini Apps only from https:// pages: refuse WebView blocks it would open
+    as one (`webview_button = "web_app"`, or `verify = "telegram"`) whose URL is not https.
+    `public_url` is server.public_url + path_prefix, which relative block URLs start with."""
+    for flow in flows.values():
+        for block in flow.blocks.values():
+            if not isinstance(block, WebViewBlock):
+                continue
+            place = f"flows.{flow.name}.blocks.{block.id}"
+            if block.verify == "telegram" and not telegram.enabled:
+                problems.warn(f"{place}.verify", "needs [channels.telegram] enabled; until then "
+                              "its callbacks are refused")
+            if not telegram.enabled or not (telegram.webview_button == "web_app"
+                                            or block.verify == "telegram"):
+                continue
+            url = public_url + block.url if block.url.startswith("/") else block.url
+            if url.startswith(("https://", "{{")):
+                continue
+            why = ('verify = "telegram"' if block.verify == "telegram"
+                   else '[channels.telegram] webview_button = "web_app"')
+            hint = " (server.public_url is not https)" if block.url.startswith("/") else ""
+            problems.error(f"{place}.url", f"Telegram opens Mini Apps ({why}) only from https:// "
+                           f"URLs, but this one is {url}{hint}")
 
 
 def _whatsapp(table: dict[str, Any], problems: Problems) -> WhatsAppConfig:
@@ -109,19 +148,48 @@ def _whatsapp(table: dict[str, Any], problems: Problems) -> WhatsAppConfig:
     sid = r.text("account_sid", "")
     if enabled and not sid.startswith("AC"):
         problems.error(r.at("account_sid"), "must be your Twilio Account SID (starts with AC)")
+    urls = {key: r.text(key, default).rstrip("/") for key, default in
+            (("public_url", ""), ("api_base_url", TWILIO_API), ("webview_url_base", ""))}
+    for key, url in urls.items():
+        if url and not url.startswith(("http://", "https://")):
+            problems.error(r.at(key), "must start with http:// or https://")
+    webview_sid = r.text("webview_content_sid", "")
+    if webview_sid and not webview_sid.startswith("HX"):
+        problems.error(r.at("webview_content_sid"), "must be a Content SID (starts with HX)")
     cfg = WhatsAppConfig(
         enabled=enabled,
         account_sid=sid,
         auth_token_env=_env_name(r, "auth_token_env", "TWILIO_AUTH_TOKEN"),
         from_=sender,
-        public_url=r.text("public_url", ""),
-        api_base_url=r.text("api_base_url", TWILIO_API),
-        buttons_content_sid=r.text("buttons_content_sid", ""),
-        webview_content_sid=r.text("webview_content_sid", ""),
+        public_url=urls["public_url"],
+        api_base_url=urls["api_base_url"],
+        buttons_content_sid=_content_sids_by_count(r, "buttons_content_sid"),
+        webview_content_sid=webview_sid,
+        webview_url_base=urls["webview_url_base"],
         status_callback=r.flag("status_callback", False),
     )
     r.done()
     return cfg
+
+
+def _content_sids_by_count(r: Reader, key: str) -> tuple[tuple[int, str], ...]:
+    """`{ 2 = "HX…", 3 = "HX…" }`: a quick-reply template has a fixed number of buttons."""
+    if not r.has(key):
+        return ()
+    if isinstance(r.table.get(key), str):
+        r.raw(key)
+        r.problems.error(r.at(key), 'must be a table from the number of buttons to a Content '
+                         'SID, e.g. { 2 = "HX…", 3 = "HX…" }')
+        return ()
+    out: list[tuple[int, str]] = []
+    for count, sid in r.str_table(key).items():
+        if not count.isdigit() or not 1 <= int(count) <= 10:
+            r.problems.error(f"{r.at(key)}.{count}", "must be a number of buttons, 1..10")
+        elif not sid.startswith("HX"):
+            r.problems.error(f"{r.at(key)}.{count}", "must be a Content SID (starts with HX)")
+        else:
+            out.append((int(count), sid))
+    return tuple(sorted(out))
 
 
 def _file(table: dict[str, Any], problems: Problems, base: Path) -> FileChannelConfig:

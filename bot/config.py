@@ -9,7 +9,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from bot.channel_config import ChannelsConfig, parse_channels
+from bot.channel_config import ChannelsConfig, check_telegram_webviews, parse_channels
 from bot.errors import ConfigError
 from bot.flow import Flow
 from bot.flow_parse import check_references, parse_flow
@@ -121,6 +121,8 @@ def parse_config(doc: dict[str, Any], base: Path, problems: Problems) -> Config:
             flows[name] = flow
     for flow in flows.values():
         check_references(flow, flows, problems)
+    check_telegram_webviews(channels.telegram, server.public_url + server.path_prefix, flows,
+                            problems)
     if not raw_flows:
         problems.error("flows", "define at least one flow, e.g. [flows.main]")
     elif bot.start_flow not in raw_flows:

@@ -271,8 +271,13 @@ class Runtime:
         except (aiohttp.ClientError, TimeoutError, RuntimeError) as exc:
             log.warning("http block %s/%s: %s %s failed: %s", wait.flow, wait.block,
                         req.get("method"), req.get("url", "")[:80], type(exc).__name__)
-        result = await self.worker.run(lambda s: self._resolve(s, wait, outcome, data))
-        self._after_commit(result.waits, result.step)
+        def job(store: Store) -> _Outcome | None:
+            stored = store.wait(wait.id)  # the engine's copy has no conversation id yet
+            return self._resolve(store, stored, outcome, data) if stored else None
+
+        result = await self.worker.run(job)
+        if result is not None:
+            self._after_commit(result.waits, result.step)
 
     async def close(self) -> None:
         for task in list(self._tasks):

@@ -175,7 +175,8 @@ def build_app(
             await runtime.close()
             for channel in channels.values():
                 await channel.stop()
-            await runtime.http.close()
+            if runtime.http is not None:
+                await runtime.http.close()
             await worker.stop()
             store.close()
 
