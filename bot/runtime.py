@@ -209,14 +209,16 @@ class Runtime:
         """Fire every wait whose deadline has passed; returns how many transitions ran."""
         fired = 0
         while True:
-            now = self.clock.now()
-            due = await self.worker.run(lambda s, now=now: s.due_waits(now, FIRE_BATCH))
+            due = await self.worker.run(self._due)
             if not due:
                 return fired
             results = await asyncio.gather(*(self._fire(wid, kind) for wid, kind in due))
             fired += sum(results)
             if len(due) < FIRE_BATCH:
                 return fired
+
+    def _due(self, store: Store) -> list[tuple[str, str]]:
+        return store.due_waits(self.clock.now(), FIRE_BATCH)
 
     async def _fire(self, wait_id: str, kind: str) -> bool:
         def job(store: Store) -> _Outcome | None:
