@@ -159,11 +159,15 @@ def build_app(
     async def lifecycle(app: web.Application) -> AsyncIterator[None]:
         worker.start()
         runtime.http = aiohttp.ClientSession()
-        for channel in channels.values():
-            await channel.start()
-        loops = [asyncio.create_task(timer.run(), name="timer"),
-                 asyncio.create_task(outbox.run(), name="outbox")] if run_background else []
+        started: list[Channel] = []
+        loops: list[asyncio.Task[None]] = []
         try:
+            for channel in channels.values():
+                await channel.start()
+                started.append(channel)
+            if run_background:
+                loops = [asyncio.create_task(timer.run(), name="timer"),
+                         asyncio.create_task(outbox.run(), name="outbox")]
             yield
         finally:
             for task in loops:
@@ -173,12 +177,20 @@ def build_app(
                     await task
             await outbox.close()
             await runtime.close()
-            for channel in channels.values():
+            for channel in reversed(started):
                 await channel.stop()
-            if runtime.http is not None:
-                await runtime.http.close()
+            await runtime.http.close()
             await worker.stop()
             store.close()
 
     app.cleanup_ctx.append(lifecycle)
+
+    async def end_long_requests(app: web.Application) -> None:
+        # aiohttp waits for running handlers before cleanup; open chat sockets never end alone.
+        for channel in channels.values():
+            close = getattr(channel, "close_connections", None)
+            if close is not None:
+                await close()
+
+    app.on_shutdown.append(end_long_requests)
     return app

@@ -1,0 +1,471 @@
+"""The Telegram channel through python-telegram-bot: updates in (webhook or polling), Bot API
+calls out. The only module that imports `telegram`."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hmac
+import html
+import json
+import logging
+import os
+import re
+import warnings
+from collections.abc import Coroutine, Mapping, Sequence
+from datetime import timedelta
+from typing import Any
+
+from aiohttp import web
+from telegram import (
+    Bot,
+    InlineKeyboardButton,
+    InlineKeyboardMarkup,
+    Update,
+    WebAppInfo,
+)
+from telegram import Message as TgMessage
+from telegram.constants import ParseMode
+from telegram.error import (
+    BadRequest,
+    ChatMigrated,
+    Forbidden,
+    InvalidToken,
+    NetworkError,
+    RetryAfter,
+    TelegramError,
+    TimedOut,
+)
+from telegram.request import HTTPXRequest
+from telegram.warnings import PTBDeprecationWarning
+
+from bot import errors
+from bot.channel_config import TelegramConfig
+from bot.clock import Clock
+from bot.config import Config
+from bot.flow import WebViewBlock
+from bot.http_api import read_body
+from bot.runtime import Runtime
+from bot.state import Conversation
+from channels.base import Delivery, Inbound, InboundHandler, Message, RateLimit, Route, SendError
+from channels.telegram_auth import InitDataError, init_data_user_id, verify_init_data
+
+log = logging.getLogger(__name__)
+
+# httpx logs every request URL at INFO and PTB logs its base URL at DEBUG; both contain the
+# bot token, which must never reach a log.
+for _name in ("httpx", "httpcore", "telegram"):
+    logging.getLogger(_name).setLevel(logging.WARNING)
+# PTB 22 warns on every RetryAfter that `retry_after` will become a timedelta; `_seconds`
+# reads both forms.
+warnings.filterwarnings("ignore", message=r".*attribute `retry_after`", category=PTBDeprecationWarning)
+
+ALLOWED_UPDATES = ("message", "callback_query")
+SECRET_HEADER = "X-Telegram-Bot-Api-Secret-Token"
+CALLBACK_DATA_BYTES = 64  # Telegram's limit for callback_data
+TEXT_LIMIT = 4000  # Telegram allows 4096 characters; keep a margin for UTF-16 counting
+POLL_TIMEOUT = 30  # seconds a getUpdates long poll is held by Telegram
+POLL_MAX_BACKOFF = 60.0
+POISON_ATTEMPTS = 5  # an update that fails to commit this often (polling) is skipped
+SECRET_CHARS = re.compile(r"[A-Za-z0-9_-]{1,256}")  # what setWebhook accepts as secret_token
+_LINK_REFUSED = re.compile(r"url|button_type_invalid|web_?app", re.IGNORECASE)
+
+
+class TelegramSetupError(errors.FlowbotError):
+    """Telegram cannot be used as configured: missing token or secret, rejected webhook."""
+
+
+def _require_env(name: str, what: str) -> str:
+    value = os.environ.get(name, "")
+    if not value:
+        raise TelegramSetupError(f"Telegram is configured but the environment variable {name} is "
+                                 f"empty; put {what} in it.")
+    return value
+
+
+def _make_bot(cfg: TelegramConfig, token: str) -> Bot:
+    # PTB appends the token to base_url ("https://api.telegram.org/bot" + token + "/method").
+    return Bot(
+        token,
+        base_url=cfg.api_base_url,
+        request=HTTPXRequest(connection_pool_size=32, read_timeout=15.0, write_timeout=15.0),
+        get_updates_request=HTTPXRequest(connection_pool_size=1, read_timeout=10.0),
+    )
+
+
+async def _initialize(bot: Bot, cfg: TelegramConfig) -> None:
+    """getMe: proves the token works. PTB's own InvalidToken message quotes the token."""
+    try:
+        await bot.initialize()
+    except TelegramError as exc:
+        await bot.shutdown()
+        error = exc
+    else:
+        return
+    if isinstance(error, InvalidToken):
+        raise TelegramSetupError(f"Telegram rejected the bot token in {cfg.token_env}; copy it "
+                                 "again from @BotFather (/mybots → API Token).")
+    raise TelegramSetupError(f"cannot reach the Telegram Bot API at {cfg.api_base_url}: "
+                             f"{_redact(error.message, bot.token)}")
+
+
+def _redact(text: str, token: str) -> str:
+    return text.replace(token, "<token>") if token else text
+
+
+def _seconds(exc: RetryAfter) -> float:
+    value = exc.retry_after
+    return value.total_seconds() if isinstance(value, timedelta) else float(value)
+
+
+def send_error(exc: TelegramError, token: str = "") -> SendError:
+    """What the outbox should do about a failed Bot API call."""
+    text = _redact(exc.message, token)
+    low = text.lower()
+    if isinstance(exc, RetryAfter):
+        return SendError(text, permanent=False, code="rate_limited", retry_after=_seconds(exc))
+    if isinstance(exc, Forbidden):  # blocked by the user, kicked from the group, user deleted
+        return SendError(text, permanent=True, code="bot_blocked" if "blocked" in low else "forbidden")
+    if isinstance(exc, ChatMigrated):
+        return SendError(f"{text} (new chat id {exc.new_chat_id})", permanent=True,
+                         code="chat_migrated")
+    if isinstance(exc, BadRequest):  # before NetworkError: PTB derives it from NetworkError
+        return SendError(text, permanent=True,
+                         code="chat_not_found" if "chat not found" in low else "bad_request")
+    if isinstance(exc, InvalidToken):  # retried: the operator may fix the token and restart
+        return SendError(text, permanent=False, code="invalid_token")
+    if isinstance(exc, TimedOut):
+        return SendError(text, permanent=False, code="timed_out")
+    if isinstance(exc, NetworkError):
+        return SendError(text, permanent=False, code="network")
+    return SendError(text, permanent=False, code="telegram_error")
+
+
+def _chunks(text: str) -> list[str]:
+    """Split text Telegram would refuse as too long, at line breaks where possible."""
+    parts: list[str] = []
+    while len(text) > TEXT_LIMIT:
+        cut = text.rfind("\n", 0, TEXT_LIMIT)
+        cut = cut if cut > TEXT_LIMIT // 2 else TEXT_LIMIT
+        parts.append(text[:cut])
+        text = text[cut:].lstrip("\n")
+    parts.append(text)
+    return parts
+
+
+def _pressed_label(update: Update) -> str:
+    """The label of the inline button that was pressed, found in the message it belongs to."""
+    query = update.callback_query
+    if query is None or not isinstance(query.message, TgMessage) or not query.message.reply_markup:
+        return ""
+    for row in query.message.reply_markup.inline_keyboard:
+        for button in row:
+            if button.callback_data == query.data:
+                return button.text
+    return ""
+
+
+class TelegramChannel:
+    name = "telegram"
+    rate_limit = RateLimit(per_chat_per_second=1, global_per_second=30)
+
+    def __init__(self, cfg: TelegramConfig, token: str, secret: str, *, webhook_url: str,
+                 inbound: InboundHandler, clock: Clock, max_body_bytes: int) -> None:
+        self.cfg = cfg
+        self.bot = _make_bot(cfg, token)
+        self.webhook_url = webhook_url
+        self.poll_backoff = 1.0  # first delay after a failed getUpdates; doubles up to a minute
+        self._token = token
+        self._secret = secret
+        self._inbound = inbound
+        self._clock = clock
+        self._max_body = max_body_bytes
+        self._poller: asyncio.Task[None] | None = None
+        self._tasks: set[asyncio.Task[None]] = set()
+
+    @classmethod
+    def create(cls, config: Config, runtime: Runtime) -> TelegramChannel:
+        cfg = config.channels.telegram
+        token = _require_env(cfg.token_env, "the bot token from @BotFather")
+        secret = os.environ.get(cfg.secret_env, "")
+        if cfg.mode == "webhook":
+            _require_env(cfg.secret_env, "a random secret for the webhook, e.g. the output of "
+                         "`openssl rand -hex 32`")
+            if not SECRET_CHARS.fullmatch(secret):
+                raise TelegramSetupError(f"the webhook secret in {cfg.secret_env} may only hold "
+                                         "1-256 letters, digits, _ and - (Telegram's rule); "
+                                         "e.g. use `openssl rand -hex 32`.")
+        channel = cls(cfg, token, secret, webhook_url=config.server.url("/telegram"),
+                      inbound=runtime.handle_inbound, clock=runtime.clock,
+                      max_body_bytes=config.server.max_body_bytes)
+        runtime.webview_checks["telegram"] = channel.verify_webview
+        return channel
+
+    def routes(self) -> Sequence[Route]:
+        return [Route("POST", "/telegram", self._on_webhook)] if self.cfg.mode == "webhook" else []
+
+    # -- lifecycle ------------------------------------------------------------------------
+
+    async def start(self) -> None:
+        await _initialize(self.bot, self.cfg)
+        try:
+            if self.cfg.mode == "polling":
+                await self.bot.delete_webhook()  # getUpdates is refused while a webhook is set
+                self._poller = asyncio.create_task(self._poll(), name="telegram-polling")
+            elif self.cfg.register_webhook:
+                await self._set_webhook()
+        except BaseException:
+            await self.bot.shutdown()
+            raise
+        log.info("telegram: bot @%s ready (%s mode)", self.bot.username, self.cfg.mode)
+
+    async def _set_webhook(self) -> None:
+        try:
+            await self.bot.set_webhook(self.webhook_url, secret_token=self._secret,
+                                       allowed_updates=list(ALLOWED_UPDATES))
+        except TelegramError as exc:
+            raise TelegramSetupError(
+                f"Telegram refused the webhook {self.webhook_url}: "
+                f"{_redact(exc.message, self._token)}. Telegram needs a public https:// "
+                "server.public_url (ports 443, 80, 88 or 8443) and a secret of letters, digits, "
+                "_ and -; for local development use mode = \"polling\".") from None
+
+    async def stop(self) -> None:
+        if self._poller is not None:
+            self._poller.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._poller
+            self._poller = None
+        if self._tasks:  # pending answerCallbackQuery calls: short, let them finish
+            await asyncio.wait(list(self._tasks), timeout=5)
+            for task in list(self._tasks):
+                task.cancel()
+            await asyncio.gather(*self._tasks, return_exceptions=True)
+        await self.bot.shutdown()
+
+    # -- inbound --------------------------------------------------------------------------
+
+    async def _on_webhook(self, request: web.Request) -> web.Response:
+        given = request.headers.get(SECRET_HEADER, "")
+        if not hmac.compare_digest(given.encode(), self._secret.encode()):
+            raise errors.Forbidden("bad_secret", f"The {SECRET_HEADER} header is missing or "
+                                   "wrong; only Telegram, told our secret by setWebhook, may "
+                                   "post here.")
+        body = await read_body(request, self._max_body)
+        await self.handle_update(self._parse(body))
+        return web.Response(status=200)  # only after the commit: else Telegram redelivers
+
+    def _parse(self, body: bytes) -> Update:
+        try:
+            data = json.loads(body)
+        except (ValueError, UnicodeDecodeError):
+            raise errors.BadRequest("bad_json", "The body is not valid JSON; Telegram sends "
+                                    "an Update object.") from None
+        if not isinstance(data, dict) or type(data.get("update_id")) is not int:
+            raise errors.BadRequest("not_an_update", "The body is not a Telegram Update (it "
+                                    "has no integer update_id).")
+        try:
+            return Update.de_json(data, self.bot)
+        except (KeyError, TypeError, ValueError, AttributeError) as exc:
+            raise errors.BadRequest("not_an_update", "The body is not a Telegram Update "
+                                    f"({type(exc).__name__}).") from None
+
+    async def handle_update(self, update: Update) -> None:
+        """Commit what the update says (once per update_id); then stop a button's spinner."""
+        query = update.callback_query
+        event = self._to_inbound(update)
+        fresh = await self._inbound(event) if event is not None else False
+        if query is not None and (fresh or event is None):
+            self._spawn(self._answer(query.id))
+
+    def _to_inbound(self, update: Update) -> Inbound | None:
+        event_id = f"telegram:{update.update_id}"
+        query = update.callback_query
+        if query is not None:
+            if query.data is None:  # a game button: nothing for a flow to do
+                return None
+            chat = query.message.chat.id if query.message is not None else query.from_user.id
+            return Inbound(self.name, str(chat), text=_pressed_label(update), payload=query.data,
+                           user_name=query.from_user.full_name, event_id=event_id)
+        message = update.message
+        if message is None:
+            return None
+        name = message.from_user.full_name if message.from_user else ""
+        if message.web_app_data is not None:
+            data = message.web_app_data.data
+            return Inbound(self.name, str(message.chat.id), text=data, user_name=name,
+                           event_id=event_id, variables={"web_app_data": data})
+        if message.text is None:  # photos, stickers, service messages: not for flows
+            return None
+        return Inbound(self.name, str(message.chat.id), text=self._without_mention(message.text),
+                       user_name=name, event_id=event_id)
+
+    def _without_mention(self, text: str) -> str:
+        """"/start@our_bot" (commands in groups) → "/start", so restart words match."""
+        command, at, rest = text.partition(" ")
+        head, _, bot_name = command.partition("@")
+        if not (text.startswith("/") and bot_name):
+            return text
+        with contextlib.suppress(RuntimeError):  # username is known after getMe
+            if bot_name.casefold() == self.bot.username.casefold():
+                return head + at + rest
+        return text
+
+    async def _answer(self, query_id: str) -> None:
+        try:
+            await self.bot.answer_callback_query(query_id)
+        except TelegramError as exc:  # e.g. "query is too old": the update itself is committed
+            log.warning("telegram: answerCallbackQuery failed: %s", _redact(exc.message, self._token))
+
+    def _spawn(self, coro: Coroutine[Any, Any, None]) -> None:
+        task = asyncio.get_running_loop().create_task(coro)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def _poll(self) -> None:
+        """getUpdates in a loop; an update's offset is confirmed only after its commit."""
+        offset: int | None = None
+        failures = 0
+        attempts: dict[int, int] = {}
+        while True:
+            try:
+                updates = await self.bot.get_updates(offset=offset, timeout=POLL_TIMEOUT,
+                                                     allowed_updates=list(ALLOWED_UPDATES))
+            except TelegramError as exc:
+                failures += 1
+                delay = (_seconds(exc) if isinstance(exc, RetryAfter)
+                         else min(POLL_MAX_BACKOFF, self.poll_backoff * 2 ** (failures - 1)))
+                log.warning("telegram: getUpdates failed (%s); trying again in %.0f s",
+                            _redact(exc.message, self._token), delay)
+                await asyncio.sleep(delay)
+                continue
+            failures = 0
+            for update in updates:
+                try:
+                    await self.handle_update(update)
+                except Exception:
+                    n = attempts[update.update_id] = attempts.get(update.update_id, 0) + 1
+                    if n < POISON_ATTEMPTS:
+                        log.exception("telegram: update %d not committed; it will be fetched "
+                                      "again", update.update_id)
+                        await asyncio.sleep(min(POLL_MAX_BACKOFF, self.poll_backoff * 2 ** n))
+                        break
+                    log.exception("telegram: update %d failed %d times; skipping it",
+                                  update.update_id, n)
+                attempts.pop(update.update_id, None)
+                offset = update.update_id + 1
+
+    # -- outbound -------------------------------------------------------------------------
+
+    async def send(self, delivery: Delivery) -> str | None:
+        m = delivery.message
+        chat_id: int | str = int(delivery.user_id) if delivery.user_id.lstrip("-").isdigit() \
+            else delivery.user_id
+        try:
+            return await self._send(chat_id, m, link_button=True)
+        except BadRequest as exc:
+            if m.link is None or not _LINK_REFUSED.search(exc.message):
+                raise send_error(exc, self._token) from None
+            # Telegram refuses button URLs it cannot open (localhost, plain IPs) and Mini App
+            # buttons outside private chats: put the link into the text instead, so the user
+            # can still reach the page.
+            log.warning("telegram: button URL refused (%s); sending the link as text", exc.message)
+        except TelegramError as exc:
+            raise send_error(exc, self._token) from None
+        try:
+            return await self._send(chat_id, m, link_button=False)
+        except TelegramError as exc:
+            raise send_error(exc, self._token) from None
+
+    async def _send(self, chat_id: int | str, m: Message, *, link_button: bool) -> str:
+        text = m.text
+        if m.link is not None and not link_button:
+            text = f"{text}\n\n{m.link.label}: {m.link.url}"
+        markup = self.keyboard(m, link_button=link_button)
+        parts = _chunks(text or (m.link.label if m.link else "…"))
+        message_id = ""
+        for i, part in enumerate(parts):
+            sent = await self.bot.send_message(
+                chat_id, html.escape(part, quote=False), parse_mode=ParseMode.HTML,
+                reply_markup=markup if i == len(parts) - 1 else None)
+            message_id = str(sent.message_id)
+        return message_id
+
+    def keyboard(self, m: Message, *, link_button: bool = True) -> InlineKeyboardMarkup | None:
+        """Buttons as callback buttons, one per row; the WebView link as a url or web_app button."""
+        rows: list[list[InlineKeyboardButton]] = []
+        for b in m.buttons:
+            if len(b.payload.encode()) > CALLBACK_DATA_BYTES:
+                raise SendError(f"button payload {b.payload[:16]!r}… is longer than Telegram's "
+                                f"{CALLBACK_DATA_BYTES} bytes", permanent=True,
+                                code="callback_data_too_long")
+            rows.append([InlineKeyboardButton(b.label, callback_data=b.payload)])
+        link = m.link
+        if link is not None and link_button:
+            web_app = link.web_app or self.cfg.webview_button == "web_app"
+            if web_app and not link.url.startswith("https://"):
+                log.warning("telegram: Mini Apps need https:// URLs; sending %s… as a plain "
+                            "link button", link.url[:40])
+                web_app = False
+            rows.append([InlineKeyboardButton(link.label, web_app=WebAppInfo(link.url))
+                         if web_app else InlineKeyboardButton(link.label, url=link.url)])
+        return InlineKeyboardMarkup(rows) if rows else None
+
+    # -- verified WebView callbacks -------------------------------------------------------
+
+    def verify_webview(self, block: WebViewBlock, conv: Conversation,
+                       body: Mapping[str, Any]) -> None:
+        """`verify = "telegram"`: the callback must carry the Mini App's initData, signed for
+        this bot, fresh, and of the user the conversation belongs to. Raises 401."""
+        if conv.channel != self.name:
+            raise errors.Unauthorized("telegram_only", "This WebView is verified with Telegram, "
+                                      f"but the conversation is on {conv.channel}; it can only "
+                                      "be completed from the Telegram Mini App.")
+        raw = body.get("telegramInitData")
+        if not isinstance(raw, str) or not raw:
+            raise errors.Unauthorized("missing_init_data", "telegramInitData is missing: this "
+                                      "WebView is verified with Telegram, so send "
+                                      "window.Telegram.WebApp.initData as telegramInitData.")
+        try:
+            fields = verify_init_data(raw, self._token, now=self._clock.now(),
+                                      max_age=self.cfg.init_data_max_age)
+            user_id = init_data_user_id(fields)
+        except InitDataError as exc:
+            raise errors.Unauthorized("bad_init_data", str(exc)) from None
+        if str(user_id) != conv.user_id:
+            raise errors.Unauthorized("wrong_user", "telegramInitData belongs to another "
+                                      "Telegram user than the one this WebView was sent to.")
+
+
+async def webhook_info(config: Config) -> str:
+    """What Telegram has as our webhook (getWebhookInfo), next to what the config expects."""
+    cfg = config.channels.telegram
+    bot = _make_bot(cfg, _require_env(cfg.token_env, "the bot token from @BotFather"))
+    await _initialize(bot, cfg)
+    try:
+        info = await bot.get_webhook_info()
+    except TelegramError as exc:
+        raise TelegramSetupError(f"getWebhookInfo failed: {_redact(exc.message, bot.token)}")\
+            from None
+    finally:
+        await bot.shutdown()
+    expected = config.server.url("/telegram")
+    rows = [
+        ("bot", f"@{bot.username}"),
+        ("webhook url", info.url or "(none: updates wait for getUpdates, i.e. polling)"),
+        ("pending updates", str(info.pending_update_count)),
+        ("allowed updates", ", ".join(info.allowed_updates or ()) or "(Telegram's default)"),
+        ("max connections", str(info.max_connections or "")),
+        ("ip address", info.ip_address or ""),
+        ("last error", f"{info.last_error_date:%Y-%m-%d %H:%M:%S} UTC: {info.last_error_message}"
+         if info.last_error_date else "none"),
+    ]
+    lines = [f"{k + ':':<17}{v}" for k, v in rows]
+    if cfg.mode == "polling":
+        lines.append("config: mode = \"polling\"; flowbot serve deletes the webhook at start.")
+    elif info.url == expected:
+        lines.append(f"config: ok, Telegram delivers to {expected}")
+    else:
+        lines.append(f"config: expects {expected}; `flowbot serve` sets it at start when "
+                     "register_webhook = true.")
+    return "\n".join(lines)

@@ -1,0 +1,303 @@
+"""WhatsApp through Twilio: signed form webhooks in, the Messages API out.
+The only module that imports `twilio`."""
+
+from __future__ import annotations
+
+import contextvars
+import json
+import logging
+import os
+import re
+from collections.abc import Mapping, Sequence
+from typing import TYPE_CHECKING, Any
+from urllib.parse import parse_qsl, urlsplit
+
+import aiohttp
+from aiohttp import web
+from multidict import MultiDict
+from twilio.base.exceptions import TwilioRestException, TwilioServiceException
+from twilio.http.async_http_client import AsyncTwilioHttpClient
+from twilio.request_validator import RequestValidator
+from twilio.rest import Client
+
+from bot.channel_config import TWILIO_API, WhatsAppConfig
+from bot.errors import BadRequest, FlowbotError, Forbidden
+from channels.base import Button, Delivery, Inbound, Link, Message, RateLimit, Route, SendError
+
+if TYPE_CHECKING:
+    from bot.config import Config, ServerConfig
+    from bot.runtime import Runtime
+
+log = logging.getLogger(__name__)
+# twilio's HTTP client logs every request and its headers at INFO; keep only its warnings.
+_http_log = logging.getLogger(__name__ + ".http")
+_http_log.setLevel(logging.WARNING)
+
+EMPTY_TWIML = '<?xml version="1.0" encoding="UTF-8"?><Response/>'
+SEND_TIMEOUT = 15.0  # seconds for one Messages API call; the outbox retries after that
+OUTSIDE_WINDOW = "63016"
+# WhatsApp's limits for Content templates sent inside the 24-hour window.
+TEMPLATE_BODY_MAX = 1024
+BUTTON_TITLE_MAX = 20
+# Payloads the engine makes ("<8 hex>:<index>"); a template made elsewhere has its own.
+_OUR_PAYLOAD = re.compile(r"[0-9a-f]{8}:\d{1,3}")
+
+# The Retry-After of the last Twilio answer in this task: twilio's exceptions drop headers.
+_retry_after: contextvars.ContextVar[float | None] = contextvars.ContextVar(
+    "twilio_retry_after", default=None)
+
+
+def _seconds(value: str | None) -> float | None:
+    """Retry-After in seconds (an HTTP date is rare from Twilio: left to the outbox backoff)."""
+    try:
+        return min(3600.0, max(0.0, float(value))) if value else None
+    except ValueError:
+        return None
+
+
+class _TwilioHttpClient(AsyncTwilioHttpClient):  # type: ignore[misc]  # twilio has no type hints
+    """twilio's aiohttp client (one pooled session) plus what it leaves out: a default timeout,
+    the API base URL of our config (a local fake in tests), and the Retry-After header."""
+
+    def __init__(self, api_base_url: str, timeout: float) -> None:
+        super().__init__(timeout=timeout, logger=_http_log)
+        self.api_base_url = api_base_url
+
+    async def request(  # the signature of twilio's HttpClient.request
+            self, method: str, url: str, params: Any = None, data: Any = None,
+            headers: Any = None, auth: Any = None,
+            timeout: float | None = None,  # noqa: ASYNC109
+            allow_redirects: bool = False) -> Any:
+        if self.api_base_url != TWILIO_API:
+            parts = urlsplit(url)
+            url = self.api_base_url + url[len(f"{parts.scheme}://{parts.netloc}"):]
+        response = await super().request(
+            method, url, params=params, data=data, headers=headers, auth=auth,
+            timeout=timeout if timeout is not None else self.timeout,
+            allow_redirects=allow_redirects)
+        _retry_after.set(_seconds(response.headers.get("Retry-After"))
+                         if response.status_code in (429, 503) else None)
+        return response
+
+
+def inbound_event(form: Mapping[str, str]) -> Inbound:
+    """An incoming WhatsApp message (Twilio's form parameters) as an Inbound event.
+    Parameters we do not know are ignored: Twilio adds new ones without notice."""
+    sid = form.get("MessageSid", "")
+    sender = form.get("From", "")
+    if not sid:
+        raise BadRequest("missing_message_sid", "The request has no MessageSid parameter.")
+    if not sender.startswith("whatsapp:"):
+        raise BadRequest("not_whatsapp", f"This route serves WhatsApp only; From is {sender!r}. "
+                         "Point SMS numbers at another webhook.")
+    text = form.get("ButtonText") or form.get("Body", "")  # a quick reply: its label
+    payload = form.get("ButtonPayload") or None
+    if payload is not None and not _OUR_PAYLOAD.fullmatch(payload):
+        payload = None  # a button of a template made elsewhere: its text counts
+    try:
+        count = max(0, min(10, int(form.get("NumMedia", "0") or 0)))
+    except ValueError:
+        count = 0
+    urls = [form.get(f"MediaUrl{i}", "") for i in range(count)]
+    variables = {
+        # always set, so a photo's URL does not linger into the next text message
+        "media_count": str(count),
+        "media_url": urls[0] if urls else "",
+        "media_content_type": form.get("MediaContentType0", "") if count else "",
+        "media_urls": " ".join(u for u in urls if u),
+        "wa_id": form.get("WaId", ""),
+    }
+    return Inbound("whatsapp", sender, text, payload, user_name=form.get("ProfileName", ""),
+                   event_id=f"twilio:{sid}", variables=variables)
+
+
+def numbered(text: str, buttons: Sequence[Button]) -> str:
+    """Buttons as text: the engine takes the number or the label typed back."""
+    numbers = [str(i) for i in range(1, len(buttons) + 1)]
+    hint = numbers[0] if len(numbers) == 1 else f"{', '.join(numbers[:-1])} or {numbers[-1]}"
+    lines = "\n".join(f"{n}. {b.label}" for n, b in zip(numbers, buttons, strict=True))
+    return f"{text}\n\n{lines}\n\nReply {hint}." if text else f"{lines}\n\nReply {hint}."
+
+
+def plain_text(message: Message) -> str:
+    parts = [message.text] if message.text else []
+    if message.link is not None:
+        parts.append(f"{message.link.label}: {message.link.url}")
+    body = "\n".join(parts)
+    return numbered(body, message.buttons) if message.buttons else body
+
+
+class WhatsAppChannel:
+    name = "whatsapp"
+    # Twilio queues what we send (80 messages/s is a WhatsApp sender's default throughput).
+    # One a second per chat after a burst of three keeps a flow's messages in order on the
+    # phone, which Twilio does not promise for messages sent at the same instant.
+    rate_limit = RateLimit(per_chat_per_second=1.0, global_per_second=80.0, burst=3)
+
+    def __init__(self, config: WhatsAppConfig, server: ServerConfig, runtime: Runtime) -> None:
+        self.config = config
+        self.runtime = runtime
+        base = (config.public_url or server.public_url).rstrip("/") + server.path_prefix
+        self.inbound_url = f"{base}/twilio/whatsapp"  # exactly what Twilio signs
+        self.status_url = f"{base}/twilio/status"
+        self.webview_url_base = (config.webview_url_base or
+                                 server.public_url.rstrip("/") + server.path_prefix) + "/"
+        self.buttons_templates = dict(config.buttons_content_sid)
+        self._validator: RequestValidator | None = None
+        self._http: _TwilioHttpClient | None = None
+        self._client: Client | None = None
+
+    @classmethod
+    def create(cls, config: Config, runtime: Runtime) -> WhatsAppChannel:
+        return cls(config.channels.whatsapp, config.server, runtime)
+
+    def routes(self) -> Sequence[Route]:
+        routes = [Route("POST", "/twilio/whatsapp", self._inbound)]
+        if self.config.status_callback:
+            routes.append(Route("POST", "/twilio/status", self._status))
+        return routes
+
+    async def start(self) -> None:
+        env = self.config.auth_token_env
+        token = os.environ.get(env, "")
+        if not token:
+            raise FlowbotError(
+                f"channels.whatsapp is enabled but the environment variable {env} is not set: "
+                f"export {env}=<the Auth Token shown under 'Account info' in the Twilio console>")
+        self._validator = RequestValidator(token)
+        self._http = _TwilioHttpClient(self.config.api_base_url, SEND_TIMEOUT)
+        self._client = Client(self.config.account_sid, token, http_client=self._http)
+
+    async def stop(self) -> None:
+        if self._http is not None:
+            await self._http.close()
+            self._http = None
+        self._client = None
+
+    # -- inbound ------------------------------------------------------------------------
+
+    async def _signed_form(self, request: web.Request, url: str) -> MultiDict[str]:
+        """The form parameters, once X-Twilio-Signature proves Twilio sent them to `url`.
+        We check against the configured public URL, never the URL this server sees: behind
+        a proxy or TLS terminator those differ."""
+        body = await request.read()
+        form = MultiDict(parse_qsl(body.decode("latin-1"), keep_blank_values=True,
+                                   encoding="utf-8", errors="replace"))
+        signature = request.headers.get("X-Twilio-Signature")
+        query = request.rel_url.raw_query_string
+        signed_url = f"{url}?{query}" if query else url
+        if self._validator is None or not signature or not self._validator.validate(
+                signed_url, form, signature):
+            self.runtime.metrics["whatsapp_bad_signature"] += 1
+            log.warning("refused a POST to %s: X-Twilio-Signature %s", request.path,
+                        "missing" if not signature else f"does not match {signed_url}")
+            raise Forbidden(
+                "bad_signature",
+                "This endpoint only accepts requests signed by Twilio. The X-Twilio-Signature "
+                f"header is {'missing' if not signature else 'wrong'}: it is checked against "
+                f"{signed_url}, which must be exactly the URL set in the Twilio console, with "
+                "the account's primary Auth Token.")
+        return form
+
+    async def _inbound(self, request: web.Request) -> web.Response:
+        event = inbound_event(await self._signed_form(request, self.inbound_url))
+        # A redelivered MessageSid returns False and changed nothing: same answer.
+        await self.runtime.handle_inbound(event)
+        return web.Response(text=EMPTY_TWIML, content_type="text/xml")
+
+    async def _status(self, request: web.Request) -> web.Response:
+        form = await self._signed_form(request, self.status_url)
+        sid = form.get("MessageSid", "")
+        status = form.get("MessageStatus") or form.get("SmsStatus", "")
+        if not sid or not status:
+            raise BadRequest("missing_status", "A status callback needs MessageSid and "
+                             "MessageStatus.")
+        code, detail = form.get("ErrorCode", ""), form.get("ErrorMessage", "")
+        error = (f"{code}: {detail}" if detail else code) if code else None
+        found = await self.runtime.worker.run(lambda s: s.set_platform_status(sid, status, error))
+        if error:
+            log.warning("WhatsApp message %s is %s: error %s", sid, status, error)
+        if not found:
+            # 200 all the same: Twilio would only retry a callback we can never match.
+            log.info("status %r for message %s, which is not in the outbox", status, sid)
+        return web.Response(text="")
+
+    # -- outbound -----------------------------------------------------------------------
+
+    def params(self, message: Message) -> dict[str, str]:
+        """The Messages API parameters for one message: a Content template where one is
+        configured and the message fits it, else plain text."""
+        if message.buttons and message.link is None:
+            template = self._buttons_template(message.text, message.buttons)
+        elif message.link is not None and not message.buttons:
+            template = self._webview_template(message.text, message.link)
+        else:
+            template = None
+        return template or {"body": plain_text(message)}
+
+    def _buttons_template(self, text: str, buttons: Sequence[Button]) -> dict[str, str] | None:
+        """Quick-reply template with len(buttons) buttons. Variables: {{1}} the text, then
+        per button i (1-based) {{2i}} its label and {{2i+1}} its id, our payload."""
+        sid = self.buttons_templates.get(len(buttons))
+        if (not sid or not text or len(text) > TEMPLATE_BODY_MAX
+                or any(not 0 < len(b.label) <= BUTTON_TITLE_MAX for b in buttons)):
+            return None
+        variables = {"1": text}
+        for i, button in enumerate(buttons, start=1):
+            variables[str(2 * i)] = button.label
+            variables[str(2 * i + 1)] = button.payload
+        return {"content_sid": sid, "content_variables": json.dumps(variables, ensure_ascii=False)}
+
+    def _webview_template(self, text: str, link: Link) -> dict[str, str] | None:
+        """Call-to-action template with one URL button. Variables: {{1}} the text, {{2}} the
+        URL after webview_url_base (the template's URL is `<webview_url_base>/{{2}}`),
+        {{3}} the button label."""
+        sid = self.config.webview_content_sid
+        base = self.webview_url_base
+        suffix = link.url[len(base):] if link.url.startswith(base) else ""
+        if (not sid or not text or not suffix or len(text) > TEMPLATE_BODY_MAX
+                or not 0 < len(link.label) <= BUTTON_TITLE_MAX):
+            return None
+        variables = {"1": text, "2": suffix, "3": link.label}
+        return {"content_sid": sid, "content_variables": json.dumps(variables, ensure_ascii=False)}
+
+    async def send(self, delivery: Delivery) -> str | None:
+        if self._client is None:
+            raise SendError("the WhatsApp channel is not started", permanent=False)
+        params = self.params(delivery.message)
+        if params.get("body") == "":
+            log.debug("outbox %d: nothing to say (empty text)", delivery.id)
+            return None
+        if self.config.status_callback:
+            params["status_callback"] = self.status_url
+        _retry_after.set(None)
+        try:
+            sent = await self._client.messages.create_async(
+                from_=self.config.from_, to=delivery.user_id, **params)
+        except (TwilioRestException, TwilioServiceException) as exc:
+            raise _send_error(exc, _retry_after.get()) from exc
+        except (aiohttp.ClientError, TimeoutError) as exc:
+            raise SendError(f"Twilio API unreachable: {type(exc).__name__}",
+                            permanent=False) from exc
+        return str(sent.sid)
+
+
+def _send_error(exc: TwilioRestException | TwilioServiceException,
+                retry_after: float | None) -> SendError:
+    """Twilio's answer as a SendError: 429 and 5xx are retried, other 4xx recorded."""
+    status = int(exc.status or 0)
+    code = str(exc.code) if exc.code else ""
+    if isinstance(exc, TwilioServiceException):
+        detail = exc.detail or exc.title
+    else:
+        detail = str(exc.msg).removeprefix("Unable to create record: ")
+    if status == 429 or status >= 500:
+        return SendError(f"Twilio answered {status}: {detail}", permanent=False, code=code,
+                         retry_after=retry_after)
+    if code == OUTSIDE_WINDOW:
+        detail += (" (WhatsApp accepts free-form messages only within 24 hours of the "
+                   "user's last message)")
+    elif status in (401, 403):
+        detail += " (check channels.whatsapp.account_sid and the Auth Token)"
+    return SendError(f"Twilio refused the message ({status}): {detail}", permanent=True,
+                     code=code)
