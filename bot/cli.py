@@ -7,8 +7,9 @@ import asyncio
 import logging
 import sys
 from collections.abc import Sequence
+from dataclasses import replace
 
-from bot.config import Config, load_config
+from bot.config import Config, default_public_url, load_config
 from bot.errors import ConfigError, FlowbotError
 from bot.graph import dot, mermaid
 
@@ -54,6 +55,11 @@ def cmd_serve(args: argparse.Namespace) -> int:
     config = _load(args.config)
     host = args.host or config.server.host
     port = args.port if args.port is not None else config.server.port
+    if port != config.server.port and config.server.public_url == default_public_url(
+            config.server.port):
+        # public_url was derived from the port; links must follow the port actually used
+        server = replace(config.server, port=port, public_url=default_public_url(port))
+        config = replace(config, server=server)
     app = build_app(config, channel_factories=enabled_channels(config))
     shown = "127.0.0.1" if host in ("0.0.0.0", "::") else host  # noqa: S104 - display only
     where = f"http://{shown}:{port}{config.server.path_prefix}/"

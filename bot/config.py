@@ -56,12 +56,16 @@ class Config:
     warnings: tuple[str, ...] = field(default=())
 
 
+def default_public_url(port: int) -> str:
+    return f"http://127.0.0.1:{port}"
+
+
 def _server(r: Reader) -> ServerConfig:
     prefix = r.text("path_prefix", "")
     if prefix and (not prefix.startswith("/") or prefix.endswith("/")):
         r.problems.error(r.at("path_prefix"), "must start with '/' and not end with one, e.g. '/bot'")
     port = r.integer("port", 8080, lo=0, hi=65535)
-    public_url = r.text("public_url", f"http://127.0.0.1:{port}")
+    public_url = r.text("public_url", default_public_url(port))
     if not public_url.startswith(("http://", "https://")):
         r.problems.error(r.at("public_url"), "must start with http:// or https://")
     cfg = ServerConfig(

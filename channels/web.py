@@ -1,0 +1,262 @@
+"""The built-in web chat: a page at `/`, a WebSocket per browser tab, and the demo WebView page."""
+
+from __future__ import annotations
+
+import asyncio
+import html
+import json
+import logging
+import re
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from importlib import resources
+from typing import TYPE_CHECKING, Any
+
+from aiohttp import WSCloseCode, WSMsgType, web
+
+from bot.errors import BadRequest, NotFound
+from channels.base import Delivery, Inbound, Message, RateLimit, Route
+
+if TYPE_CHECKING:
+    from bot.config import Config
+    from bot.runtime import Runtime
+    from storage.store import Store
+
+log = logging.getLogger(__name__)
+
+SESSION = re.compile(r"[A-Za-z0-9_-]{16,64}")  # made by the page: 32 hex digits
+CLIENT_ID = re.compile(r"[A-Za-z0-9_-]{1,64}")
+MESSAGE_ID = re.compile(r"[0-9]{1,18}")
+MAX_TEXT = 4096  # characters of one typed message
+MAX_FRAME = 16 * 1024  # bytes of one frame from the browser
+MAX_QUEUED = 1000  # frames waiting for a slow socket before we drop it (it replays on reconnect)
+HISTORY_PAGE = 200
+CLOSE_BAD_REQUEST = 4400  # private-use close code: the page must not reconnect as it is
+
+# Pages load their scripts and styles from files (no inline code), so a strict CSP holds.
+_CSP_CHAT = ("default-src 'none'; script-src 'self'; style-src 'self'; img-src 'self' data:; "
+             "connect-src 'self'; base-uri 'none'; form-action 'none'; frame-ancestors 'none'")
+# The demo page may post to a callback on another origin (the different-origin test).
+_CSP_DEMO = ("default-src 'none'; script-src 'self'; style-src 'self'; img-src 'self' data:; "
+             "connect-src *; base-uri 'none'; form-action 'none'")
+_CONTENT_TYPES = {".js": "text/javascript", ".css": "text/css", ".svg": "image/svg+xml"}
+
+
+def _static(name: str) -> bytes:
+    return resources.files("channels").joinpath("static", name).read_bytes()
+
+
+def _page(body: str, csp: str) -> web.Response:
+    # The demo page's URL holds an executionId: never leak it through Referer.
+    return web.Response(text=body, content_type="text/html", headers={
+        "Content-Security-Policy": csp, "Referrer-Policy": "no-referrer",
+        "X-Content-Type-Options": "nosniff", "Cache-Control": "no-cache"})
+
+
+async def demo_webview_page(request: web.Request) -> web.Response:
+    """The demo WebView page (also mounted alone on a second server by the browser tests)."""
+    return _page(_static("webview.html").decode(), _CSP_DEMO)
+
+
+async def static_file(request: web.Request) -> web.Response:
+    """`GET /static/{name}`: one of the shipped scripts or stylesheets, nothing else."""
+    name = request.match_info["name"]
+    suffix = name[name.rfind("."):] if "." in name else ""
+    if "/" in name or name.startswith(".") or suffix not in _CONTENT_TYPES:
+        raise NotFound("no_such_file", f"There is no static file named {name!r}.")
+    try:
+        body = _static(name)
+    except (FileNotFoundError, IsADirectoryError):
+        raise NotFound("no_such_file", f"There is no static file named {name!r}.") from None
+    return web.Response(body=body, content_type=_CONTENT_TYPES[suffix],
+                        headers={"X-Content-Type-Options": "nosniff", "Cache-Control": "no-cache"})
+
+
+def message_frame(delivery: Delivery) -> dict[str, Any]:
+    """What the page receives for one outgoing message."""
+    m: Message = delivery.message
+    return {
+        "type": "message",
+        "id": delivery.id,
+        "text": m.text,
+        "buttons": [{"label": b.label, "payload": b.payload} for b in m.buttons],
+        "link": {"url": m.link.url, "label": m.link.label} if m.link else None,
+    }
+
+
+@dataclass(eq=False)
+class _Socket:
+    """One open WebSocket. Everything it is sent goes through `queue`, written by one task,
+    so `send()` never waits for a slow browser and frames never interleave."""
+
+    ws: web.WebSocketResponse
+    queue: asyncio.Queue[dict[str, Any]] = field(default_factory=asyncio.Queue)
+    writer: asyncio.Task[None] | None = None
+    dropped: bool = False
+
+    def push(self, frame: dict[str, Any]) -> None:
+        if self.queue.qsize() >= MAX_QUEUED:
+            self.dropped = True
+            if self.writer is not None:
+                self.writer.cancel()  # the handler then closes it; the page reconnects
+            return
+        self.queue.put_nowait(frame)
+
+
+class WebChannel:
+    name = "web"
+    rate_limit = RateLimit()  # a socket on this very server: no platform limits
+
+    def __init__(self, runtime: Runtime, title: str, path_prefix: str = "") -> None:
+        self.runtime = runtime
+        self.title = title
+        self.path_prefix = path_prefix
+        self._sockets: dict[str, set[_Socket]] = {}  # session id → its open sockets
+
+    @classmethod
+    def create(cls, config: Config, runtime: Runtime) -> WebChannel:
+        return cls(runtime, config.channels.web.title, config.server.path_prefix)
+
+    def routes(self) -> Sequence[Route]:
+        routes = [
+            Route("GET", "/", self._chat_page),
+            Route("GET", "/ws", self._socket),
+            Route("GET", "/demo/webview", demo_webview_page),
+            Route("GET", "/static/{name}", static_file),
+        ]
+        if self.path_prefix:  # "/bot" → "/bot/": the page's relative URLs need the slash
+            routes.append(Route("GET", "", self._to_chat_page))
+        return routes
+
+    async def start(self) -> None:
+        pass
+
+    async def stop(self) -> None:
+        await self.close_connections()
+
+    async def close_connections(self) -> None:
+        """Close every socket (server shutdown): aiohttp waits for open handlers otherwise."""
+        sockets = [s for group in self._sockets.values() for s in group]
+        await asyncio.gather(*(s.ws.close(code=WSCloseCode.GOING_AWAY,
+                                          message=b"server shutting down") for s in sockets),
+                             return_exceptions=True)
+
+    async def send(self, delivery: Delivery) -> str | None:
+        # No await before returning: a socket that registers after this call finds the
+        # message in history (the outbox marks it sent before our history query runs).
+        frame = message_frame(delivery)
+        for sock in self._sockets.get(delivery.user_id, ()):
+            sock.push(frame)
+        return None  # delivered to whoever is connected; others get it on reconnect
+
+    # -- HTTP ------------------------------------------------------------------------------
+
+    async def _to_chat_page(self, request: web.Request) -> web.Response:
+        last_segment = self.path_prefix.rsplit("/", 1)[1]
+        raise web.HTTPFound(f"{last_segment}/")  # relative: survives a rewriting proxy
+
+    async def _chat_page(self, request: web.Request) -> web.Response:
+        page = _static("chat.html").decode().replace("{{title}}", html.escape(self.title))
+        return _page(page, _CSP_CHAT)
+
+    async def _socket(self, request: web.Request) -> web.WebSocketResponse:
+        ws = web.WebSocketResponse(heartbeat=30, max_msg_size=MAX_FRAME)
+        if not ws.can_prepare(request).ok:
+            raise BadRequest("not_websocket", "GET /ws is the chat page's WebSocket; open the "
+                             "chat page at / instead.")
+        await ws.prepare(request)
+        session = request.query.get("session", "")
+        after_raw = request.query.get("after", "0")
+        if not SESSION.fullmatch(session):
+            await ws.close(code=CLOSE_BAD_REQUEST,
+                           message=b"bad session id: use 16-64 characters of A-Z a-z 0-9 _ -")
+            return ws
+        if not MESSAGE_ID.fullmatch(after_raw):
+            await ws.close(code=CLOSE_BAD_REQUEST,
+                           message=b"bad 'after': use the id of the last message seen, or 0")
+            return ws
+
+        sock = _Socket(ws)
+        group = self._sockets.setdefault(session, set())
+        group.add(sock)  # before the history query: see send()
+        sock.writer = asyncio.create_task(self._write(sock, session, int(after_raw)))
+        reader = asyncio.create_task(self._read(sock, session))
+        try:
+            await asyncio.wait({sock.writer, reader}, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            group.discard(sock)
+            if not group:
+                self._sockets.pop(session, None)
+            sock.writer.cancel()
+            reader.cancel()
+            results = await asyncio.gather(sock.writer, reader, return_exceptions=True)
+        code, why = WSCloseCode.OK, b""
+        for result in results:
+            if isinstance(result, Exception) and not isinstance(result, ConnectionError):
+                log.error("web chat socket failed", exc_info=result)
+                code, why = WSCloseCode.INTERNAL_ERROR, b"server error; reconnecting helps"
+        if sock.dropped:
+            code, why = WSCloseCode.TRY_AGAIN_LATER, b"too many unsent messages; reconnect"
+        await ws.close(code=code, message=why)
+        return ws
+
+    async def _write(self, sock: _Socket, session: str, after: int) -> None:
+        """Replay what the page missed, then forward live frames (skipping replayed ones)."""
+        last = after
+
+        def history(store: Store) -> list[Delivery]:
+            return store.history(self.name, session, last, HISTORY_PAGE)
+
+        while True:
+            page = await self.runtime.worker.run(history)
+            for delivery in page:
+                await sock.ws.send_json(message_frame(delivery))
+                last = delivery.id
+            if len(page) < HISTORY_PAGE:
+                break
+        await sock.ws.send_json({"type": "ready", "last": last})
+        while True:
+            frame = await sock.queue.get()
+            if frame["type"] == "message":
+                if frame["id"] <= last:
+                    continue  # already replayed
+                last = frame["id"]
+            await sock.ws.send_json(frame)
+
+    async def _read(self, sock: _Socket, session: str) -> None:
+        async for msg in sock.ws:
+            if msg.type != WSMsgType.TEXT:
+                continue  # close and error frames end the loop by themselves
+            error = await self._receive(sock, session, msg.data)
+            if error:
+                sock.push({"type": "error", "message": error})
+
+    async def _receive(self, sock: _Socket, session: str, data: str) -> str | None:
+        """Handle one frame from the page; returns an error sentence for a bad one."""
+        try:
+            doc = json.loads(data)
+        except ValueError:
+            return "That frame is not JSON."
+        if not isinstance(doc, dict):
+            return "A frame must be a JSON object."
+        kind, cid = doc.get("type"), doc.get("id")
+        if not isinstance(cid, str) or not CLIENT_ID.fullmatch(cid):
+            return "'id' must be 1-64 characters of A-Z a-z 0-9 _ -."
+        payload: str | None = None
+        if kind == "text":
+            text = doc.get("text")
+            if not isinstance(text, str) or not text.strip() or len(text) > MAX_TEXT:
+                return f"'text' must be a non-empty string of at most {MAX_TEXT} characters."
+        elif kind == "button":
+            payload, label = doc.get("payload"), doc.get("label", "")
+            if not isinstance(payload, str) or not 0 < len(payload) <= 64:
+                return "'payload' must be the button's payload, as the message gave it."
+            if not isinstance(label, str) or len(label) > 256:
+                return "'label' must be a string of at most 256 characters."
+            text = label
+        else:
+            return "'type' must be 'text' or 'button'."
+        fresh = await self.runtime.handle_inbound(Inbound(
+            self.name, session, text=text, payload=payload, event_id=f"web:{session}:{cid}"))
+        sock.push({"type": "ack", "id": cid, "duplicate": not fresh})
+        return None

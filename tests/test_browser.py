@@ -1,0 +1,285 @@
+"""The demo as a person uses it: Debian's Chromium, through Playwright, against the real app
+from config.example.toml (real timer and outbox loops) on 127.0.0.1.
+
+Screenshots of the key moments land in tests/screenshots/ for a person to look at."""
+
+from __future__ import annotations
+
+import re
+import socket
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import pytest
+from aiohttp import web
+from playwright.async_api import Browser, Page, async_playwright, expect
+
+from bot.config import load_config
+from bot.flow import WebViewBlock
+from bot.server import OUTBOX, build_app, enabled_channels
+from channels.web import demo_webview_page, static_file
+
+CHROMIUM = "/usr/bin/chromium"
+ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking",
+        "--disable-component-update", "--no-first-run", "--disable-sync", "--disable-quic"]
+EXAMPLE = Path(__file__).resolve().parent.parent / "config.example.toml"
+SHOTS = Path(__file__).resolve().parent / "screenshots"
+
+pytestmark = [
+    pytest.mark.browser,
+    pytest.mark.skipif(not Path(CHROMIUM).exists(),
+                       reason=f"{CHROMIUM} is missing (apt-get install chromium; .ci/run does)"),
+]
+
+HELLO = "Hi! I'm the flowbot demo. I can wait for a web page and for a webhook without losing my place."
+MENU = "Nice to meet you, {}. What would you like to try?"
+PAY_TEXT = "Press the button to open the payment page. You have 2 minutes."
+
+
+def _bound_socket() -> socket.socket:
+    """A listening-ready socket on a free port: the port is known before the app is built
+    (public_url must name it) and nobody can take it in between."""
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    sock.bind(("127.0.0.1", 0))
+    return sock
+
+
+@dataclass
+class Served:
+    url: str  # the chat page, e.g. http://127.0.0.1:40123/
+    app: web.Application
+    seen: list[tuple[str, str]] = field(default_factory=list)  # (method, path) of requests
+
+
+@asynccontextmanager
+async def run_app(app: web.Application, sock: socket.socket) -> AsyncIterator[None]:
+    runner = web.AppRunner(app)
+    await runner.setup()
+    await web.SockSite(runner, sock).start()
+    try:
+        yield
+    finally:
+        await runner.cleanup()
+
+
+@asynccontextmanager
+async def serve_example(tmp_path: Path, webview_url: str | None = None,
+                        sock: socket.socket | None = None, prefix: str = "",
+                        ) -> AsyncIterator[Served]:
+    """config.example.toml as shipped, on a free port, its database in tmp_path."""
+    sock = sock or _bound_socket()
+    port = sock.getsockname()[1]
+    config = load_config(EXAMPLE)
+    config = replace(
+        config,
+        server=replace(config.server, port=port, public_url=f"http://127.0.0.1:{port}",
+                       path_prefix=prefix),
+        storage=replace(config.storage, path=tmp_path / "browser.db"))
+    if webview_url is not None:
+        main = config.flows["main"]
+        pay = main.blocks["pay"]
+        assert isinstance(pay, WebViewBlock)
+        blocks = {**main.blocks, "pay": replace(pay, url=webview_url)}
+        config = replace(config, flows={**config.flows, "main": replace(main, blocks=blocks)})
+    app = build_app(config, channel_factories=enabled_channels(config))
+    served = Served(f"http://127.0.0.1:{port}{prefix}/", app)
+
+    @web.middleware
+    async def record(request: web.Request, handler: Any) -> web.StreamResponse:
+        served.seen.append((request.method, request.path))
+        response: web.StreamResponse = await handler(request)
+        return response
+
+    app.middlewares.append(record)
+    async with run_app(app, sock):
+        yield served
+
+
+@pytest.fixture
+async def browser() -> AsyncIterator[Browser]:
+    SHOTS.mkdir(exist_ok=True)
+    async with async_playwright() as pw:
+        chromium = await pw.chromium.launch(executable_path=CHROMIUM, args=ARGS, headless=True)
+        yield chromium
+        await chromium.close()
+
+
+@asynccontextmanager
+async def chat_tab(browser: Browser, url: str) -> AsyncIterator[Page]:
+    """A fresh browser profile with the chat open; fails the test on any page error (a CSP
+    violation, a script error)."""
+    context = await browser.new_context(viewport={"width": 900, "height": 760})
+    context.set_default_timeout(10_000)
+    errors: list[str] = []
+
+    def watch(page: Page) -> None:
+        page.on("pageerror", lambda exc: errors.append(f"{page.url}: {exc}"))
+        page.on("console", lambda msg: errors.append(f"{page.url}: {msg.text}")
+                if msg.type == "error" and "status of 409" not in msg.text else None)
+
+    context.on("page", watch)
+    page = await context.new_page()
+    await page.goto(url)
+    await expect(page.locator("#status")).to_have_text("online")
+    try:
+        yield page
+    finally:
+        await context.close()
+    assert errors == []
+
+
+def bot_bubbles(page: Page) -> Any:
+    return page.locator(".msg.bot .bubble")
+
+
+async def say(page: Page, text: str) -> None:
+    box = page.get_by_placeholder("Type a message…")
+    await box.fill(text)
+    await box.press("Enter")
+
+
+async def open_payment_page(page: Page, name: str, shot: str) -> Page:
+    """Chat from "hi" to the WebView button, press it; returns the payment page's tab."""
+    await expect(page.get_by_text("Say hi to start")).to_be_visible()
+    await page.screenshot(path=SHOTS / f"{shot}-0-empty.png", animations="disabled")
+    await say(page, "hi")
+    await expect(bot_bubbles(page)).to_have_text([HELLO, "What's your name?"])
+    await say(page, name)
+    await expect(bot_bubbles(page).last).to_have_text(MENU.format(name))
+    await page.get_by_role("button", name="Pay with a web page", exact=True).click()
+    await expect(bot_bubbles(page).last).to_have_text(PAY_TEXT)
+    # the used choice stays visible but greyed; the other one too
+    await expect(page.get_by_role("button", name="Wait for a webhook")).to_be_disabled()
+    await expect(page.locator(".msg.me .bubble")).to_have_text(["hi", name, "Pay with a web page"])
+    await page.screenshot(path=SHOTS / f"{shot}-1-chat.png", animations="disabled")
+
+    link = page.get_by_role("link", name="Pay 9.99 EUR")
+    assert await link.get_attribute("target") == "_blank"
+    assert "noopener" in (await link.get_attribute("rel") or "")
+    async with page.context.expect_page() as opened:
+        await link.click()
+    webview = await opened.value
+    await webview.wait_for_load_state()
+    await expect(webview.get_by_role("heading")).to_have_text("Pay 9.99 EUR")
+    await expect(webview.get_by_label("Name on card")).to_have_value(name)
+    await expect(webview.locator("#params")).to_contain_text("executionId")
+    await webview.screenshot(path=SHOTS / f"{shot}-2-webview.png", animations="disabled")
+    return webview
+
+
+async def test_pay_on_the_demo_page_then_the_chat_goes_on(browser: Browser,
+                                                          tmp_path: Path) -> None:
+    async with serve_example(tmp_path) as served, chat_tab(browser, served.url) as page:
+        webview = await open_payment_page(page, "Ada", "pay")
+        await webview.get_by_role("button", name="Pay", exact=True).click()
+        result = webview.get_by_role("status")
+        await expect(result).to_contain_text("Payment done (reference PAY-")
+        reference = re.search(r"PAY-\d{6}", await result.inner_text())
+        assert reference is not None
+
+        await expect(bot_bubbles(page).nth(-2)).to_have_text(
+            f"Payment received, thank you Ada! Reference: {reference.group()}")
+        await expect(bot_bubbles(page).last).to_have_text("Anything else?")
+        await page.bring_to_front()
+        await page.screenshot(path=SHOTS / "pay-3-chat-paid.png", animations="disabled")
+
+        # pressing Pay again: the callback is accepted once; the page says so
+        await webview.bring_to_front()
+        await webview.get_by_role("button", name="Pay", exact=True).click()
+        await expect(result).to_contain_text("Already done.")
+        await expect(result).to_contain_text("already completed with outcome 'success'")
+        await expect(result).to_contain_text("(HTTP 409)")
+        await webview.screenshot(path=SHOTS / "pay-4-webview-409.png", animations="disabled")
+        await expect(bot_bubbles(page)).to_have_count(6)  # no second branch in the chat
+
+
+async def test_fail_on_the_demo_page_takes_the_error_branch(browser: Browser,
+                                                            tmp_path: Path) -> None:
+    # under a path prefix, opened without its trailing slash: every URL the pages use is relative
+    async with serve_example(tmp_path, prefix="/bot") as served, \
+            chat_tab(browser, served.url.rstrip("/")) as page:
+        assert page.url == served.url
+        webview = await open_payment_page(page, "Bob", "fail")
+        assert webview.url.startswith(served.url + "demo/webview?executionId=")
+        await webview.get_by_role("button", name="Fail", exact=True).click()
+        await expect(webview.get_by_role("status")).to_contain_text("Payment failure reported")
+        await expect(bot_bubbles(page).nth(-2)).to_have_text(
+            "The payment failed (card declined). No money was taken.")
+        await expect(bot_bubbles(page).last).to_have_text("Anything else?")
+        await page.screenshot(path=SHOTS / "fail-3-chat.png", animations="disabled")
+        assert ("POST", "/bot/webview/callback") in served.seen
+
+
+async def test_webview_page_on_another_origin_passes_the_cors_preflight(
+        browser: Browser, tmp_path: Path) -> None:
+    bot_sock = _bound_socket()
+    bot_port = bot_sock.getsockname()[1]
+    demo_sock = _bound_socket()
+    demo_port = demo_sock.getsockname()[1]
+    demo = web.Application()  # another origin: only the demo page and its files
+    demo.router.add_get("/demo/webview", demo_webview_page)
+    demo.router.add_get("/static/{name}", static_file)
+    url = (f"http://127.0.0.1:{demo_port}/demo/webview"
+           f"?callback=http://127.0.0.1:{bot_port}/webview/callback")
+
+    async with run_app(demo, demo_sock), serve_example(tmp_path, url, bot_sock) as served, \
+            chat_tab(browser, served.url) as page:
+        webview = await open_payment_page(page, "Cy", "cors")
+        assert webview.url.startswith(f"http://127.0.0.1:{demo_port}/demo/webview?")
+        await webview.get_by_role("button", name="Pay", exact=True).click()
+        await expect(webview.get_by_role("status")).to_contain_text("Payment done")
+        await expect(bot_bubbles(page).nth(-2)).to_contain_text("Payment received, thank you Cy!")
+        await webview.screenshot(path=SHOTS / "cors-3-webview-paid.png", animations="disabled")
+        calls = [m for m, path in served.seen if path == "/webview/callback"]
+        assert calls == ["OPTIONS", "POST"]  # Chromium asked first, then posted
+
+
+async def test_reload_keeps_the_conversation_and_reconnects(browser: Browser,
+                                                           tmp_path: Path) -> None:
+    async with serve_example(tmp_path) as served, chat_tab(browser, served.url) as page:
+        await say(page, "hi")
+        await say(page, "<b>Dee</b>")  # text, never markup
+        await expect(bot_bubbles(page).last).to_have_text(MENU.format("<b>Dee</b>"))
+        await page.get_by_role("button", name="Pay with a web page", exact=True).click()
+        await expect(bot_bubbles(page).last).to_have_text(PAY_TEXT)
+        await say(page, "are you there?")
+        await expect(bot_bubbles(page).last).to_contain_text("I'm waiting for the payment page")
+        log = page.locator("#log > li")
+        before = await log.all_text_contents()
+        assert len(before) == 9
+
+        await page.reload()
+        await expect(page.locator("#status")).to_have_text("online")
+        await expect(log).to_have_text(before)  # bot and user bubbles, in order
+        await expect(page.get_by_role("button", name="Wait for a webhook")).to_be_disabled()
+        await expect(page.get_by_text("Say hi to start")).to_be_hidden()
+        await page.screenshot(path=SHOTS / "reload-1-after-reload.png", animations="disabled")
+
+        # the server drops the socket; the payment completes while the page is away
+        href = await page.get_by_role("link", name="Pay 9.99 EUR").get_attribute("href")
+        assert href is not None
+        execution_id = re.search(r"executionId=([^&]+)", href)
+        assert execution_id is not None
+        await served.app[OUTBOX].channels["web"].close_connections()  # type: ignore[attr-defined]
+        async with aiohttp.ClientSession() as http:
+            resp = await http.post(served.url + "webview/callback", json={
+                "executionId": execution_id.group(1), "success": True,
+                "data": {"reference": "PAY-424242"}})
+            assert resp.status == 200
+        await expect(bot_bubbles(page).nth(-2)).to_have_text(
+            "Payment received, thank you <b>Dee</b>! Reference: PAY-424242")
+        assert await page.locator("#log b").count() == 0
+        await expect(page.locator("#status")).to_have_text("online")
+        await expect(log).to_have_count(11)  # each message once
+
+        # another tab is another conversation
+        other = await page.context.new_page()
+        await other.goto(served.url)
+        await expect(other.locator("#status")).to_have_text("online")
+        await expect(other.get_by_text("Say hi to start")).to_be_visible()
+        await expect(other.locator("#log > li")).to_have_count(0)
