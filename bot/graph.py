@@ -14,6 +14,12 @@ def _quote(text: str) -> str:
     return text.replace('"', "'")
 
 
+def _terminals(edges: list[tuple[str, str, str]]) -> list[tuple[str, str]]:
+    """(node, label) for the "end" and "other flow" nodes the edges point at."""
+    nodes = sorted({dst for _, dst, _ in edges if dst == "__end__" or dst.startswith("flow_")})
+    return [(n, "end" if n == "__end__" else "flow " + n.removeprefix("flow_")) for n in nodes]
+
+
 def _edges(flow: Flow) -> list[tuple[str, str, str]]:
     out = []
     for bid, block in flow.blocks.items():
@@ -30,14 +36,9 @@ def mermaid(flow: Flow) -> str:
     lines = ["flowchart TD", f'    __start__(["start of {flow.name}"]) --> {flow.start}']
     for bid, block in flow.blocks.items():
         lines.append(f'    {bid}["{_quote(_node_label(block))}"]')
-    extra: set[str] = set()
-    for src, dst, label in _edges(flow):
-        if dst == "__end__" or dst.startswith("flow_"):
-            extra.add(dst)
-        lines.append(f'    {src} -->|"{_quote(label)}"| {dst}')
-    for node in sorted(extra):
-        text = "end" if node == "__end__" else "flow " + node.removeprefix("flow_")
-        lines.append(f'    {node}(["{text}"])')
+    edges = _edges(flow)
+    lines += [f'    {src} -->|"{_quote(label)}"| {dst}' for src, dst, label in edges]
+    lines += [f'    {node}(["{text}"])' for node, text in _terminals(edges)]
     return "\n".join(lines) + "\n"
 
 
@@ -47,13 +48,8 @@ def dot(flow: Flow) -> str:
              f'    "__start__" -> "{flow.start}";']
     for bid, block in flow.blocks.items():
         lines.append(f'    "{bid}" [shape=box, label="{_quote(_node_label(block))}"];')
-    extra: set[str] = set()
-    for src, dst, label in _edges(flow):
-        if dst == "__end__" or dst.startswith("flow_"):
-            extra.add(dst)
-        lines.append(f'    "{src}" -> "{dst}" [label="{_quote(label)}"];')
-    for node in sorted(extra):
-        text = "end" if node == "__end__" else "flow " + node.removeprefix("flow_")
-        lines.append(f'    "{node}" [shape=oval, label="{text}"];')
+    edges = _edges(flow)
+    lines += [f'    "{src}" -> "{dst}" [label="{_quote(label)}"];' for src, dst, label in edges]
+    lines += [f'    "{node}" [shape=oval, label="{text}"];' for node, text in _terminals(edges)]
     lines.append("}")
     return "\n".join(lines) + "\n"

@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
+import asyncio
 import textwrap
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Callable, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -102,6 +103,16 @@ class Harness:
         body = await resp.json() if resp.content_type == "application/json" else await resp.text()
         await self.flush()
         return resp.status, body
+
+
+async def eventually(condition: Callable[[], object], timeout: float = 3.0) -> None:
+    """Poll until `condition()` is true: for work the real timer/outbox tasks do."""
+    loop = asyncio.get_running_loop()
+    end = loop.time() + timeout
+    while not condition():
+        if loop.time() > end:
+            raise AssertionError("condition not met in time")
+        await asyncio.sleep(0.01)
 
 
 @asynccontextmanager

@@ -2,17 +2,17 @@
 
 from __future__ import annotations
 
-import asyncio
 import re
 from pathlib import Path
 
 import pytest
+from aiohttp.test_utils import TestClient, TestServer
 from aioresponses import aioresponses
 
 from bot.clock import FakeClock
 from bot.server import OUTBOX, RUNTIME, TIMER, build_app
 from channels.base import Inbound, SendError
-from tests.support import RecordingChannel, harness, write_config
+from tests.support import RecordingChannel, eventually, harness, write_config
 
 HELLO = """
 [flows.main]
@@ -100,11 +100,8 @@ async def test_http_block_sends_templated_request_and_maps_the_answer(tmp_path: 
             url = re.compile(r"^https://crm\.example/users/.*")
             mock.post(url, payload={"data": {"items": [{"plan": "gold"}]}}, status=201)
             await h.runtime.handle_inbound(Inbound("rec", "u1", "a&b", user_name="Ann Lee"))
-            for _ in range(100):
-                await asyncio.sleep(0.01)
-                await h.flush()
-                if h.channel.sent:
-                    break
+            await eventually(lambda: h.runtime._tasks == set())
+            await h.flush()
             (call,) = [(k, v) for k, v in mock.requests.items()]
             (method, sent_url), (request,) = call
             assert method == "POST"
@@ -121,11 +118,8 @@ async def test_http_block_failure_branch(tmp_path: Path) -> None:
         with aioresponses(passthrough=["http://127.0.0.1"]) as mock:
             mock.post(re.compile(r"^https://crm\.example/.*"), status=503, body="down")
             await h.runtime.handle_inbound(Inbound("rec", "u1", "x", user_name="A"))
-            for _ in range(100):
-                await asyncio.sleep(0.01)
-                await h.flush()
-                if h.channel.sent:
-                    break
+            await eventually(lambda: h.runtime._tasks == set())
+            await h.flush()
         assert [m.text for m in h.new_messages("u1")] == ["failed 503"]
 
 
@@ -159,13 +153,9 @@ async def test_timer_loop_fires_delays_on_its_own(tmp_path: Path) -> None:
     """
     channel = RecordingChannel()
     app = build_app(write_config(tmp_path, flows), channel_factories={"rec": lambda c, r: channel})
-    from aiohttp.test_utils import TestClient, TestServer
     async with TestClient(TestServer(app)):
         await app[RUNTIME].handle_inbound(Inbound("rec", "u1", "go"))
-        for _ in range(300):
-            if channel.sent:
-                break
-            await asyncio.sleep(0.01)
+        await eventually(lambda: channel.sent)
         assert [m.text for m in channel.messages("u1")] == ["after the delay"]
         assert app[TIMER] is not None and app[OUTBOX] is not None
 
@@ -192,12 +182,8 @@ async def test_overdue_waits_fire_at_start_up(tmp_path: Path) -> None:
     channel = RecordingChannel()
     clock = FakeClock(FakeClock().now() + 60)
     app = build_app(config, channel_factories={"rec": lambda c, r: channel}, clock=clock)
-    from aiohttp.test_utils import TestClient, TestServer
     async with TestClient(TestServer(app)):
-        for _ in range(300):
-            if channel.sent:
-                break
-            await asyncio.sleep(0.01)
+        await eventually(lambda: channel.sent)
     assert [m.text for m in channel.messages("u1")] == ["timed out while we were down"]
 
 
