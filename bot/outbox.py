@@ -6,11 +6,12 @@ from __future__ import annotations
 import asyncio
 import logging
 import random
-from collections.abc import Mapping
+from collections.abc import Coroutine, Mapping
+from typing import Any
 
 from bot.clock import Clock
 from channels.base import Channel, RateLimit, SendError
-from storage.store import OutboxRow
+from storage.store import OutboxRow, Store
 from storage.worker import DbWorker
 
 log = logging.getLogger(__name__)
@@ -22,6 +23,11 @@ BATCH = 500
 def backoff(attempts: int) -> float:
     """1 s, 2 s, 4 s … capped at 5 minutes, with jitter so retries do not stampede."""
     return min(300.0, 2.0 ** attempts) * (0.8 + 0.4 * random.random())
+
+
+def _mark_all_sent(store: Store, rows: list[tuple[int, float, str | None]]) -> None:
+    for outbox_id, now, platform_id in rows:
+        store.mark_sent(outbox_id, now, platform_id)
 
 
 class _Bucket:
@@ -76,6 +82,8 @@ class Outbox:
         self._wake = asyncio.Event()
         self._busy: set[int] = set()
         self._tasks: set[asyncio.Task[None]] = set()
+        # deliveries finished in the same loop iteration, marked sent by one shared job
+        self._sent: tuple[list[tuple[int, float, str | None]], asyncio.Future[None]] | None = None
 
     def notify(self) -> None:
         self._wake.set()
@@ -105,9 +113,7 @@ class Outbox:
                 by_conv.setdefault(row.conversation_id, []).append(row)
         for cid, conv_rows in by_conv.items():
             self._busy.add(cid)
-            task = asyncio.get_running_loop().create_task(self._deliver(cid, conv_rows))
-            self._tasks.add(task)
-            task.add_done_callback(self._tasks.discard)
+            self._spawn(self._deliver(cid, conv_rows))
 
     async def drain(self) -> None:
         """Deliver until nothing due is left (tests, shutdown)."""
@@ -140,9 +146,39 @@ class Outbox:
         except Exception as exc:  # a bug or an unexpected library error: retry, loudly
             log.exception("outbox %d: unexpected error from channel %s", row.id, row.channel)
             return await self._failed(row, SendError(repr(exc), permanent=False))
-        now = self.clock.now()
-        await self.worker.run(lambda s: s.mark_sent(row.id, now, platform_id))
+        await self._mark_sent(row.id, self.clock.now(), platform_id)
         return True
+
+    async def _mark_sent(self, outbox_id: int, now: float, platform_id: str | None) -> None:
+        """Record a delivery; returns once that is committed. Rows delivered in the same
+        loop iteration share one database job (under load: hundreds per job)."""
+        if self._sent is None:
+            self._sent = ([], asyncio.get_running_loop().create_future())
+            self._spawn(self._flush_sent())
+        self._sent[0].append((outbox_id, now, platform_id))
+        await asyncio.shield(self._sent[1])
+
+    async def _flush_sent(self) -> None:
+        assert self._sent is not None
+        rows, done = self._sent
+        try:
+            await asyncio.sleep(0)  # let the other deliveries of this iteration join
+            self._sent = None
+            await self.worker.run(lambda store: _mark_all_sent(store, rows))
+        except Exception as exc:  # the waiting deliveries see the database error
+            done.set_exception(exc)
+        except BaseException:  # cancelled (shutdown): nobody will mark these rows
+            if self._sent is not None and self._sent[1] is done:
+                self._sent = None
+            done.cancel()
+            raise
+        else:
+            done.set_result(None)
+
+    def _spawn(self, coro: Coroutine[Any, Any, None]) -> None:
+        task = asyncio.get_running_loop().create_task(coro)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
 
     async def _failed(self, row: OutboxRow, exc: SendError) -> bool:
         error = f"{exc.code}: {exc}" if exc.code else str(exc)

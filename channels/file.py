@@ -11,6 +11,8 @@ from typing import Any
 
 from channels.base import Delivery, RateLimit, Route
 
+_encode = json.JSONEncoder(ensure_ascii=False).encode  # one encoder, not one per message
+
 
 class FileChannel:
     name = "file"
@@ -37,9 +39,9 @@ class FileChannel:
 
     async def send(self, delivery: Delivery) -> str | None:
         m = delivery.message
-        line = json.dumps({
+        line = _encode({
             "outbox_id": delivery.id, "user_id": delivery.user_id, "text": m.text,
             "buttons": [b.label for b in m.buttons], "link": m.link.url if m.link else None,
-        }, ensure_ascii=False)
+        })
         os.write(self._fd, (line + "\n").encode())  # one write: whole lines even on kill -9
         return None

@@ -74,3 +74,17 @@ def m002_delivery_status(db: Database) -> None:
         CREATE INDEX outbox_platform_id ON outbox (platform_id) WHERE platform_id IS NOT NULL;
         """
     )
+
+
+@migrations()
+def m003_outbox_pending_by_id(db: Database) -> None:
+    """The outbox reads pending rows in id order; without this index that read scanned
+    every row ever sent, so each delivery pass got slower as the outbox grew."""
+    db.executescript("CREATE INDEX outbox_pending_id ON outbox (id) WHERE state = 'pending';")
+
+
+@migrations()
+def m004_outbox_pending_by_conversation(db: Database) -> None:
+    """Lets the outbox skip conversations whose earlier row waits for a retry."""
+    db.executescript(
+        "CREATE INDEX outbox_pending_conv ON outbox (conversation_id, id) WHERE state = 'pending';")

@@ -188,22 +188,17 @@ class Store:
     # -- outbox -----------------------------------------------------------------------
 
     def pending_deliveries(self, now: float, limit: int) -> list[OutboxRow]:
-        """Pending rows in id order, leaving out conversations whose earlier row still waits
-        for a retry (per-conversation order is kept)."""
+        """Due rows in id order, leaving out every conversation whose earlier row still
+        waits for a retry (per-conversation order is kept). Filtered in SQL, so one
+        conversation's backlog never hides the others' rows behind the LIMIT."""
         rows = self.conn.execute(
-            "SELECT id, channel, conversation_id, user_id, message, attempts, next_attempt "
-            "FROM outbox WHERE state = 'pending' ORDER BY id LIMIT ?", (limit,)).fetchall()
-        blocked: set[int] = set()
-        out: list[OutboxRow] = []
-        for oid, channel, cid, user_id, message, attempts, next_attempt in rows:
-            if cid in blocked:
-                continue
-            if next_attempt > now:
-                blocked.add(cid)
-                continue
-            out.append(OutboxRow(oid, channel, cid, user_id, Message.from_json(message),
-                                 attempts))
-        return out
+            "SELECT id, channel, conversation_id, user_id, message, attempts FROM outbox o "
+            "WHERE state = 'pending' AND next_attempt <= ? AND NOT EXISTS ("
+            "  SELECT 1 FROM outbox p WHERE p.conversation_id = o.conversation_id"
+            "  AND p.state = 'pending' AND p.id < o.id AND p.next_attempt > ?) "
+            "ORDER BY id LIMIT ?", (now, now, limit)).fetchall()
+        return [OutboxRow(oid, channel, cid, user_id, Message.from_json(message), attempts)
+                for oid, channel, cid, user_id, message, attempts in rows]
 
     def next_delivery_time(self) -> float | None:
         row = self.conn.execute(

@@ -31,6 +31,11 @@ def _settle(fut: asyncio.Future[Any], ok: bool, value: Any) -> None:
         fut.set_exception(value)
 
 
+def _settle_all(settled: list[tuple[asyncio.Future[Any], bool, Any]]) -> None:
+    for fut, ok, value in settled:
+        _settle(fut, ok, value)
+
+
 class DbWorker:
     def __init__(self, store: Store, max_batch: int = 512) -> None:
         self.store = store
@@ -101,8 +106,13 @@ class DbWorker:
             log.exception("database commit failed; %d job(s) rolled back", len(batch))
             self.store.rollback()
             results = [(False, exc)] * len(batch)
+        # One wake-up per event loop for the whole batch, not one per job: each
+        # call_soon_threadsafe writes to the loop's self-pipe.
+        by_loop: dict[asyncio.AbstractEventLoop, list[tuple[asyncio.Future[Any], bool, Any]]] = {}
         for (ok, value), (_, fut, loop) in zip(results, batch, strict=True):
+            by_loop.setdefault(loop, []).append((fut, ok, value))
+        for loop, settled in by_loop.items():
             try:
-                loop.call_soon_threadsafe(_settle, fut, ok, value)
+                loop.call_soon_threadsafe(_settle_all, settled)
             except RuntimeError:  # the loop is closed: nobody waits any more
                 pass

@@ -7,10 +7,12 @@ import sqlite3
 from pathlib import Path
 
 import pytest
+from sqlite_utils import Database
 
 from bot.errors import StaleState
 from bot.state import Step, Wait
 from channels.base import Message
+from storage.schema import migrations
 from storage.store import Store
 from storage.worker import DbWorker
 
@@ -24,7 +26,8 @@ def test_schema_is_migrated_once_and_uses_wal(tmp_path: Path) -> None:
     Store(tmp_path / "t.db").close()
     store = Store(tmp_path / "t.db")  # a second start applies nothing again
     applied = [r[0] for r in store.conn.execute("SELECT name FROM _sqlite_migrations")]
-    assert applied == ["m001_initial", "m002_delivery_status"]
+    assert applied == [m.name for m in migrations.pending(Database(memory=True))]
+    assert applied[:2] == ["m001_initial", "m002_delivery_status"]
     assert store.conn.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
     plan = " ".join(str(r) for r in store.conn.execute(
         "EXPLAIN QUERY PLAN SELECT id FROM waits WHERE state = 'pending' AND deadline <= 5 "
@@ -126,3 +129,14 @@ def test_committed_rows_survive_a_fresh_connection(tmp_path: Path) -> None:
     # no close(): another connection, as after kill -9, sees the committed wait
     other = sqlite3.connect(path)
     assert other.execute("SELECT state FROM waits WHERE id = 'W'").fetchone() == ("pending",)
+
+
+def test_one_conversations_backlog_does_not_hide_the_others(store: Store) -> None:
+    with store.transaction():
+        stuck = store.conversation("tg", "stuck", "KS", 0)
+        other = store.conversation("tg", "other", "KO", 0)
+        store.save(stuck, Step(messages=[Message(f"s{i}") for i in range(30)]), 0)
+        store.save(other, Step(messages=[Message("o1")]), 0)
+        first = store.pending_deliveries(0, 1)[0]
+        store.mark_retry(first.id, 100, "429")
+    assert [r.message.text for r in store.pending_deliveries(10, 5)] == ["o1"]
