@@ -141,7 +141,9 @@ async def webhook(request: web.Request, runtime: Runtime) -> web.Response:
     if not isinstance(key, str) or not key:
         raise BadRequest("missing_conversation_key", "conversation_key is missing: put it in "
                          "the body or in the URL as ?conversation_key=….")
-    wait, block = await runtime.find_webhook_wait(key)
-    message_id = verify_signature(block, body, request.headers) if block.secret_env else None
-    fresh = await runtime.webhook(wait, payload, message_id)
+
+    def verify(block: WebhookBlock) -> str | None:
+        return verify_signature(block, body, request.headers) if block.secret_env else None
+
+    fresh = await runtime.webhook(key, payload, verify)
     return _ok(b'{"status": "ok"}' if fresh else b'{"status": "ok", "duplicate": true}')

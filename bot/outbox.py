@@ -106,7 +106,15 @@ class Outbox:
     async def pass_once(self) -> None:
         """Start delivering every due row of conversations not already being delivered."""
         now = self.clock.now()
-        rows = await self.worker.run(lambda s: s.pending_deliveries(now, BATCH))
+        names = list(self.channels)
+
+        def fetch(store: Store) -> list[OutboxRow]:
+            # a window per channel: a backlog held back by one platform's rate limit must
+            # not hide another platform's rows. Rows of a disabled channel stay pending
+            # until it is enabled again.
+            return [row for name in names for row in store.pending_deliveries(now, BATCH, name)]
+
+        rows = await self.worker.run(fetch)
         by_conv: dict[int, list[OutboxRow]] = {}
         for row in rows:
             if row.conversation_id not in self._busy:

@@ -69,6 +69,7 @@ class Runtime:
         self.on_messages: Callable[[], None] = lambda: None  # wakes the outbox
         self.on_deadline: Callable[[float], None] = lambda _t: None  # wakes the timer
         self.http: aiohttp.ClientSession | None = None
+        self.next_deadline: float | None = None  # the earliest pending one, after fire_due()
         self._tasks: set[asyncio.Task[None]] = set()
 
     # -- inbound messages ---------------------------------------------------------------
@@ -162,20 +163,15 @@ class Runtime:
                        f"This WebView was already completed with outcome '{result.state}'; "
                        "a callback is accepted once.", outcome=result.state)
 
-    async def find_webhook_wait(self, key: str) -> tuple[Wait, WebhookBlock]:
-        """The pending Webhook wait of the conversation with this key, or 404/409."""
-
-        def job(store: Store) -> tuple[bool, Wait | None]:
-            conv = store.conversation_by_key(key)
-            if conv is None:
-                return False, None
-            return True, store.wait(conv.wait_id) if conv.wait_id else None
-
-        found, wait = await self.worker.run(job)
-        if not found:
+    def _webhook_wait(self, store: Store, key: str) -> tuple[Wait, WebhookBlock]:
+        """Inside a job: the pending Webhook wait of the conversation with this key, or
+        404/409 (the job's savepoint makes sure such a refusal changed nothing)."""
+        conv = store.conversation_by_key(key)
+        if conv is None:
             raise NotFound("unknown_conversation",
                            "No conversation has this conversation_key. Use the value of the "
                            "flow variable {{conversation_key}} unchanged.")
+        wait = store.wait(conv.wait_id) if conv.wait_id else None
         block = self._block(wait) if wait else None
         if (wait is None or wait.state != "pending" or not isinstance(block, WebhookBlock)
                 or wait.deadline <= self.clock.now()):
@@ -184,10 +180,16 @@ class Runtime:
                            "reached one yet, already got its call, or timed out).")
         return wait, block
 
-    async def webhook(self, wait: Wait, payload: Any, message_id: str | None = None) -> bool:
-        """Resolve a Webhook wait found by `find_webhook_wait`. False: a replayed message id."""
+    async def webhook(self, key: str, payload: Any,
+                      verify: Callable[[WebhookBlock], str | None]) -> bool:
+        """Resolve the Webhook wait of the conversation with this key, in one job (one
+        round trip to the database). `verify(block)` checks the signature where the block
+        asks for one and returns the message id (None: unsigned); it raises 401.
+        Returns False for a replayed message id. Raises 404/409."""
 
         def job(store: Store) -> _Outcome | None:
+            wait, block = self._webhook_wait(store, key)
+            message_id = verify(block)
             if message_id is not None and not store.record_event(f"webhook:{message_id}",
                                                                  self.clock.now()):
                 return None
@@ -206,34 +208,47 @@ class Runtime:
         return True
 
     async def fire_due(self) -> int:
-        """Fire every wait whose deadline has passed; returns how many transitions ran."""
+        """Fire every wait whose deadline has passed; returns how many transitions ran.
+
+        A pass of up to FIRE_BATCH waits is one *urgent* database job: it runs before the
+        callbacks queued in front of it, so expiries stay on time under load. It also
+        leaves the next pending deadline in `self.next_deadline` for the timer."""
         fired = 0
         while True:
-            due = await self.worker.run(self._due)
-            if not due:
+            results, more, errors, nxt = await self.worker.run(self._fire_batch, urgent=True)
+            self.next_deadline = nxt
+            for result in results:
+                self.metrics[f"timer_{result.state}"] += 1
+                self._after_commit(result.waits, result.step)
+            fired += len(results)
+            if errors:
+                raise errors[0]
+            if not more:
                 return fired
-            results = await asyncio.gather(*(self._fire(wid, kind) for wid, kind in due))
-            fired += sum(results)
-            if len(due) < FIRE_BATCH:
-                return fired
 
-    def _due(self, store: Store) -> list[tuple[str, str]]:
-        return store.due_waits(self.clock.now(), FIRE_BATCH)
+    def _fire_batch(self, store: Store
+                    ) -> tuple[list[_Outcome], bool, list[Exception], float | None]:
+        due = store.due_waits(self.clock.now(), FIRE_BATCH)
+        results: list[_Outcome] = []
+        errors: list[Exception] = []
+        for wait_id, kind in due:
+            try:
+                with store.savepoint():  # a failing transition is undone alone
+                    result = self._fire(store, wait_id, kind)
+            except Exception as exc:
+                errors.append(exc)
+                continue
+            if result is not None:
+                results.append(result)
+        return results, len(due) == FIRE_BATCH, errors, store.next_deadline()
 
-    async def _fire(self, wait_id: str, kind: str) -> bool:
-        def job(store: Store) -> _Outcome | None:
-            now = self.clock.now()
-            wait = store.wait(wait_id)
-            if wait is None or not store.claim(wait_id, TIMEOUT_OUTCOME[kind], now, due=True):
-                return None
-            return self._transition(store, wait, TIMEOUT_OUTCOME[kind], None, now)
-
-        result = await self.worker.run(job)
-        if result is None:
-            return False
-        self.metrics[f"timer_{result.state}"] += 1
-        self._after_commit(result.waits, result.step)
-        return True
+    def _fire(self, store: Store, wait_id: str, kind: str) -> _Outcome | None:
+        now = self.clock.now()
+        outcome = TIMEOUT_OUTCOME[kind]
+        wait = store.wait(wait_id)
+        if wait is None or not store.claim(wait_id, outcome, now, due=True):
+            return None
+        return self._transition(store, wait, outcome, None, now)
 
     # -- after a commit -----------------------------------------------------------------
 

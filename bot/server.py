@@ -82,7 +82,8 @@ def _error_middleware(config: Config) -> Callable[..., Awaitable[web.StreamRespo
             response = web.json_response(
                 {"error": exc.reason.lower().replace(" ", "_"),
                  "message": f"{exc.reason}: {request.method} {request.path}"},
-                status=exc.status)
+                status=exc.status,
+                headers={"Allow": exc.headers["Allow"]} if "Allow" in exc.headers else None)
         if is_callback:
             response.headers.update(cors)
         return response

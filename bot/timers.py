@@ -30,14 +30,16 @@ class Timer:
     async def run(self) -> None:
         """Fire overdue waits at once (start-up), then forever sleep-until-due and fire."""
         while True:
+            # cleared before the pass, so a wait committed during it still wakes us
+            self._wake.clear()
+            self._target = math.inf
             try:
                 await self.runtime.fire_due()
-                nxt = await self.runtime.worker.run(lambda s: s.next_deadline())
+                nxt = self.runtime.next_deadline
             except Exception:
                 log.exception("timer pass failed; trying again in 1 s")
                 nxt = self.clock.now() + 1
             self._target = math.inf if nxt is None else nxt
-            self._wake.clear()
             delay = MAX_SLEEP if nxt is None else min(MAX_SLEEP, max(0.0, nxt - self.clock.now()))
             if delay > 0:
                 try:

@@ -79,6 +79,18 @@ class Store:
             raise
         self.commit()
 
+    @contextmanager
+    def savepoint(self) -> Iterator[None]:
+        """Inside a job: undo only this block if it raises."""
+        self.conn.execute("SAVEPOINT part")
+        try:
+            yield
+        except BaseException:
+            self.conn.execute("ROLLBACK TO part")
+            self.conn.execute("RELEASE part")
+            raise
+        self.conn.execute("RELEASE part")
+
     # -- inbound events ---------------------------------------------------------------
 
     def record_event(self, event_id: str, now: float) -> bool:
@@ -187,16 +199,18 @@ class Store:
 
     # -- outbox -----------------------------------------------------------------------
 
-    def pending_deliveries(self, now: float, limit: int) -> list[OutboxRow]:
+    def pending_deliveries(self, now: float, limit: int, channel: str | None = None
+                           ) -> list[OutboxRow]:
         """Due rows in id order, leaving out every conversation whose earlier row still
         waits for a retry (per-conversation order is kept). Filtered in SQL, so one
         conversation's backlog never hides the others' rows behind the LIMIT."""
         rows = self.conn.execute(
             "SELECT id, channel, conversation_id, user_id, message, attempts FROM outbox o "
-            "WHERE state = 'pending' AND next_attempt <= ? AND NOT EXISTS ("
+            "WHERE state = 'pending' AND next_attempt <= ? AND (? IS NULL OR channel = ?) "
+            "AND NOT EXISTS ("
             "  SELECT 1 FROM outbox p WHERE p.conversation_id = o.conversation_id"
             "  AND p.state = 'pending' AND p.id < o.id AND p.next_attempt > ?) "
-            "ORDER BY id LIMIT ?", (now, now, limit)).fetchall()
+            "ORDER BY id LIMIT ?", (now, channel, channel, now, limit)).fetchall()
         return [OutboxRow(oid, channel, cid, user_id, Message.from_json(message), attempts)
                 for oid, channel, cid, user_id, message, attempts in rows]
 

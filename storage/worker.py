@@ -4,6 +4,9 @@ Each job runs in its own SAVEPOINT inside one BEGIN IMMEDIATE … COMMIT, so a j
 that raises is rolled back alone, and a job's caller hears back only after the
 COMMIT that made its changes durable. Under load many jobs share one commit;
 idle, a job commits by itself. The event loop never waits on SQLite.
+
+Urgent jobs (the timer's) skip the queue: they run next, even in the middle of a
+batch, so an expiry is not late by the length of the queue in front of it.
 """
 
 from __future__ import annotations
@@ -12,6 +15,7 @@ import asyncio
 import logging
 import queue
 import threading
+from collections import deque
 from collections.abc import Callable
 from typing import Any, TypeVar
 
@@ -20,6 +24,7 @@ from storage.store import Store
 log = logging.getLogger(__name__)
 T = TypeVar("T")
 _Job = tuple[Callable[[Store], Any], asyncio.Future[Any], asyncio.AbstractEventLoop]
+_WAKE = "wake"  # queued with each urgent job, so a sleeping worker wakes up for it
 
 
 def _settle(fut: asyncio.Future[Any], ok: bool, value: Any) -> None:
@@ -40,7 +45,8 @@ class DbWorker:
     def __init__(self, store: Store, max_batch: int = 512) -> None:
         self.store = store
         self.max_batch = max_batch
-        self._queue: queue.SimpleQueue[_Job | None] = queue.SimpleQueue()
+        self._queue: queue.SimpleQueue[_Job | str | None] = queue.SimpleQueue()
+        self._urgent: deque[_Job] = deque()  # append/popleft are atomic across threads
         self._thread: threading.Thread | None = None
         self.commits = 0
         self.jobs = 0
@@ -55,21 +61,26 @@ class DbWorker:
             await asyncio.to_thread(self._thread.join)
             self._thread = None
 
-    async def run(self, fn: Callable[[Store], T]) -> T:
-        """Run `fn(store)` in a transaction; return once its changes are committed."""
+    async def run(self, fn: Callable[[Store], T], *, urgent: bool = False) -> T:
+        """Run `fn(store)` in a transaction; return once its changes are committed.
+        `urgent`: run it before every job already queued (it still shares their commit)."""
         if self._thread is None:
             raise RuntimeError("the database worker is not running")
         loop = asyncio.get_running_loop()
         fut: asyncio.Future[T] = loop.create_future()
-        self._queue.put((fn, fut, loop))
+        if urgent:
+            self._urgent.append((fn, fut, loop))
+            self._queue.put(_WAKE)
+        else:
+            self._queue.put((fn, fut, loop))
         return await fut
 
     def _loop(self) -> None:
         while True:
-            job = self._queue.get()
-            if job is None:
+            item = self._queue.get()
+            if item is None:
                 return
-            batch = [job]
+            batch: list[_Job] = [] if isinstance(item, str) else [item]
             stop = False
             while len(batch) < self.max_batch:
                 try:
@@ -79,37 +90,67 @@ class DbWorker:
                 if more is None:
                     stop = True
                     break
-                batch.append(more)
-            self._run_batch(batch)
+                if not isinstance(more, str):
+                    batch.append(more)
+            if batch or self._urgent:
+                self._run_batch(batch)
             if stop:
                 return
 
     def _run_batch(self, batch: list[_Job]) -> None:
+        i = 0
+        while True:
+            i, ran = self._run_segment(batch, i)
+            self._settle(ran)
+            if i >= len(batch) and not self._urgent:
+                return
+
+    def _run_segment(self, batch: list[_Job], i: int) -> tuple[int, list[tuple[_Job, bool, Any]]]:
+        """Run jobs from batch[i:] in one transaction; an urgent job, which runs as soon as
+        it arrives, ends the transaction early so its own commit is not delayed either."""
         conn = self.store.conn
-        results: list[tuple[bool, Any]] = []
+        ran: list[tuple[_Job, bool, Any]] = []
         try:
             self.store.begin()
-            for fn, _, _ in batch:
+            while True:
+                urgent = bool(self._urgent)
+                if urgent:
+                    job = self._urgent.popleft()
+                elif i < len(batch):
+                    job, i = batch[i], i + 1
+                else:
+                    break
+                ran.append((job, False, None))
                 conn.execute("SAVEPOINT job")
                 try:
-                    value = fn(self.store)
+                    value = job[0](self.store)
                 except Exception as exc:  # the job's own failure: undo it alone
                     conn.execute("ROLLBACK TO job")
-                    results.append((False, exc))
+                    ran[-1] = (job, False, exc)
                 else:
-                    results.append((True, value))
+                    ran[-1] = (job, True, value)
                 conn.execute("RELEASE job")
+                if urgent and not self._urgent:
+                    break
             self.store.commit()
             self.commits += 1
-            self.jobs += len(batch)
+            self.jobs += len(ran)
         except Exception as exc:
-            log.exception("database commit failed; %d job(s) rolled back", len(batch))
+            if not ran:  # the transaction did not even start: fail the rest, do not spin
+                while self._urgent:
+                    ran.append((self._urgent.popleft(), False, None))
+                ran += [(job, False, None) for job in batch[i:]]
+                i = len(batch)
+            log.exception("database commit failed; %d job(s) rolled back", len(ran))
             self.store.rollback()
-            results = [(False, exc)] * len(batch)
+            ran = [(job, False, exc) for job, _, _ in ran]
+        return i, ran
+
+    def _settle(self, ran: list[tuple[_Job, bool, Any]]) -> None:
         # One wake-up per event loop for the whole batch, not one per job: each
         # call_soon_threadsafe writes to the loop's self-pipe.
         by_loop: dict[asyncio.AbstractEventLoop, list[tuple[asyncio.Future[Any], bool, Any]]] = {}
-        for (ok, value), (_, fut, loop) in zip(results, batch, strict=True):
+        for (_, fut, loop), ok, value in ran:
             by_loop.setdefault(loop, []).append((fut, ok, value))
         for loop, settled in by_loop.items():
             try:

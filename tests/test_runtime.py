@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import re
 from pathlib import Path
 
@@ -11,7 +12,7 @@ from aioresponses import aioresponses
 
 from bot.clock import FakeClock
 from bot.server import OUTBOX, RUNTIME, TIMER, build_app
-from channels.base import Inbound, SendError
+from channels.base import Delivery, Inbound, SendError
 from tests.support import RecordingChannel, eventually, harness, write_config
 
 HELLO = """
@@ -204,3 +205,27 @@ async def test_unknown_route_is_a_json_404(tmp_path: Path) -> None:
         resp = await h.client.get("/nope")
         assert resp.status == 404
         assert (await resp.json())["error"] == "not_found"
+
+
+async def test_one_channels_backlog_does_not_starve_another(tmp_path: Path) -> None:
+    """Rows held back by one platform's rate limit must not hide another platform's rows."""
+
+    class Throttled(RecordingChannel):
+        async def send(self, delivery: Delivery) -> str | None:
+            await asyncio.Event().wait()  # a send stuck behind the platform's rate limit
+            return None
+
+    slow, fast = Throttled("slow"), RecordingChannel("fast")
+    app = build_app(write_config(tmp_path, HELLO),
+                    channel_factories={"slow": lambda c, r: slow, "fast": lambda c, r: fast},
+                    clock=FakeClock(), run_background=False)
+    async with TestClient(TestServer(app)):
+        runtime, outbox = app[RUNTIME], app[OUTBOX]
+        for i in range(600):  # more due rows than one delivery pass reads
+            await runtime.handle_inbound(Inbound("slow", f"s{i}", "hi"))
+        await outbox.pass_once()
+        await runtime.handle_inbound(Inbound("fast", "f1", "hi"))
+        await outbox.pass_once()
+        await eventually(lambda: len(fast.sent) == 2)
+        assert [m.text for m in fast.messages("f1")] == ["Hello ", "Name?"]
+        await outbox.close()

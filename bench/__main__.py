@@ -1,0 +1,83 @@
+"""`python -m bench callback|webhook|timers|scale|inbound|loadgen|profile|all`: figures.
+
+Everything runs on 127.0.0.1, each run bounded in time. Tables go to stdout (Markdown),
+progress to stderr. See bench/README.md for the figures and what limits each.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+
+def _ints(text: str) -> list[int]:
+    return [int(x) for x in text.split(",") if x]
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m bench", description=__doc__)
+    p.add_argument("which", choices=("callback", "webhook", "timers", "scale", "inbound",
+                                     "loadgen", "profile", "all"))
+    p.add_argument("--quick", action="store_true",
+                   help="small and short: 200k waits, 3 s per level, 20k timers in 20 s")
+    p.add_argument("--waits", type=int, default=1_000_000,
+                   help="pending WebView waits seeded into the database (default 1,000,000)")
+    p.add_argument("--webhook-waits", type=int, default=300_000,
+                   help="pending Webhook waits added for the webhook benchmark")
+    p.add_argument("--seconds", type=float, default=10.0, help="length of each load level")
+    p.add_argument("--concurrency", type=_ints, default=[1, 16, 64, 256])
+    p.add_argument("--claims", type=int, default=50_000,
+                   help="executionIds per group size in the bare SQLite claim benchmark")
+    p.add_argument("--claim-groups", type=_ints, default=[1, 16, 64, 256])
+    p.add_argument("--timers", type=int, default=100_000, help="waits falling due")
+    p.add_argument("--timer-window", type=float, default=60.0,
+                   help="seconds over which they fall due")
+    p.add_argument("--timer-load", type=int, default=64,
+                   help="callback concurrency during the timer benchmark (0: no load)")
+    p.add_argument("--inbound-seconds", type=float, default=10.0)
+    p.add_argument("--workdir", type=Path, default=None,
+                   help="where databases and logs go (default: a new temporary directory; "
+                   "seeded templates are reused when the same directory is given again)")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parser().parse_args(argv)
+    if args.quick:
+        args.waits = min(args.waits, 200_000)
+        args.webhook_waits = min(args.webhook_waits, 100_000)
+        args.seconds = min(args.seconds, 3.0)
+        args.claims = min(args.claims, 10_000)
+        args.timers = min(args.timers, 20_000)
+        args.timer_window = min(args.timer_window, 20.0)
+        args.inbound_seconds = min(args.inbound_seconds, 3.0)
+    if args.workdir is None:
+        args.workdir = Path(tempfile.mkdtemp(prefix="flowbot-bench-"))
+    args.workdir.mkdir(parents=True, exist_ok=True)
+    print(f"# workdir {args.workdir}", file=sys.stderr)
+    from bench import inbound, loadgen, paths, profile, scale, timers
+
+    started = time.monotonic()
+    runs = {
+        "callback": lambda: paths.run(args, "callback"),
+        "webhook": lambda: paths.run(args, "webhook"),
+        "timers": lambda: timers.run(args),
+        "scale": lambda: scale.run(args),
+        "inbound": lambda: inbound.run(args),
+        "loadgen": lambda: loadgen.run(args),
+        "profile": lambda: profile.run(args),
+    }
+    chosen = ["callback", "webhook", "timers", "scale", "inbound"] if args.which == "all" \
+        else [args.which]
+    for name in chosen:
+        runs[name]()
+        sys.stdout.flush()
+    print(f"\n# done in {time.monotonic() - started:.0f} s", file=sys.stderr)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

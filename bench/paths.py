@@ -1,0 +1,132 @@
+"""Benchmarks 1 and 2: `POST /webview/callback` and `POST /webhook` under load, against the
+two ceilings (a bare aiohttp handler, bare SQLite claims), on a database of pending waits."""
+
+from __future__ import annotations
+
+import argparse
+from dataclasses import dataclass
+from pathlib import Path
+
+from bench.claims import claim_rate
+from bench.common import (
+    LoadResult,
+    Seeded,
+    bare_server,
+    copy_db,
+    count_states,
+    flowbot_server,
+    free_port,
+    log,
+    outbox_lines,
+    read_ids,
+    run_wrk,
+    seed,
+    table,
+    template_db,
+    wait_until,
+    write_config,
+)
+
+PATHS = {"callback": "/webview/callback", "webhook": "/webhook"}
+
+
+@dataclass
+class Level:
+    flowbot: LoadResult
+    bare: LoadResult
+    committed: int  # of the ids this level sent, how many waits are now resolved
+
+    @property
+    def ratio(self) -> float:
+        return self.flowbot.rps / self.bare.rps if self.bare.rps else 0.0
+
+
+def prepare(args: argparse.Namespace, mode: str) -> tuple[Path, Seeded]:
+    """The run's database (a copy of the seeded template) and the ids to send."""
+    workdir: Path = args.workdir
+    template, ids = template_db(workdir, args.waits)
+    db = copy_db(template, workdir / f"{mode}.db")
+    if mode == "webhook":
+        n = args.webhook_waits
+        log(f"adding {n:,} pending webhook waits")
+        ids = seed(db, n, kind="webhook", ids_file=workdir / "webhook.ids", user_prefix="h")
+    return db, ids
+
+
+def run(args: argparse.Namespace, mode: str) -> dict[str, object]:
+    workdir: Path = args.workdir
+    db, ids = prepare(args, mode)
+    port, bport = free_port(), free_port()
+    config = write_config(workdir, db, port, mode)
+    jsonl = workdir / f"{mode}-outbox.jsonl"
+    jsonl.unlink(missing_ok=True)
+    path = PATHS[mode]
+    levels: list[Level] = []
+    first = 0
+    with flowbot_server(config, port, workdir / f"{mode}-server.log") as srv, \
+            bare_server(bport, workdir / "bare.log") as bare:
+        log(f"{mode}: flowbot up in {srv.startup_s:.2f} s with "
+            f"{args.waits + (args.webhook_waits if mode == 'webhook' else 0):,} pending waits")
+        warm = run_wrk(f"http://127.0.0.1:{port}{path}", mode=mode, concurrency=16,
+                       seconds=1, ids=ids, first=first, server_pid=srv.pid)
+        first += warm.used
+        run_wrk(f"http://127.0.0.1:{bport}{path}", mode=mode, concurrency=16, seconds=1)
+        for c in args.concurrency:
+            # the two servers take turns at each level, so both see the same machine
+            fb = run_wrk(f"http://127.0.0.1:{port}{path}", mode=mode, concurrency=c,
+                         seconds=args.seconds, ids=ids, first=first, server_pid=srv.pid)
+            sent = read_ids(ids.ids_file, first, fb.used)
+            first += fb.used
+            states = count_states(db, sent, "waits" if mode == "callback" else "conversations")
+            committed = states.get("success", 0)
+            ok = fb.requests - fb.non_2xx
+            if committed < ok or fb.non_2xx or fb.errors:
+                raise SystemExit(f"{mode} c={c}: {ok} answers 200 but {committed} committed; "
+                                 f"{fb.non_2xx} non-2xx, {fb.errors} socket errors")
+            b = run_wrk(f"http://127.0.0.1:{bport}{path}", mode=mode, concurrency=c,
+                        seconds=args.seconds, server_pid=bare.pid)
+            levels.append(Level(fb, b, committed))
+            log(f"{mode} c={c}: flowbot {fb.rps:,.0f}/s p99 {fb.p99_ms:.1f} ms, "
+                f"bare {b.rps:,.0f}/s → {fb.rps / b.rps:.0%}")
+        resolved = count_states(db, read_ids(ids.ids_file, 0, first),
+                                "waits" if mode == "callback" else "conversations")
+        transitions = resolved.get("success", 0)
+        delivered = wait_until(lambda: outbox_lines(jsonl) >= transitions, 60)
+        lines = outbox_lines(jsonl)
+    claims: list[tuple[int, float]] = []
+    if mode == "callback":
+        for group in args.claim_groups:
+            chunk = read_ids(ids.ids_file, first, args.claims)
+            first += len(chunk)
+            rate, won = claim_rate(db, chunk, group)
+            if won != len(chunk):
+                raise SystemExit(f"claims: only {won} of {len(chunk)} waits were pending")
+            claims.append((group, rate))
+
+    print(f"\n### {mode}: POST {path} — {args.waits:,} pending WebView waits"
+          + (f" + {args.webhook_waits:,} Webhook waits (10 mapped fields)" if mode == "webhook"
+             else "") + f", {args.seconds:g} s per level\n")
+    print(table(
+        ["c", "flowbot req/s", "p50 ms", "p99 ms", "bare req/s", "bare p50", "bare p99",
+         "flowbot/bare", "200s", "committed", "server CPU"],
+        [[lv.flowbot.concurrency, lv.flowbot.rps, lv.flowbot.p50_ms, lv.flowbot.p99_ms,
+          lv.bare.rps, lv.bare.p50_ms, lv.bare.p99_ms, f"{lv.ratio:.0%}",
+          lv.flowbot.requests - lv.flowbot.non_2xx, lv.committed,
+          f"{lv.flowbot.server_cpu:.2f}"] for lv in levels]))
+    print(f"\nEvery 200 committed (each level: resolved waits ≥ 200 answers). Messages "
+          f"delivered to the file channel: {lines:,} for {transitions:,} transitions"
+          f"{'' if delivered else ' (NOT all delivered within 60 s)'}.")
+    if claims:
+        print("\nBare SQLite claims on the same database (one conditional UPDATE per "
+              "executionId, WAL, synchronous=NORMAL):\n")
+        print(table(["claims per COMMIT", "claims/s"], claims))
+    at64 = next((lv for lv in levels if lv.flowbot.concurrency == 64), None)
+    summary: dict[str, object] = {"levels": levels, "claims": claims,
+                                  "delivered": delivered, "transitions": transitions}
+    if at64 is not None:
+        summary["ratio64"] = at64.ratio
+        summary["p99_64"] = at64.flowbot.p99_ms
+        print(f"\nAt c=64: {at64.ratio:.0%} of the bare handler (target ≥ 50 %: "
+              f"{'met' if at64.ratio >= 0.5 else 'missed'}), p99 {at64.flowbot.p99_ms:.1f} ms "
+              f"(target < 20 ms: {'met' if at64.flowbot.p99_ms < 20 else 'missed'}).")
+    return summary

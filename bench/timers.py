@@ -1,0 +1,90 @@
+"""Benchmark 3: lateness of expiries (deadline → committed) while callbacks load the server."""
+
+from __future__ import annotations
+
+import argparse
+import random
+import sqlite3
+import threading
+import time
+from pathlib import Path
+
+from bench.common import (
+    LoadResult,
+    copy_db,
+    flowbot_server,
+    free_port,
+    log,
+    run_wrk,
+    seed,
+    table,
+    template_db,
+    wait_until,
+    write_config,
+)
+
+LEAD = 8.0  # seconds between seeding and the first deadline: start-up plus margin
+
+
+def _percentile(sorted_values: list[float], p: float) -> float:
+    if not sorted_values:
+        return float("nan")
+    return sorted_values[min(len(sorted_values) - 1, int(p / 100 * len(sorted_values)))]
+
+
+def run(args: argparse.Namespace) -> dict[str, object]:
+    workdir: Path = args.workdir
+    template, load_ids = template_db(workdir, args.waits)
+    db = copy_db(template, workdir / "timers.db")
+    n, window = args.timers, args.timer_window
+    start = time.time() + LEAD
+    deadlines = sorted(start + random.random() * window for _ in range(n))
+    log(f"timers: {n:,} waits falling due over {window:g} s, load c={args.timer_load}")
+    seed(db, n, kind="webview", ids_file=workdir / "timers.ids",
+         deadlines=deadlines, user_prefix="t")
+    port = free_port()
+    config = write_config(workdir, db, port, "timers")
+    load: list[LoadResult] = []
+    with flowbot_server(config, port, workdir / "timers-server.log") as srv:
+        if time.time() > start:
+            log("warning: the server started after the first deadline; lateness includes it")
+        load_for = start + window + 2 - time.time()
+        if args.timer_load:
+            thread = threading.Thread(target=lambda: load.append(run_wrk(
+                f"http://127.0.0.1:{port}/webview/callback", mode="callback",
+                concurrency=args.timer_load, seconds=load_for, ids=load_ids,
+                server_pid=srv.pid)))
+            thread.start()
+            thread.join(load_for + 90)
+            if not load:
+                raise SystemExit("timers: the callback load failed; see the error above")
+        else:
+            time.sleep(max(0.0, load_for))
+
+        def expired() -> int:
+            con = sqlite3.connect(f"file:{db}?mode=ro", uri=True)
+            try:
+                return int(con.execute("SELECT count(*) FROM waits WHERE kind = 'webview' AND "
+                                       "state = 'expired'").fetchone()[0])
+            finally:
+                con.close()
+
+        wait_until(lambda: expired() >= n, 30)
+    con = sqlite3.connect(db)
+    lateness = sorted(r[0] * 1000 for r in con.execute(
+        "SELECT w.resolved_at - w.deadline FROM waits w JOIN conversations c "
+        "ON c.id = w.conversation_id WHERE c.user_id LIKE 't%' AND w.state = 'expired'"))
+    con.close()
+    p50, p99 = _percentile(lateness, 50), _percentile(lateness, 99)
+    worst = lateness[-1] if lateness else float("nan")
+    rps = load[0].rps if load else 0.0
+    print(f"\n### timers: {n:,} expiries due over {window:g} s, "
+          f"callback load c={args.timer_load} on {args.waits:,} pending waits\n")
+    print(table(["expired", "lateness p50 ms", "p99 ms", "max ms", "callbacks/s meanwhile",
+                 "callback p99 ms"],
+                [[len(lateness), p50, p99, worst, rps, load[0].p99_ms if load else "-"]]))
+    met = p99 < 20 and worst < 100
+    print(f"\nTarget p99 < 20 ms and max < 100 ms: {'met' if met else 'missed'}."
+          f"{'' if len(lateness) == n else f' ONLY {len(lateness)} of {n} expired.'}")
+    return {"expired": len(lateness), "p50": p50, "p99": p99, "max": worst, "rps": rps}
+

@@ -1,0 +1,313 @@
+"""Shared by the reliability suite: the flows, an app that can be closed and rebuilt on the
+same database (with the same fake clock and the same recording channel), seeding, and a
+snapshot of the database to prove that a rejected request changed nothing."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import secrets
+import signal
+import socket
+import sqlite3
+import subprocess
+import sys
+import textwrap
+import time
+import urllib.request
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import pytest
+from aiohttp.test_utils import TestClient, TestServer
+
+from bot.clock import FakeClock
+from bot.config import Config, load_config
+from bot.outbox import Outbox
+from bot.runtime import Runtime
+from bot.server import OUTBOX, RUNTIME, build_app
+from channels.base import Inbound
+from storage.store import Store
+from tests.support import RecordingChannel
+
+EXPIRATION = 60  # WebView expiration in the in-process tests (FakeClock seconds)
+TIMEOUT = 30  # Webhook timeout
+
+FLOWS = f"""
+[flows.main]
+start = "menu"
+
+[flows.main.blocks.menu]
+type = "buttons"
+text = "Pick"
+choices = [{{ label = "pay", next = "pay" }}, {{ label = "hook", next = "hook" }}]
+
+[flows.main.blocks.pay]
+type = "webview"
+url = "https://pay.example/checkout"
+text = "Pay here"
+expiration = {EXPIRATION}
+response_variable = "payment"
+on_success = "paid"
+on_error = "failed"
+on_expired = "expired"
+
+[flows.main.blocks.paid]
+type = "message"
+text = "paid {{{{payment.ref}}}}"
+
+[flows.main.blocks.failed]
+type = "message"
+text = "failed"
+
+[flows.main.blocks.expired]
+type = "message"
+text = "expired"
+
+[flows.main.blocks.hook]
+type = "webhook"
+text = "hook waiting"
+timeout = {TIMEOUT}
+map = {{ status = "order.status" }}
+on_success = "hooked"
+on_failure = "timeout"
+
+[flows.main.blocks.hooked]
+type = "message"
+text = "hooked {{{{status}}}}"
+
+[flows.main.blocks.timeout]
+type = "message"
+text = "timeout"
+"""
+
+BRANCH_PREFIXES = ("paid", "failed", "expired", "hooked", "timeout")
+
+
+def long_form(request: pytest.FixtureRequest) -> bool:
+    return bool(request.config.getoption("--long"))
+
+
+def write_config(tmp_path: Path, extra: str = "", flows: str = FLOWS) -> Path:
+    path = tmp_path / "flowbot.toml"
+    path.write_text(textwrap.dedent(f"""
+        [server]
+        public_url = "http://bot.test"
+        [storage]
+        path = "{tmp_path / 'flowbot.db'}"
+        [channels.web]
+        enabled = false
+    """) + textwrap.dedent(extra) + flows)
+    return path
+
+
+@dataclass
+class App:
+    """The real app on 127.0.0.1 (timer and outbox driven by hand), restartable in place."""
+
+    config: Config
+    clock: FakeClock = field(default_factory=FakeClock)
+    channel: RecordingChannel = field(default_factory=RecordingChannel)
+    client: TestClient[Any, Any] | None = None
+    starts: int = 0
+
+    async def start(self) -> App:
+        app = build_app(self.config, channel_factories={"rec": lambda _c, _r: self.channel},
+                        clock=self.clock, run_background=False)
+        self.client = TestClient(TestServer(app, host="127.0.0.1"))
+        await self.client.start_server()
+        self.starts += 1
+        return self
+
+    async def close(self) -> None:
+        if self.client is not None:
+            await self.client.close()
+            self.client = None
+
+    async def restart(self) -> None:
+        await self.close()
+        await self.start()
+
+    @property
+    def runtime(self) -> Runtime:
+        assert self.client is not None
+        return self.client.server.app[RUNTIME]
+
+    @property
+    def outbox(self) -> Outbox:
+        assert self.client is not None
+        return self.client.server.app[OUTBOX]
+
+    async def say(self, user: str, text: str) -> None:
+        await self.runtime.handle_inbound(Inbound("rec", user, text))
+
+    async def flush(self) -> None:
+        await self.outbox.drain()
+
+    async def expire(self, seconds: float) -> int:
+        self.clock.advance(seconds)
+        return await self.runtime.fire_due()
+
+    async def post(self, path: str, body: Any) -> tuple[int, Any]:
+        assert self.client is not None
+        resp = await self.client.post(path, json=body)
+        return resp.status, await resp.json()
+
+    def texts(self, user: str) -> list[str]:
+        return [d.message.text for d in self.channel.sent if d.user_id == user]
+
+    def branches(self, user: str) -> list[str]:
+        return [t for t in self.texts(user) if t.startswith(BRANCH_PREFIXES)]
+
+
+async def pending_wait(app: App, user: str) -> tuple[str, str, str]:
+    """(wait id, kind, conversation key) of the user's pending wait."""
+    def job(store: Store) -> tuple[str, str, str]:
+        conv = store.conversation("rec", user, "", 0)
+        assert conv.wait_id is not None, f"{user} is not waiting"
+        wait = store.wait(conv.wait_id)
+        assert wait is not None
+        return wait.id, wait.kind, conv.key
+    return await app.runtime.worker.run(job)
+
+
+def snapshot(db: Path) -> str:
+    """A digest of every row of every table: equal digests, unchanged state."""
+    con = sqlite3.connect(f"file:{db}?mode=ro", uri=True)
+    try:
+        digest = hashlib.sha256()
+        tables = [r[0] for r in con.execute(
+            "SELECT name FROM sqlite_master WHERE type = 'table' ORDER BY name")]
+        for table in tables:
+            for row in con.execute(f"SELECT * FROM {table} ORDER BY 1"):
+                digest.update(json.dumps([table, *row], default=str).encode())
+        return digest.hexdigest()
+    finally:
+        con.close()
+
+
+def seed_waits(db: Path, n: int, *, deadline: float, prefix: str,
+               channel: str = "file") -> list[str]:
+    """`n` conversations waiting at main/pay with raw inserts (no engine): executionIds."""
+    store = Store(db)
+    now = time.time()
+    ids = [secrets.token_urlsafe(18) for _ in range(n)]
+    try:
+        with store.transaction():
+            first = store.conn.execute(
+                "SELECT coalesce(max(id), 0) FROM conversations").fetchone()[0] + 1
+            store.conn.executemany(
+                "INSERT INTO conversations (id, channel, user_id, key, flow, block, wait_id, "
+                "variables, version, created, updated) VALUES (?, ?, ?, ?, 'main', 'pay', ?, "
+                "'{}', 1, ?, ?)",
+                [(first + i, channel, f"{prefix}{first + i}", secrets.token_urlsafe(18), wid,
+                  now, now) for i, wid in enumerate(ids)])
+            store.conn.executemany(
+                "INSERT INTO waits (id, conversation_id, kind, flow, block, deadline, "
+                "blocking, created) VALUES (?, ?, 'webview', 'main', 'pay', ?, 1, ?)",
+                [(wid, first + i, deadline, now) for i, wid in enumerate(ids)])
+    finally:
+        store.close()
+    return ids
+
+
+def states(db: Path, ids: Iterable[str]) -> dict[str, tuple[str, float | None, float]]:
+    """wait id → (state, resolved_at, deadline), read-only."""
+    con = sqlite3.connect(f"file:{db}?mode=ro", uri=True)
+    out: dict[str, tuple[str, float | None, float]] = {}
+    try:
+        ids = list(ids)
+        for i in range(0, len(ids), 500):
+            chunk = ids[i:i + 500]
+            marks = ",".join("?" * len(chunk))
+            for wid, state, resolved, deadline in con.execute(
+                    f"SELECT id, state, resolved_at, deadline FROM waits "
+                    f"WHERE id IN ({marks})", chunk):
+                out[wid] = (state, resolved, deadline)
+    finally:
+        con.close()
+    return out
+
+
+def load(path: Path) -> Config:
+    return load_config(path)
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+class Server:
+    """One `flowbot serve` process at a time on a fixed port and database."""
+
+    def __init__(self, tmp: Path, flows: str = FLOWS) -> None:
+        self.port = _free_port()
+        self.base = f"http://127.0.0.1:{self.port}"
+        self.db = tmp / "flowbot.db"
+        self.jsonl = tmp / "outbox.jsonl"
+        self.log = tmp / "server.log"
+        self.config = tmp / "flowbot.toml"
+        self.config.write_text(textwrap.dedent(f"""
+            [server]
+            port = {self.port}
+            public_url = "{self.base}"
+            [storage]
+            path = "{self.db}"
+            [channels.web]
+            enabled = false
+            [channels.file]
+            enabled = true
+            path = "{self.jsonl}"
+        """) + flows)
+        self.proc: subprocess.Popen[bytes] | None = None
+        self.started_at = 0.0
+
+    def start(self) -> None:
+        assert self.proc is None or self.proc.poll() is not None, "a server is still running"
+        with self.log.open("ab") as log:
+            self.proc = subprocess.Popen(
+                [sys.executable, "-m", "bot.cli", "serve", "--config", str(self.config)],
+                stdout=log, stderr=subprocess.STDOUT)
+        self.started_at = time.time()
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline:
+            assert self.proc.poll() is None, self.log.read_text()[-3000:]
+            try:
+                with urllib.request.urlopen(self.base + "/healthz", timeout=1) as resp:
+                    if resp.status == 200:
+                        return
+            except OSError:
+                time.sleep(0.02)
+        raise AssertionError("flowbot serve did not answer /healthz")
+
+    def kill9(self) -> None:
+        assert self.proc is not None
+        os.kill(self.proc.pid, signal.SIGKILL)
+        self.proc.wait()
+
+    def stop(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGINT)
+            try:
+                self.proc.wait(20)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+
+    def sql(self, query: str, *args: Any) -> list[tuple[Any, ...]]:
+        con = sqlite3.connect(f"file:{self.db}?mode=ro", uri=True, timeout=10)
+        try:
+            return con.execute(query, args).fetchall()
+        finally:
+            con.close()
+
+    def deliveries(self) -> list[int]:
+        """The outbox ids the channel got, in order."""
+        if not self.jsonl.exists():
+            return []
+        return [json.loads(line)["outbox_id"] for line in self.jsonl.read_text().splitlines()]

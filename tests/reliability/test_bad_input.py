@@ -1,0 +1,167 @@
+"""Bad input on both wait endpoints: schemathesis against the shipped OpenAPI document,
+oversized and deeply nested bodies, and 100,000 random executionIds. Never a 5xx, and a
+rejected request changes nothing (a digest of every table before and after)."""
+
+from __future__ import annotations
+
+import asyncio
+import secrets
+import sys
+import time
+from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
+
+import pytest
+import schemathesis
+from hypothesis import HealthCheck, settings
+from schemathesis import GenerationMode
+
+import bot
+from bot.errors import NotFound
+from tests.reliability.common import App, Server, load, seed_waits, snapshot, write_config
+
+LONG = "--long" in sys.argv  # the option is read at import: schemathesis decorates at import
+RANDOM_IDS = 100_000
+
+SCHEMA = schemathesis.openapi.from_path(Path(bot.__file__).parent / "openapi.json").include(
+    path_regex=r"^/(webview/callback|webhook)$")
+SCHEMA.config.generation.update(modes=[GenerationMode.POSITIVE, GenerationMode.NEGATIVE],
+                                max_examples=1000 if LONG else 150)
+
+
+@pytest.fixture(scope="module")
+def live(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
+    """`flowbot serve` with some waits of each kind pending, so there is state to protect."""
+    server = Server(tmp_path_factory.mktemp("bad-input"))
+    seed_waits(server.db, 20, deadline=time.time() + 3600, prefix="u")
+    server.start()
+    yield server
+    server.stop()
+
+
+@SCHEMA.parametrize()
+@settings(deadline=None, suppress_health_check=list(HealthCheck))
+def test_schemathesis_no_5xx_and_rejections_change_nothing(case: schemathesis.Case,
+                                                           live: Server) -> None:
+    before = snapshot(live.db)
+    response = case.call(base_url=live.base, timeout=10)
+    assert response.status_code < 500, (response.status_code, response.text)
+    assert snapshot(live.db) == before
+    if case.method.upper() != case.operation.method.upper():  # a method the document lacks
+        assert response.status_code == 405
+        assert response.headers["allow"]
+    elif case.method.upper() == "OPTIONS":  # the CORS preflight
+        assert response.status_code == 204
+        assert response.headers["access-control-allow-origin"] == ["*"]
+        return
+    # no generated request can name a real executionId or conversation_key
+    assert response.status_code >= 400, (case.body, response.text)
+    assert response.headers["content-type"][0].startswith("application/json")
+    body = response.json()
+    assert set(body) >= {"error", "message"} and body["message"], body
+    # the answer matches the document (status listed, schema of the error body)
+    case.validate_response(response, excluded_checks=[
+        schemathesis.checks.positive_data_acceptance,  # a well-formed call with an id that
+        # exists nowhere is answered 404, by design
+    ])
+
+
+# -- hand-made bad bodies -----------------------------------------------------------------
+
+
+@pytest.fixture
+async def app(tmp_path: Path) -> AsyncIterator[App]:
+    app = await App(load(write_config(tmp_path))).start()
+    for user in ("a", "b"):  # a WebView and a Webhook wait to protect
+        await app.say(user, "hi")
+        await app.say(user, "pay" if user == "a" else "hook")
+    await app.flush()
+    yield app
+    await app.close()
+
+
+def _db(app: App) -> Path:
+    return Path(app.config.storage.path)
+
+
+async def _raw(app: App, path: str, body: bytes) -> tuple[int, dict[str, object]]:
+    assert app.client is not None
+    resp = await app.client.post(path, data=body, headers={"Content-Type": "application/json"})
+    return resp.status, await resp.json()
+
+
+@pytest.mark.parametrize("path", ["/webview/callback", "/webhook"])
+async def test_oversized_bodies_are_413_and_change_nothing(app: App, path: str) -> None:
+    before = snapshot(_db(app))
+    limit = app.config.server.max_body_bytes
+    big = b'{"executionId": "' + b"x" * limit + b'", "success": true}'
+    assert (await _raw(app, path, big))[0] == 413
+
+    async def chunks() -> AsyncIterator[bytes]:  # no Content-Length: the limit still holds
+        for _ in range(limit // 4096 + 2):
+            yield b" " * 4096
+
+    assert app.client is not None
+    resp = await app.client.post(path, data=chunks(),
+                                 headers={"Content-Type": "application/json"})
+    assert resp.status == 413
+    assert (await resp.json())["error"] == "too_large"
+    assert snapshot(_db(app)) == before
+
+
+@pytest.mark.parametrize("path", ["/webview/callback", "/webhook"])
+@pytest.mark.parametrize("depth", [33, 1000, 10_000])
+async def test_deeply_nested_bodies_are_400_and_change_nothing(app: App, path: str,
+                                                              depth: int) -> None:
+    before = snapshot(_db(app))
+    for opener, closer in ((b"[", b"]"), (b'{"a":', b"}")):
+        inner = opener * depth + b"1" + closer * depth
+        body = b'{"executionId": "x", "success": true, "conversation_key": "k", "data": ' \
+            + inner + b"}"
+        status, doc = await _raw(app, path, body)
+        assert (status, doc["error"]) == (400, "too_deep"), (depth, doc)
+    assert snapshot(_db(app)) == before
+
+
+@pytest.mark.parametrize("body", [
+    b"\xff\xfe not utf-8", b"", b"null", b"[]", b'"a string"', b"1e999999", b"NaN",
+    b'{"executionId": null, "success": true}', b'{"executionId": "", "success": true}',
+    b'{"executionId": "x", "success": "true"}', b'{"executionId": "x", "success": 1}',
+    b'{"executionId": "x", "success": true, "data": []}',
+    b'{"executionId": ["x"], "success": true}', b'{"executionId": "x"}',
+    b'{"executionId": "\\u0000", "success": true}', b'{"success": true}',
+])
+async def test_malformed_callbacks_are_4xx_and_change_nothing(app: App, body: bytes) -> None:
+    before = snapshot(_db(app))
+    status, doc = await _raw(app, "/webview/callback", body)
+    assert status in (400, 404), (status, doc)
+    assert doc["message"]
+    assert snapshot(_db(app)) == before
+
+
+async def test_100000_random_execution_ids_are_all_404(app: App) -> None:
+    before = snapshot(_db(app))
+    ids = [secrets.token_urlsafe(18) for _ in range(RANDOM_IDS)]
+    # the bulk through the runtime (the same job the endpoint runs), a thousand at a time
+    for i in range(0, RANDOM_IDS - 300, 1000):
+        results = await asyncio.gather(
+            *(app.runtime.webview_callback(eid, True, {}) for eid in ids[i:i + 1000]),
+            return_exceptions=True)
+        assert all(isinstance(r, NotFound) for r in results), \
+            [r for r in results if not isinstance(r, NotFound)][:3]
+    # the last few hundred over HTTP
+    answers = await asyncio.gather(*(
+        app.post("/webview/callback", {"executionId": eid, "success": True})
+        for eid in ids[-300:]))
+    assert {(status, body["error"]) for status, body in answers} == {(404, "unknown_execution")}
+    assert snapshot(_db(app)) == before
+
+
+async def test_unknown_conversation_keys_are_404(app: App) -> None:
+    before = snapshot(_db(app))
+    answers = await asyncio.gather(*(
+        app.post("/webhook", {"conversation_key": secrets.token_urlsafe(18), "x": i})
+        for i in range(300)))
+    assert {(status, body["error"]) for status, body in answers} == \
+        {(404, "unknown_conversation")}
+    assert snapshot(_db(app)) == before
