@@ -63,7 +63,8 @@ class DbWorker:
 
     async def run(self, fn: Callable[[Store], T], *, urgent: bool = False) -> T:
         """Run `fn(store)` in a transaction; return once its changes are committed.
-        `urgent`: run it before every job already queued (it still shares their commit)."""
+        `urgent`: run it before every job already queued, and commit right after it (with
+        whatever already ran in the open transaction, not waiting for the rest)."""
         if self._thread is None:
             raise RuntimeError("the database worker is not running")
         loop = asyncio.get_running_loop()

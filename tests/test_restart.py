@@ -4,13 +4,7 @@ server was down fires at start-up."""
 from __future__ import annotations
 
 import json
-import os
-import signal
-import socket
 import sqlite3
-import subprocess
-import sys
-import textwrap
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -23,6 +17,7 @@ import pytest
 from bot.config import load_config
 from bot.server import RUNTIME, build_app
 from channels.base import Inbound
+from tests.reliability.common import Server
 from tests.support import RecordingChannel
 
 FLOWS = """
@@ -54,73 +49,26 @@ type = "end"
 """
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
+def lines(server: Server) -> list[dict[str, Any]]:
+    if not server.jsonl.exists():
+        return []
+    return [json.loads(x) for x in server.jsonl.read_text().splitlines()]
 
 
-class Server:
-    def __init__(self, config: Path, port: int, outbox: Path) -> None:
-        self.config, self.port, self.outbox = config, port, outbox
-        self.proc: subprocess.Popen[bytes] | None = None
-        self.base = f"http://127.0.0.1:{port}"
-
-    def start(self) -> None:
-        self.proc = subprocess.Popen(
-            [sys.executable, "-m", "bot.cli", "serve", "--config", str(self.config)],
-            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        deadline = time.monotonic() + 20
-        while time.monotonic() < deadline:
-            try:
-                with socket.create_connection(("127.0.0.1", self.port), timeout=0.2):
-                    return
-            except OSError:
-                time.sleep(0.05)
-        raise AssertionError("flowbot serve did not start")
-
-    def kill9(self) -> None:
-        assert self.proc is not None
-        os.kill(self.proc.pid, signal.SIGKILL)
-        self.proc.wait()
-
-    def stop(self) -> None:
-        if self.proc and self.proc.poll() is None:
-            self.proc.terminate()
-            self.proc.wait(10)
-
-    def lines(self) -> list[dict[str, Any]]:
-        if not self.outbox.exists():
-            return []
-        return [json.loads(x) for x in self.outbox.read_text().splitlines()]
-
-    def wait_for(self, user: str, text: str, timeout: float = 10) -> dict[str, Any]:
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            for line in self.lines():
-                if line["user_id"] == user and line["text"] == text:
-                    return line
-            time.sleep(0.05)
-        raise AssertionError(f"{user} never got {text!r}; got {self.lines()}")
+def wait_for(server: Server, user: str, text: str, timeout: float = 10) -> dict[str, Any]:
+    """The file channel's line carrying `text` to `user`, once the server wrote it."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        for line in lines(server):
+            if line["user_id"] == user and line["text"] == text:
+                return line
+        time.sleep(0.05)
+    raise AssertionError(f"{user} never got {text!r}; got {lines(server)}")
 
 
 @pytest.fixture
 def server(tmp_path: Path) -> Iterator[Server]:
-    port = free_port()
-    config = tmp_path / "flowbot.toml"
-    config.write_text(textwrap.dedent(f"""
-        [server]
-        port = {port}
-        public_url = "http://127.0.0.1:{port}"
-        [storage]
-        path = "flowbot.db"
-        [channels.web]
-        enabled = false
-        [channels.file]
-        enabled = true
-        path = "outbox.jsonl"
-    """) + FLOWS)
-    srv = Server(config, port, tmp_path / "outbox.jsonl")
+    srv = Server(tmp_path, flows=FLOWS)
     yield srv
     srv.stop()
 
@@ -150,26 +98,26 @@ async def test_waits_survive_kill_9_and_overdue_ones_fire_at_start_up(server: Se
     for user in ("alice", "bob"):
         assert await post(server.base, "/webhook", {"conversation_key": keys[user]}) == \
             (200, {"status": "ok"})
-    links = {user: server.wait_for(user, "Pay")["link"] for user in ("alice", "bob")}
+    links = {user: wait_for(server, user, "Pay")["link"] for user in ("alice", "bob")}
     eids = {u: parse_qs(urlsplit(link).query)["executionId"][0] for u, link in links.items()}
 
     server.kill9()
     # while the server is down, bob's wait falls due
-    db = sqlite3.connect(server.config.parent / "flowbot.db")
+    db = sqlite3.connect(server.db)
     with db:
         db.execute("UPDATE waits SET deadline = ? WHERE id = ?", (time.time() - 1, eids["bob"]))
     db.close()
 
     server.start()
-    server.wait_for("bob", "expired while down")
+    wait_for(server, "bob", "expired while down")
     status, body = await post(server.base, "/webview/callback",
                               {"executionId": eids["alice"], "success": True,
                                "data": {"ref": "R-9"}})
     assert (status, body) == (200, {"status": "ok", "outcome": "success"})
-    server.wait_for("alice", "paid R-9")
+    wait_for(server, "alice", "paid R-9")
     status, body = await post(server.base, "/webview/callback",
                               {"executionId": eids["bob"], "success": True})
     assert status == 410 and body["error"] == "expired"
     # every message went out once
-    texts = [(x["user_id"], x["text"]) for x in server.lines()]
+    texts = [(x["user_id"], x["text"]) for x in lines(server)]
     assert len(texts) == len(set(texts)), texts
