@@ -18,12 +18,13 @@ from multidict import MultiDict
 from twilio.request_validator import RequestValidator
 
 from bot.clock import FakeClock
-from bot.config import Config, load_config
+from bot.config import Config
 from bot.outbox import Outbox
 from bot.runtime import Runtime
 from bot.server import OUTBOX, RUNTIME, build_app
 from channels.base import RateLimit
 from channels.whatsapp import WhatsAppChannel
+from tests.support import write_config
 
 DATE = "Mon, 06 Jan 2025 10:00:00 +0000"
 
@@ -119,23 +120,14 @@ def sign(url: str, body: str, token: str = AUTH_TOKEN) -> str:
 
 def whatsapp_config(tmp_path: Path, flows: str, *, api_base_url: str, server: str = "",
                     whatsapp: str = "", public_url: str = "http://bot.test") -> Config:
-    text = textwrap.dedent(f"""
-        [server]
-        public_url = "{public_url}"
-    """) + textwrap.dedent(server) + textwrap.dedent(f"""
-        [storage]
-        path = "{tmp_path / 'flowbot.db'}"
-        [channels.web]
-        enabled = false
+    channel = textwrap.dedent(f"""
         [channels.whatsapp]
         enabled = true
         account_sid = "{ACCOUNT_SID}"
         from = "{SANDBOX}"
         api_base_url = "{api_base_url}"
-    """) + textwrap.dedent(whatsapp) + textwrap.dedent(flows)
-    path = tmp_path / "config.toml"
-    path.write_text(text)
-    return load_config(path)
+    """) + textwrap.dedent(whatsapp)
+    return write_config(tmp_path, flows, channel, public_url=public_url, server=server)
 
 
 @dataclass

@@ -48,11 +48,14 @@ class RecordingChannel:
         return [d.message for d in self.sent if d.user_id == user]
 
 
-def write_config(tmp_path: Path, flows: str, extra: str = "") -> Config:
-    """A config with the web channel off, a DB in tmp_path, and the given flows."""
+def write_config(tmp_path: Path, flows: str, extra: str = "", *,
+                 public_url: str = "http://bot.test", server: str = "") -> Config:
+    """A config with the web channel off, a DB in tmp_path, and the given flows.
+    `server` adds lines to [server]; `extra` adds tables after the channels."""
     text = textwrap.dedent(f"""
         [server]
-        public_url = "http://bot.test"
+        public_url = "{public_url}"
+    """) + textwrap.dedent(server) + textwrap.dedent(f"""
         [storage]
         path = "{tmp_path / 'flowbot.db'}"
         [channels.web]
