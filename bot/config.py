@@ -36,6 +36,12 @@ class ServerConfig:
 @dataclass(frozen=True)
 class StorageConfig:
     path: Path = Path("flowbot.db")
+    # "process": SQLite and the transitions in a process of their own (a second core);
+    # "thread": a thread of the server's process (tests; a one-core machine)
+    worker: str = "process"
+
+
+WORKERS = ("process", "thread")
 
 
 @dataclass(frozen=True)
@@ -82,8 +88,9 @@ def _server(r: Reader) -> ServerConfig:
 
 def _storage(r: Reader, base: Path) -> StorageConfig:
     path = Path(r.text("path", "flowbot.db"))
+    worker = r.text("worker", "process", choices=WORKERS)
     r.done()
-    return StorageConfig(path if path.is_absolute() else base / path)
+    return StorageConfig(path if path.is_absolute() else base / path, worker)
 
 
 def _bot(r: Reader) -> BotConfig:

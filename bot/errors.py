@@ -25,8 +25,16 @@ class ApiError(FlowbotError):
         self.message = message
         self.extra = extra
 
+    def __reduce__(self) -> tuple[object, ...]:
+        # keyword extras included, so the error survives the trip from the database process
+        return (_rebuild, (type(self), self.code, self.message, self.extra))
+
     def body(self) -> dict[str, object]:
         return {"error": self.code, "message": self.message, **self.extra}
+
+
+def _rebuild(cls: type[ApiError], code: str, message: str, extra: dict[str, object]) -> ApiError:
+    return cls(code, message, **extra)
 
 
 class BadRequest(ApiError):

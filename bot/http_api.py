@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 from collections.abc import Mapping
+from dataclasses import dataclass
 from typing import Any
 from urllib.parse import parse_qsl
 
@@ -91,11 +92,14 @@ def parse_callback(body: bytes) -> tuple[str, bool, dict[str, Any] | None, dict[
 async def webview_callback(request: web.Request, runtime: Runtime) -> web.Response:
     body = await read_body(request, runtime.config.server.max_body_bytes)
     eid, success, data, doc = parse_callback(body)
-    outcome = await runtime.webview_callback(eid, success, data, proof=doc)
+    # what a verified WebView proves itself with (telegramInitData), without the payload
+    proof = {k: v for k, v in doc.items() if k not in _CALLBACK_FIELDS} or None
+    outcome = await runtime.webview_callback(eid, success, data, proof=proof)
     return _ok(_CALLBACK_OK.get(outcome)
                or json.dumps({"status": "ok", "outcome": outcome}).encode())
 
 
+_CALLBACK_FIELDS = ("executionId", "success", "data")
 _CALLBACK_OK = {o: json.dumps({"status": "ok", "outcome": o}).encode() for o in ("success", "error")}
 
 
@@ -113,6 +117,24 @@ def _webhook_payload(body: bytes, content_type: str) -> Any:
         except UnicodeDecodeError:
             raise BadRequest("bad_body", "The form body is not valid UTF-8.") from None
     return parse_json(body)
+
+
+@dataclass(frozen=True)
+class SignedBody:
+    """A webhook's body and Standard Webhooks headers, checked inside the database job once
+    the block (and so its secret) is known. Plain data: it may cross to the database process."""
+
+    body: bytes
+    headers: Mapping[str, str]
+
+    @classmethod
+    def of(cls, body: bytes, headers: Mapping[str, str]) -> SignedBody:
+        return cls(body, {k.lower(): v for k, v in headers.items()
+                          if k.lower() in ("webhook-id", "webhook-timestamp", "webhook-signature")})
+
+    def verify(self, block: WebhookBlock) -> str | None:
+        """The webhook-id (None: the block takes unsigned calls). Raises 401."""
+        return verify_signature(block, self.body, self.headers) if block.secret_env else None
 
 
 def verify_signature(block: WebhookBlock, body: bytes, headers: Mapping[str, str]) -> str:
@@ -142,8 +164,5 @@ async def webhook(request: web.Request, runtime: Runtime) -> web.Response:
         raise BadRequest("missing_conversation_key", "conversation_key is missing: put it in "
                          "the body or in the URL as ?conversation_key=….")
 
-    def verify(block: WebhookBlock) -> str | None:
-        return verify_signature(block, body, request.headers) if block.secret_env else None
-
-    fresh = await runtime.webhook(key, payload, verify)
+    fresh = await runtime.webhook(key, payload, SignedBody.of(body, request.headers))
     return _ok(b'{"status": "ok"}' if fresh else b'{"status": "ok", "duplicate": true}')

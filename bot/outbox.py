@@ -7,12 +7,14 @@ import asyncio
 import logging
 import random
 from collections.abc import Coroutine, Mapping
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from bot.clock import Clock
 from channels.base import Channel, RateLimit, SendError
 from storage.store import OutboxRow, Store
-from storage.worker import DbWorker
+
+if TYPE_CHECKING:
+    from bot.runtime import Worker
 
 log = logging.getLogger(__name__)
 
@@ -23,11 +25,6 @@ BATCH = 500
 def backoff(attempts: int) -> float:
     """1 s, 2 s, 4 s … capped at 5 minutes, with jitter so retries do not stampede."""
     return min(300.0, 2.0 ** attempts) * (0.8 + 0.4 * random.random())
-
-
-def _mark_all_sent(store: Store, rows: list[tuple[int, float, str | None]]) -> None:
-    for outbox_id, now, platform_id in rows:
-        store.mark_sent(outbox_id, now, platform_id)
 
 
 class _Bucket:
@@ -74,7 +71,7 @@ class RateLimiter:
 
 
 class Outbox:
-    def __init__(self, worker: DbWorker, channels: Mapping[str, Channel], clock: Clock) -> None:
+    def __init__(self, worker: Worker, channels: Mapping[str, Channel], clock: Clock) -> None:
         self.worker = worker
         self.channels = channels
         self.clock = clock
@@ -93,7 +90,7 @@ class Outbox:
             self._wake.clear()
             try:
                 await self.pass_once()
-                nxt = await self.worker.run(lambda s: s.next_delivery_time())
+                nxt = await self.worker.run(Store.next_delivery_time)
             except Exception:
                 log.exception("outbox pass failed; trying again in 1 s")
                 nxt = self.clock.now() + 1
@@ -105,16 +102,8 @@ class Outbox:
 
     async def pass_once(self) -> None:
         """Start delivering every due row of conversations not already being delivered."""
-        now = self.clock.now()
-        names = list(self.channels)
-
-        def fetch(store: Store) -> list[OutboxRow]:
-            # a window per channel: a backlog held back by one platform's rate limit must
-            # not hide another platform's rows. Rows of a disabled channel stay pending
-            # until it is enabled again.
-            return [row for name in names for row in store.pending_deliveries(now, BATCH, name)]
-
-        rows = await self.worker.run(fetch)
+        rows: list[OutboxRow] = await self.worker.run(
+            Store.pending_by_channel, list(self.channels), self.clock.now(), BATCH)
         by_conv: dict[int, list[OutboxRow]] = {}
         for row in rows:
             if row.conversation_id not in self._busy:
@@ -143,8 +132,8 @@ class Outbox:
     async def _deliver_one(self, row: OutboxRow) -> bool:
         channel = self.channels.get(row.channel)
         if channel is None:
-            await self.worker.run(lambda s: s.mark_failed(
-                row.id, f"channel '{row.channel}' is not enabled on this server"))
+            await self.worker.run(Store.mark_failed, row.id,
+                                  f"channel '{row.channel}' is not enabled on this server")
             return True
         await self._limiters[row.channel].acquire(row.user_id)
         try:
@@ -172,7 +161,7 @@ class Outbox:
         try:
             await asyncio.sleep(0)  # let the other deliveries of this iteration join
             self._sent = None
-            await self.worker.run(lambda store: _mark_all_sent(store, rows))
+            await self.worker.run(Store.mark_all_sent, rows)
         except Exception as exc:  # the waiting deliveries see the database error
             done.set_exception(exc)
         except BaseException:  # cancelled (shutdown): nobody will mark these rows
@@ -192,12 +181,11 @@ class Outbox:
         error = f"{exc.code}: {exc}" if exc.code else str(exc)
         if exc.permanent or row.attempts + 1 >= MAX_ATTEMPTS:
             log.warning("outbox %d to %s failed for good: %s", row.id, row.channel, error)
-            await self.worker.run(lambda s: s.mark_failed(row.id, error))
+            await self.worker.run(Store.mark_failed, row.id, error)
             return True
         delay = exc.retry_after if exc.retry_after is not None else backoff(row.attempts)
         log.info("outbox %d to %s: %s; retrying in %.1f s", row.id, row.channel, error, delay)
-        at = self.clock.now() + delay
-        await self.worker.run(lambda s: s.mark_retry(row.id, at, error))
+        await self.worker.run(Store.mark_retry, row.id, self.clock.now() + delay, error)
         return False
 
     async def close(self) -> None:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import json
 import logging
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
@@ -16,10 +17,12 @@ from bot import http_api
 from bot.clock import Clock, SystemClock
 from bot.config import Config
 from bot.errors import ApiError
+from bot.ledger import Ledger, WebViewCheck
 from bot.outbox import Outbox
-from bot.runtime import Runtime
+from bot.runtime import Runtime, Worker
 from bot.timers import Timer
 from channels.base import Channel
+from storage.process import ProcessWorker
 from storage.store import Store
 from storage.worker import DbWorker
 
@@ -97,7 +100,7 @@ async def _healthz(request: web.Request) -> web.Response:
 
 async def _metrics(request: web.Request) -> web.Response:
     runtime = request.app[RUNTIME]
-    counts = await runtime.worker.run(lambda s: s.counts())
+    counts = await runtime.worker.run(Store.counts)
     lines = [f"flowbot_{name} {value}" for name, value in sorted(counts.items())]
     lines += [f'flowbot_events_total{{kind="{k}"}} {v}' for k, v in sorted(runtime.metrics.items())]
     lines.append(f"flowbot_db_commits_total {runtime.worker.commits}")
@@ -122,9 +125,13 @@ def build_app(
     """The app for `config`. `run_background=False` leaves the timer and outbox loops off,
     for tests that drive them by hand (`fire_due()`, `drain()`)."""
     clock = clock or SystemClock()
-    store = Store(config.storage.path)
-    worker = DbWorker(store)
-    runtime = Runtime(config, worker, clock)
+    checks: dict[str, WebViewCheck] = {}  # the channels add theirs before the worker opens
+    worker: Worker
+    if config.storage.worker == "thread":
+        worker = DbWorker(Ledger(config.storage.path, config, checks))
+    else:
+        worker = ProcessWorker(functools.partial(Ledger, config.storage.path, config, checks))
+    runtime = Runtime(config, worker, clock, checks)
     channels = {name: make(config, runtime)
                 for name, make in (channel_factories or {}).items()}
     outbox = Outbox(worker, channels, clock)
@@ -158,7 +165,7 @@ def build_app(
             app.router.add_route(route.method, f"{prefix}{route.path}", route.handler)
 
     async def lifecycle(app: web.Application) -> AsyncIterator[None]:
-        worker.start()
+        await worker.open()
         runtime.http = aiohttp.ClientSession()
         started: list[Channel] = []
         loops: list[asyncio.Task[None]] = []
@@ -182,7 +189,8 @@ def build_app(
                 await channel.stop()
             await runtime.http.close()
             await worker.stop()
-            store.close()
+            if isinstance(worker, DbWorker):
+                worker.store.close()
 
     app.cleanup_ctx.append(lifecycle)
 

@@ -12,7 +12,7 @@ import logging
 import os
 import re
 import warnings
-from collections.abc import Coroutine, Mapping, Sequence
+from collections.abc import Coroutine, Sequence
 from datetime import timedelta
 from typing import Any
 
@@ -43,12 +43,10 @@ from bot import errors
 from bot.channel_config import TelegramConfig
 from bot.clock import Clock
 from bot.config import Config
-from bot.flow import WebViewBlock
 from bot.http_api import read_body
 from bot.runtime import Runtime
-from bot.state import Conversation
 from channels.base import Delivery, Inbound, InboundHandler, Message, RateLimit, Route, SendError
-from channels.telegram_auth import InitDataError, init_data_user_id, verify_init_data
+from channels.telegram_auth import InitDataCheck
 
 log = logging.getLogger(__name__)
 
@@ -198,7 +196,7 @@ class TelegramChannel:
         channel = cls(cfg, token, secret, webhook_url=config.server.url("/telegram"),
                       inbound=runtime.handle_inbound, clock=runtime.clock,
                       max_body_bytes=config.server.max_body_bytes)
-        runtime.webview_checks["telegram"] = channel.verify_webview
+        runtime.webview_checks["telegram"] = InitDataCheck(token, cfg.init_data_max_age)
         return channel
 
     def routes(self) -> Sequence[Route]:
@@ -410,31 +408,6 @@ class TelegramChannel:
             rows.append([InlineKeyboardButton(link.label, web_app=WebAppInfo(link.url))
                          if web_app else InlineKeyboardButton(link.label, url=link.url)])
         return InlineKeyboardMarkup(rows) if rows else None
-
-    # -- verified WebView callbacks -------------------------------------------------------
-
-    def verify_webview(self, block: WebViewBlock, conv: Conversation,
-                       body: Mapping[str, Any]) -> None:
-        """`verify = "telegram"`: the callback must carry the Mini App's initData, signed for
-        this bot, fresh, and of the user the conversation belongs to. Raises 401."""
-        if conv.channel != self.name:
-            raise errors.Unauthorized("telegram_only", "This WebView is verified with Telegram, "
-                                      f"but the conversation is on {conv.channel}; it can only "
-                                      "be completed from the Telegram Mini App.")
-        raw = body.get("telegramInitData")
-        if not isinstance(raw, str) or not raw:
-            raise errors.Unauthorized("missing_init_data", "telegramInitData is missing: this "
-                                      "WebView is verified with Telegram, so send "
-                                      "window.Telegram.WebApp.initData as telegramInitData.")
-        try:
-            fields = verify_init_data(raw, self._token, now=self._clock.now(),
-                                      max_age=self.cfg.init_data_max_age)
-            user_id = init_data_user_id(fields)
-        except InitDataError as exc:
-            raise errors.Unauthorized("bad_init_data", str(exc)) from None
-        if str(user_id) != conv.user_id:
-            raise errors.Unauthorized("wrong_user", "telegramInitData belongs to another "
-                                      "Telegram user than the one this WebView was sent to.")
 
 
 async def webhook_info(config: Config) -> str:

@@ -1,6 +1,7 @@
 """Checks a Telegram Mini App's `initData` (the signed query string Telegram hands the page).
 
-Pure functions, no I/O and no `telegram` import, so the check can run on the DB thread.
+Pure functions, no I/O and no `telegram` import, so the check can run in the database
+job (in the database process).
 The algorithm is Telegram's ("Validating data received via the Mini App"):
 
     data_check_string = every field except `hash`, sorted by key, as "key=value" lines
@@ -13,7 +14,14 @@ from __future__ import annotations
 import hashlib
 import hmac
 import json
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any
 from urllib.parse import parse_qsl
+
+from bot.errors import Unauthorized
+from bot.flow import WebViewBlock
+from bot.state import Conversation
 
 FUTURE_SKEW = 60.0  # seconds an auth_date may lie ahead of our clock (clock drift)
 
@@ -72,3 +80,33 @@ def init_data_user_id(fields: dict[str, str]) -> int:
     if not isinstance(user_id, int) or isinstance(user_id, bool):
         raise InitDataError("telegramInitData's user has no numeric id.")
     return user_id
+
+
+@dataclass(frozen=True)
+class InitDataCheck:
+    """`verify = "telegram"` on a WebView block: the callback must carry the Mini App's
+    initData, signed for this bot, fresh, and of the user the conversation belongs to.
+    Raises 401. Plain data, so the database process can run it."""
+
+    bot_token: str = field(repr=False)
+    max_age: float
+
+    def __call__(self, block: WebViewBlock, conv: Conversation, proof: Mapping[str, Any],
+                 now: float) -> None:
+        if conv.channel != "telegram":
+            raise Unauthorized("telegram_only", "This WebView is verified with Telegram, but "
+                               f"the conversation is on {conv.channel}; it can only be "
+                               "completed from the Telegram Mini App.")
+        raw = proof.get("telegramInitData")
+        if not isinstance(raw, str) or not raw:
+            raise Unauthorized("missing_init_data", "telegramInitData is missing: this WebView "
+                               "is verified with Telegram, so send "
+                               "window.Telegram.WebApp.initData as telegramInitData.")
+        try:
+            fields = verify_init_data(raw, self.bot_token, now=now, max_age=self.max_age)
+            user_id = init_data_user_id(fields)
+        except InitDataError as exc:
+            raise Unauthorized("bad_init_data", str(exc)) from None
+        if str(user_id) != conv.user_id:
+            raise Unauthorized("wrong_user", "telegramInitData belongs to another Telegram "
+                               "user than the one this WebView was sent to.")

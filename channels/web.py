@@ -16,11 +16,11 @@ from aiohttp import WSCloseCode, WSMsgType, web
 
 from bot.errors import BadRequest, NotFound
 from channels.base import Delivery, Inbound, Message, RateLimit, Route
+from storage.store import Store
 
 if TYPE_CHECKING:
     from bot.config import Config
     from bot.runtime import Runtime
-    from storage.store import Store
 
 log = logging.getLogger(__name__)
 
@@ -203,12 +203,9 @@ class WebChannel:
     async def _write(self, sock: _Socket, session: str, after: int) -> None:
         """Replay what the page missed, then forward live frames (skipping replayed ones)."""
         last = after
-
-        def history(store: Store) -> list[Delivery]:
-            return store.history(self.name, session, last, HISTORY_PAGE)
-
         while True:
-            page = await self.runtime.worker.run(history)
+            page: list[Delivery] = await self.runtime.worker.run(
+                Store.history, self.name, session, last, HISTORY_PAGE)
             for delivery in page:
                 await sock.ws.send_json(message_frame(delivery))
                 last = delivery.id

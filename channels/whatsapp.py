@@ -23,6 +23,7 @@ from twilio.rest import Client
 from bot.channel_config import TWILIO_API, WhatsAppConfig
 from bot.errors import BadRequest, FlowbotError, Forbidden
 from channels.base import Button, Delivery, Inbound, Link, Message, RateLimit, Route, SendError
+from storage.store import Store
 
 if TYPE_CHECKING:
     from bot.config import Config, ServerConfig
@@ -214,7 +215,7 @@ class WhatsAppChannel:
                              "MessageStatus.")
         code, detail = form.get("ErrorCode", ""), form.get("ErrorMessage", "")
         error = (f"{code}: {detail}" if detail else code) if code else None
-        found = await self.runtime.worker.run(lambda s: s.set_platform_status(sid, status, error))
+        found = await self.runtime.worker.run(Store.set_platform_status, sid, status, error)
         if error:
             log.warning("WhatsApp message %s is %s: error %s", sid, status, error)
         if not found:

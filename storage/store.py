@@ -214,6 +214,13 @@ class Store:
         return [OutboxRow(oid, channel, cid, user_id, Message.from_json(message), attempts)
                 for oid, channel, cid, user_id, message, attempts in rows]
 
+    def pending_by_channel(self, channels: list[str], now: float, limit: int
+                           ) -> list[OutboxRow]:
+        """A window of due rows per channel: a backlog held back by one platform's rate
+        limit must not hide another platform's rows. Rows of a channel not in the list
+        stay pending until it is enabled again."""
+        return [row for name in channels for row in self.pending_deliveries(now, limit, name)]
+
     def next_delivery_time(self) -> float | None:
         row = self.conn.execute(
             "SELECT min(next_attempt) FROM outbox WHERE state = 'pending'").fetchone()
@@ -223,6 +230,11 @@ class Store:
         self.conn.execute(
             "UPDATE outbox SET state = 'sent', sent_at = ?, attempts = attempts + 1, "
             "platform_id = ? WHERE id = ?", (now, platform_id, outbox_id))
+
+    def mark_all_sent(self, rows: list[tuple[int, float, str | None]]) -> None:
+        """(outbox id, when, platform id) of each delivered row."""
+        for outbox_id, now, platform_id in rows:
+            self.mark_sent(outbox_id, now, platform_id)
 
     def mark_retry(self, outbox_id: int, next_attempt: float, error: str) -> None:
         self.conn.execute(

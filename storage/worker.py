@@ -7,6 +7,10 @@ idle, a job commits by itself. The event loop never waits on SQLite.
 
 Urgent jobs (the timer's) skip the queue: they run next, even in the middle of a
 batch, so an expiry is not late by the length of the queue in front of it.
+
+A job is `fn(store, *args)`. The same worker runs in the server's process (`run`, answers
+go to asyncio futures) or inside the database process of `storage/process.py` (`submit`,
+answers go back through a socket).
 """
 
 from __future__ import annotations
@@ -23,7 +27,8 @@ from storage.store import Store
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
-_Job = tuple[Callable[[Store], Any], asyncio.Future[Any], asyncio.AbstractEventLoop]
+_Job = tuple[Callable[..., Any], tuple[Any, ...], Any]  # fn, args, where the answer goes
+_Ran = tuple[_Job, bool, Any]  # the job, ok, its value or exception
 _WAKE = "wake"  # queued with each urgent job, so a sleeping worker wakes up for it
 
 
@@ -41,40 +46,67 @@ def _settle_all(settled: list[tuple[asyncio.Future[Any], bool, Any]]) -> None:
         _settle(fut, ok, value)
 
 
+def _answer_futures(ran: list[_Ran]) -> None:
+    """Settle each job's asyncio future: one wake-up per event loop for the whole batch,
+    not one per job (each call_soon_threadsafe writes to the loop's self-pipe)."""
+    by_loop: dict[asyncio.AbstractEventLoop, list[tuple[asyncio.Future[Any], bool, Any]]] = {}
+    for (_, _, (fut, loop)), ok, value in ran:
+        by_loop.setdefault(loop, []).append((fut, ok, value))
+    for loop, settled in by_loop.items():
+        try:
+            loop.call_soon_threadsafe(_settle_all, settled)
+        except RuntimeError:  # the loop is closed: nobody waits any more
+            pass
+
+
 class DbWorker:
-    def __init__(self, store: Store, max_batch: int = 512) -> None:
+    def __init__(self, store: Store, max_batch: int = 512,
+                 answer: Callable[[list[_Ran]], None] = _answer_futures) -> None:
         self.store = store
         self.max_batch = max_batch
+        self._answer = answer
         self._queue: queue.SimpleQueue[_Job | str | None] = queue.SimpleQueue()
         self._urgent: deque[_Job] = deque()  # append/popleft are atomic across threads
         self._thread: threading.Thread | None = None
         self.commits = 0
         self.jobs = 0
 
+    async def open(self) -> None:
+        self.start()
+
     def start(self) -> None:
         self._thread = threading.Thread(target=self._loop, name="flowbot-db", daemon=True)
         self._thread.start()
 
     async def stop(self) -> None:
+        await asyncio.to_thread(self.join)
+
+    def join(self) -> None:
+        """Run what is queued, then end the thread."""
         if self._thread is not None:
             self._queue.put(None)
-            await asyncio.to_thread(self._thread.join)
+            self._thread.join()
             self._thread = None
 
-    async def run(self, fn: Callable[[Store], T], *, urgent: bool = False) -> T:
-        """Run `fn(store)` in a transaction; return once its changes are committed.
+    async def run(self, fn: Callable[..., T], *args: Any, urgent: bool = False) -> T:
+        """Run `fn(store, *args)` in a transaction; return once its changes are committed.
         `urgent`: run it before every job already queued, and commit right after it (with
         whatever already ran in the open transaction, not waiting for the rest)."""
         if self._thread is None:
             raise RuntimeError("the database worker is not running")
         loop = asyncio.get_running_loop()
         fut: asyncio.Future[T] = loop.create_future()
+        self.submit(fn, args, (fut, loop), urgent=urgent)
+        return await fut
+
+    def submit(self, fn: Callable[..., Any], args: tuple[Any, ...], reply: Any, *,
+               urgent: bool = False) -> None:
+        """Queue a job from any thread; its answer goes to the worker's `answer` hook."""
         if urgent:
-            self._urgent.append((fn, fut, loop))
+            self._urgent.append((fn, args, reply))
             self._queue.put(_WAKE)
         else:
-            self._queue.put((fn, fut, loop))
-        return await fut
+            self._queue.put((fn, args, reply))
 
     def _loop(self) -> None:
         while True:
@@ -102,15 +134,15 @@ class DbWorker:
         i = 0
         while True:
             i, ran = self._run_segment(batch, i)
-            self._settle(ran)
+            self._answer(ran)
             if i >= len(batch) and not self._urgent:
                 return
 
-    def _run_segment(self, batch: list[_Job], i: int) -> tuple[int, list[tuple[_Job, bool, Any]]]:
+    def _run_segment(self, batch: list[_Job], i: int) -> tuple[int, list[_Ran]]:
         """Run jobs from batch[i:] in one transaction; an urgent job, which runs as soon as
         it arrives, ends the transaction early so its own commit is not delayed either."""
         conn = self.store.conn
-        ran: list[tuple[_Job, bool, Any]] = []
+        ran: list[_Ran] = []
         try:
             self.store.begin()
             while True:
@@ -124,7 +156,7 @@ class DbWorker:
                 ran.append((job, False, None))
                 conn.execute("SAVEPOINT job")
                 try:
-                    value = job[0](self.store)
+                    value = job[0](self.store, *job[1])
                 except Exception as exc:  # the job's own failure: undo it alone
                     conn.execute("ROLLBACK TO job")
                     ran[-1] = (job, False, exc)
@@ -146,15 +178,3 @@ class DbWorker:
             self.store.rollback()
             ran = [(job, False, exc) for job, _, _ in ran]
         return i, ran
-
-    def _settle(self, ran: list[tuple[_Job, bool, Any]]) -> None:
-        # One wake-up per event loop for the whole batch, not one per job: each
-        # call_soon_threadsafe writes to the loop's self-pipe.
-        by_loop: dict[asyncio.AbstractEventLoop, list[tuple[asyncio.Future[Any], bool, Any]]] = {}
-        for (_, fut, loop), ok, value in ran:
-            by_loop.setdefault(loop, []).append((fut, ok, value))
-        for loop, settled in by_loop.items():
-            try:
-                loop.call_soon_threadsafe(_settle_all, settled)
-            except RuntimeError:  # the loop is closed: nobody waits any more
-                pass

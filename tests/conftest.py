@@ -3,3 +3,12 @@ import pytest
 
 def pytest_addoption(parser: pytest.Parser) -> None:
     parser.addoption("--long", action="store_true", help="run the long reliability forms")
+
+
+@pytest.fixture(params=["thread", "process"])
+def both_workers(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
+    """Use in a module (`pytestmark = pytest.mark.usefixtures("both_workers")`) to run each
+    of its tests with the database worker as a thread and as a process of its own."""
+    monkeypatch.setenv("FLOWBOT_TEST_WORKER", request.param)
+    return str(request.param)
+

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import os
 import textwrap
 from collections.abc import AsyncIterator, Callable, Sequence
 from contextlib import asynccontextmanager
@@ -18,6 +19,7 @@ from bot.outbox import Outbox
 from bot.runtime import Runtime
 from bot.server import OUTBOX, RUNTIME, build_app
 from channels.base import Delivery, Inbound, Message, RateLimit, Route, SendError
+from storage.store import Store
 
 
 @dataclass
@@ -51,13 +53,15 @@ class RecordingChannel:
 def write_config(tmp_path: Path, flows: str, extra: str = "", *,
                  public_url: str = "http://bot.test", server: str = "") -> Config:
     """A config with the web channel off, a DB in tmp_path, and the given flows.
-    `server` adds lines to [server]; `extra` adds tables after the channels."""
+    `server` adds lines to [server]; `extra` adds tables after the channels. The database
+    worker is a thread unless FLOWBOT_TEST_WORKER says "process" (see `both_workers`)."""
     text = textwrap.dedent(f"""
         [server]
         public_url = "{public_url}"
     """) + textwrap.dedent(server) + textwrap.dedent(f"""
         [storage]
         path = "{tmp_path / 'flowbot.db'}"
+        worker = "{os.environ.get('FLOWBOT_TEST_WORKER', 'thread')}"
         [channels.web]
         enabled = false
     """) + textwrap.dedent(extra) + textwrap.dedent(flows)
@@ -127,3 +131,8 @@ async def harness(config: Config, channel: RecordingChannel | None = None
                     run_background=False)
     async with TestClient(TestServer(app, host="127.0.0.1")) as client:
         yield Harness(client, app[RUNTIME], app[OUTBOX], clock, channel)
+
+
+def conversation_key(store: Store, channel: str, user: str) -> str:
+    """A database job (it pickles, for the process worker): the user's conversation key."""
+    return store.conversation(channel, user, "unused", 0).key

@@ -18,7 +18,7 @@ from bot.config import load_config
 from bot.server import RUNTIME, build_app
 from channels.base import Inbound
 from tests.reliability.common import Server
-from tests.support import RecordingChannel
+from tests.support import RecordingChannel, conversation_key
 
 FLOWS = """
 [flows.main]
@@ -83,8 +83,7 @@ async def seed(config_path: Path, users: list[str]) -> dict[str, str]:
         runtime = app[RUNTIME]
         for user in users:
             await runtime.handle_inbound(Inbound("file", user, "hi"))
-        return {u: (await runtime.worker.run(lambda s, u=u: s.conversation("file", u, "", 0))).key
-                for u in users}
+        return {u: await runtime.worker.run(conversation_key, "file", u) for u in users}
 
 
 async def post(base: str, path: str, body: dict[str, Any]) -> tuple[int, dict[str, Any]]:

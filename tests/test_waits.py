@@ -15,7 +15,10 @@ from urllib.parse import parse_qs, urlsplit
 import pytest
 from standardwebhooks.webhooks import Webhook
 
-from tests.support import Harness, harness, write_config
+from storage.store import Store
+from tests.support import Harness, conversation_key, harness, write_config
+
+pytestmark = pytest.mark.usefixtures("both_workers")
 
 FLOWS = """
 [flows.main]
@@ -98,12 +101,11 @@ async def open_webview(h: Harness, user: str = "u1") -> str:
 async def open_webhook(h: Harness, user: str = "u1", which: str = "hook") -> str:
     await h.say("hi", user)
     await h.say(which, user)
-    return await h.runtime.worker.run(
-        lambda s: s.conversation("rec", user, "unused", 0).key)
+    return await h.runtime.worker.run(conversation_key, "rec", user)
 
 
 async def state_of(h: Harness, wait_id: str) -> str:
-    wait = await h.runtime.worker.run(lambda s: s.wait(wait_id))
+    wait = await h.runtime.worker.run(Store.wait, wait_id)
     assert wait is not None
     return wait.state
 
@@ -305,7 +307,7 @@ async def test_webhook_errors(h: Harness) -> None:
     status, body = await h.post("/webhook", json={"conversation_key": "unknown"})
     assert status == 404 and body["error"] == "unknown_conversation"
     await h.say("hi")  # at the buttons block, not at a Webhook block
-    key = await h.runtime.worker.run(lambda s: s.conversation("rec", "u1", "x", 0).key)
+    key = await h.runtime.worker.run(conversation_key, "rec", "u1")
     status, body = await h.post("/webhook", json={"conversation_key": key})
     assert status == 409 and body["error"] == "not_waiting"
     status, body = await h.post("/webhook", json={"conversation_key": key, "x": "a" * 70_000})
@@ -319,8 +321,19 @@ def signed(body: bytes, msg_id: str, secret: str = SECRET) -> dict[str, str]:
             "webhook-signature": signature, "Content-Type": "application/json"}
 
 
-async def test_signed_webhook(h: Harness, monkeypatch: pytest.MonkeyPatch) -> None:
+@pytest.fixture
+def hook_secret(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Set before the server starts (listed before `h`): a database process, like any
+    process, reads the environment it was started with."""
     monkeypatch.setenv("HOOK_SECRET", SECRET)
+
+
+@pytest.fixture
+def no_hook_secret(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("HOOK_SECRET", raising=False)
+
+
+async def test_signed_webhook(hook_secret: None, h: Harness) -> None:
     key = await open_webhook(h, which="signed")
     body = json.dumps({"conversation_key": key, "status": "ok"}).encode()
     # missing and forged signatures: 401, nothing changes
@@ -350,9 +363,7 @@ async def test_signed_webhook(h: Harness, monkeypatch: pytest.MonkeyPatch) -> No
     assert [m.text for m in h.new_messages("u1")] == ["Webhook: ok  []"]
 
 
-async def test_signed_webhook_without_secret_on_server(h: Harness,
-                                                       monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.delenv("HOOK_SECRET", raising=False)
+async def test_signed_webhook_without_secret_on_server(no_hook_secret: None, h: Harness) -> None:
     key = await open_webhook(h, which="signed")
     body = json.dumps({"conversation_key": key}).encode()
     status, answer = await h.post("/webhook", data=body, headers=signed(body, "m"))

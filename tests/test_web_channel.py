@@ -21,6 +21,7 @@ from bot.config import Config, load_config
 from bot.outbox import Outbox
 from bot.runtime import Runtime
 from bot.server import OUTBOX, RUNTIME, build_app, enabled_channels
+from storage.store import Store
 
 EXAMPLE = Path(__file__).resolve().parent.parent / "config.example.toml"
 SESSION = "a1b2c3d4e5f6a7b8c9d0e1f2a3b4c5d6"
@@ -47,7 +48,7 @@ class Chat:
         return Tab(self, session)
 
     async def history(self, session: str, after: int = 0) -> list[int]:
-        rows = await self.runtime.worker.run(lambda s: s.history("web", session, after))
+        rows = await self.runtime.worker.run(Store.history, "web", session, after)
         return [d.id for d in rows]
 
 
@@ -235,7 +236,7 @@ async def test_bad_session_or_after_is_closed_with_a_reason(chat: Chat, query: s
     msg = await asyncio.wait_for(ws.receive(), GUARD)
     assert msg.type == aiohttp.WSMsgType.CLOSE
     assert msg.data == 4400 and reason in (msg.extra or "")
-    assert (await chat.runtime.worker.run(lambda s: s.counts()))["conversations"] == 0
+    assert (await chat.runtime.worker.run(Store.counts))["conversations"] == 0
 
 
 async def test_text_and_button_walk_the_demo_flow_to_a_paid_webview(chat: Chat) -> None:
@@ -307,7 +308,7 @@ async def test_messages_committed_while_disconnected_arrive_on_reconnect(chat: C
     chat.clock.advance(121)  # the WebView expires while the tab is closed
     assert await chat.runtime.fire_due() == 1
     await chat.outbox.drain()  # delivered to nobody: still "sent", kept for the replay
-    counts = await chat.runtime.worker.run(lambda s: s.counts())
+    counts = await chat.runtime.worker.run(Store.counts)
     assert counts.get("outbox_pending", 0) == 0
 
     assert texts(await tab.open()) == ["The payment page expired before it was completed.",

@@ -1,0 +1,187 @@
+"""What runs inside a database transaction: the store, plus the engine that decides each
+transition. The database worker calls these methods as jobs (`Ledger.webview_callback(
+ledger, …)`), in the server's process or in the database process; every argument and
+answer is plain data, so a job can cross the process boundary, and `now` comes from the
+caller, so the database side needs no clock of its own."""
+
+from __future__ import annotations
+
+import secrets
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Protocol
+
+from bot.config import Config
+from bot.engine import Engine, Links
+from bot.errors import Conflict, NotFound
+from bot.flow import Block, WebhookBlock, WebViewBlock
+from bot.state import TIMEOUT_OUTCOME, Conversation, Step, Wait
+from channels.base import Inbound
+from storage.store import Store
+
+FIRE_BATCH = 500
+
+
+def new_token() -> str:
+    """144 random bits, URL-safe: executionIds, wait ids and conversation keys."""
+    return secrets.token_urlsafe(18)
+
+
+class WebViewCheck(Protocol):
+    """Raises an ApiError when a callback may not resolve this wait (e.g. Telegram initData).
+    Must pickle: the database process runs it."""
+
+    def __call__(self, block: WebViewBlock, conv: Conversation, proof: Mapping[str, Any],
+                 now: float) -> None: ...
+
+
+class Signature(Protocol):
+    """Checks a webhook's signature once the block (and so its secret) is known: returns
+    the message id (None: the block takes unsigned calls) or raises 401. Must pickle."""
+
+    def verify(self, block: WebhookBlock) -> str | None: ...
+
+
+@dataclass
+class Outcome:
+    """What a resolving job found; the runtime turns it into an answer after the commit."""
+
+    state: str  # the wait's final state
+    won: bool  # this caller made the transition
+    step: Step = field(default_factory=Step)
+    waits: list[Wait] = field(default_factory=list)
+
+
+@dataclass(frozen=True)
+class FirePass:
+    """One timer pass: the transitions it made, whether more are due, the next deadline."""
+
+    results: list[Outcome]
+    more: bool
+    errors: list[Exception]
+    next_deadline: float | None
+
+
+class Ledger(Store):
+    def __init__(self, path: str | Path, config: Config,
+                 checks: Mapping[str, WebViewCheck] | None = None) -> None:
+        super().__init__(path)
+        self.config = config
+        self.checks = checks if checks is not None else {}
+        server = config.server
+        self.engine = Engine(
+            config.flows, config.bot,
+            Links(public_url=server.public_url + server.path_prefix,
+                  webhook_url=server.url("/webhook")),
+            new_token,
+        )
+
+    # -- jobs ---------------------------------------------------------------------------
+
+    def inbound(self, event: Inbound, now: float) -> Step | None:
+        """What a user did; None when the platform redelivered an event we had."""
+        if event.event_id is not None and not self.record_event(event.event_id, now):
+            return None
+        conv = self.conversation(event.channel, event.user_id, new_token(), now)
+        step = self.engine.on_message(conv, event, now)
+        self.save(conv, step, now)
+        return step
+
+    def webview_callback(self, execution_id: str, success: bool, data: Any,
+                         proof: Mapping[str, Any] | None, now: float) -> Outcome | None:
+        """None: no WebView wait has this id."""
+        wait = self.wait(execution_id)
+        if wait is None or wait.kind != "webview":
+            return None
+        if wait.state != "pending":
+            return Outcome(wait.state, False)
+        block = self._block(wait)
+        if isinstance(block, WebViewBlock) and block.verify:
+            conv = self.conversation_by_id(wait.conversation_id)
+            check = self.checks.get(block.verify)
+            if check is None or conv is None:
+                raise Conflict("verify_unavailable",
+                               f"This WebView needs {block.verify} verification, "
+                               "but that channel is not enabled on this server.")
+            check(block, conv, proof or {}, now)
+        return self._resolve(wait, "success" if success else "error", data, now)
+
+    def webhook(self, key: str, payload: Any, signature: Signature,
+                now: float) -> Outcome | None:
+        """The Webhook wait of the conversation with this key, resolved; None for a replayed
+        message id. Raises 401/404/409 (the job's savepoint undoes anything it did)."""
+        conv = self.conversation_by_key(key)
+        if conv is None:
+            raise NotFound("unknown_conversation",
+                           "No conversation has this conversation_key. Use the value of the "
+                           "flow variable {{conversation_key}} unchanged.")
+        wait = self.wait(conv.wait_id) if conv.wait_id else None
+        block = self._block(wait) if wait else None
+        if (wait is None or wait.state != "pending" or not isinstance(block, WebhookBlock)
+                or wait.deadline <= now):
+            raise Conflict("not_waiting",
+                           "This conversation is not waiting at a Webhook block (it has not "
+                           "reached one yet, already got its call, or timed out).")
+        message_id = signature.verify(block)
+        if message_id is not None and not self.record_event(f"webhook:{message_id}", now):
+            return None
+        return self._resolve(wait, "success", payload, now)
+
+    def http_answer(self, wait_id: str, outcome: str, data: Any, now: float) -> Outcome | None:
+        """An `http` block's request came back (or failed)."""
+        wait = self.wait(wait_id)
+        return self._resolve(wait, outcome, data, now) if wait else None
+
+    def fire_due(self, now: float) -> FirePass:
+        """Up to FIRE_BATCH waits whose deadline has passed, each moved to its timeout
+        outcome in its own savepoint (a failing transition is undone alone)."""
+        due = self.due_waits(now, FIRE_BATCH)
+        results: list[Outcome] = []
+        errors: list[Exception] = []
+        for wait_id, kind in due:
+            try:
+                with self.savepoint():
+                    result = self._fire(wait_id, kind, now)
+            except Exception as exc:
+                errors.append(exc)
+                continue
+            if result is not None:
+                results.append(result)
+        return FirePass(results, len(due) == FIRE_BATCH, errors, self.next_deadline())
+
+    # -- inside a job -------------------------------------------------------------------
+
+    def _fire(self, wait_id: str, kind: str, now: float) -> Outcome | None:
+        outcome = TIMEOUT_OUTCOME[kind]
+        wait = self.wait(wait_id)
+        if wait is None or not self.claim(wait_id, outcome, now, due=True):
+            return None
+        return self._transition(wait, outcome, None, now)
+
+    def _transition(self, wait: Wait, outcome: str, data: Any, now: float) -> Outcome:
+        conv = self.conversation_by_id(wait.conversation_id)
+        if conv is None:
+            return Outcome(outcome, True)
+        step = self.engine.on_wait(conv, wait, outcome, data, now)
+        self.save(conv, step, now)
+        return Outcome(outcome, True, step, step.waits)
+
+    def _resolve(self, wait: Wait, outcome: str, data: Any, now: float) -> Outcome:
+        """Try to move `wait` to `outcome` before its deadline. If the deadline passed and
+        the timer has not fired yet, fire it here, so the late caller's answer and the
+        state agree."""
+        if self.claim(wait.id, outcome, now, due=False):
+            return self._transition(wait, outcome, data, now)
+        timeout = TIMEOUT_OUTCOME[wait.kind]
+        if wait.state == "pending" and self.claim(wait.id, timeout, now, due=True):
+            fired = self._transition(wait, timeout, None, now)
+            fired.won = False
+            return fired
+        current = self.wait(wait.id)
+        return Outcome(current.state if current else "unknown", False)
+
+    def _block(self, wait: Wait) -> Block | None:
+        flow = self.config.flows.get(wait.flow)
+        return flow.blocks.get(wait.block) if flow else None
+
