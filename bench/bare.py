@@ -1,7 +1,7 @@
 """The ceiling for the HTTP side: an aiohttp handler that only parses the JSON and answers 200.
 
 Run as `python -m bench.bare PORT`; the benchmarks start it like `flowbot serve`
-(same aiohttp, same access log setting, same JSON answer).
+(same aiohttp, same event loop, same access log setting, same JSON answer).
 """
 
 from __future__ import annotations
@@ -10,6 +10,8 @@ import json
 import sys
 
 from aiohttp import web
+
+from bot.server import new_event_loop
 
 OK = b'{"status": "ok", "outcome": "success"}'
 
@@ -31,7 +33,8 @@ def main() -> None:
     app.router.add_post("/webview/callback", callback)
     app.router.add_post("/webhook", callback)
     app.router.add_get("/healthz", healthz)
-    web.run_app(app, host="127.0.0.1", port=port, print=None, access_log=None)
+    web.run_app(app, host="127.0.0.1", port=port, print=None, access_log=None,
+                loop=new_event_loop())
 
 
 if __name__ == "__main__":

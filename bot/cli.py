@@ -50,7 +50,7 @@ def cmd_graph(args: argparse.Namespace) -> int:
 def cmd_serve(args: argparse.Namespace) -> int:
     from aiohttp import web
 
-    from bot.server import build_app, enabled_channels
+    from bot.server import build_app, enabled_channels, new_event_loop
 
     config = _load(args.config)
     host = args.host or config.server.host
@@ -64,7 +64,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
     shown = "127.0.0.1" if host in ("0.0.0.0", "::") else host  # noqa: S104 - display only
     where = f"http://{shown}:{port}{config.server.path_prefix}/"
     print(f"flowbot: serving {args.config} — open {where} to chat", flush=True)
-    web.run_app(app, host=host, port=port, print=None, access_log=None)
+    web.run_app(app, host=host, port=port, print=None, access_log=None,
+                loop=new_event_loop())
     return 0
 
 

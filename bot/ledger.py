@@ -45,12 +45,17 @@ class Signature(Protocol):
 
 @dataclass
 class Outcome:
-    """What a resolving job found; the runtime turns it into an answer after the commit."""
+    """What a job found and did; the runtime turns it into an answer after the commit. Only
+    what the event loop needs: the messages themselves stay in the outbox table."""
 
-    state: str  # the wait's final state
+    state: str  # the wait's final state ("" for an inbound message)
     won: bool  # this caller made the transition
-    step: Step = field(default_factory=Step)
-    waits: list[Wait] = field(default_factory=list)
+    messages: int = 0  # outbox rows the transition wrote
+    waits: list[Wait] = field(default_factory=list)  # new waits: the timer, http requests
+
+    @classmethod
+    def of(cls, state: str, step: Step) -> Outcome:
+        return cls(state, True, len(step.messages), step.waits)
 
 
 @dataclass(frozen=True)
@@ -79,14 +84,14 @@ class Ledger(Store):
 
     # -- jobs ---------------------------------------------------------------------------
 
-    def inbound(self, event: Inbound, now: float) -> Step | None:
+    def inbound(self, event: Inbound, now: float) -> Outcome | None:
         """What a user did; None when the platform redelivered an event we had."""
         if event.event_id is not None and not self.record_event(event.event_id, now):
             return None
         conv = self.conversation(event.channel, event.user_id, new_token(), now)
         step = self.engine.on_message(conv, event, now)
         self.save(conv, step, now)
-        return step
+        return Outcome.of("", step)
 
     def webview_callback(self, execution_id: str, success: bool, data: Any,
                          proof: Mapping[str, Any] | None, now: float) -> Outcome | None:
@@ -150,6 +155,12 @@ class Ledger(Store):
                 results.append(result)
         return FirePass(results, len(due) == FIRE_BATCH, errors, self.next_deadline())
 
+    def timer_pass(self, now: float) -> tuple[FirePass, float | None]:
+        """The database process's own timer (storage.worker's TimerPass): fire what is
+        due, and say when to come back."""
+        done = self.fire_due(now)
+        return done, (now if done.more else done.next_deadline)
+
     # -- inside a job -------------------------------------------------------------------
 
     def _fire(self, wait_id: str, kind: str, now: float) -> Outcome | None:
@@ -165,7 +176,7 @@ class Ledger(Store):
             return Outcome(outcome, True)
         step = self.engine.on_wait(conv, wait, outcome, data, now)
         self.save(conv, step, now)
-        return Outcome(outcome, True, step, step.waits)
+        return Outcome.of(outcome, step)
 
     def _resolve(self, wait: Wait, outcome: str, data: Any, now: float) -> Outcome:
         """Try to move `wait` to `outcome` before its deadline. If the deadline passed and

@@ -15,8 +15,8 @@ import aiohttp
 from bot.clock import Clock
 from bot.config import Config
 from bot.errors import Conflict, Gone, NotFound
-from bot.ledger import Ledger, Outcome, Signature, WebViewCheck
-from bot.state import Step, Wait
+from bot.ledger import FirePass, Ledger, Outcome, Signature, WebViewCheck
+from bot.state import Wait
 from channels.base import Inbound
 
 log = logging.getLogger(__name__)
@@ -55,12 +55,12 @@ class Runtime:
 
     async def handle_inbound(self, event: Inbound) -> bool:
         """Commit what a user did; False when the platform redelivered an event we had."""
-        step = await self.worker.run(Ledger.inbound, event, self.clock.now())
-        if step is None:
+        result = await self.worker.run(Ledger.inbound, event, self.clock.now())
+        if result is None:
             self.metrics["inbound_duplicates"] += 1
             return False
         self.metrics[f"inbound_{event.channel}"] += 1
-        self._after_commit(step.waits, step)
+        self._after_commit(result)
         return True
 
     # -- resolving waits ------------------------------------------------------------------
@@ -76,7 +76,7 @@ class Runtime:
             raise NotFound("unknown_execution",
                            "No WebView is waiting for this executionId. Check that the page "
                            "sends the executionId from its URL unchanged.")
-        self._after_commit(result.waits, result.step)
+        self._after_commit(result)
         if result.won:
             self.metrics["callbacks_ok"] += 1
             return result.state
@@ -100,7 +100,7 @@ class Runtime:
         if result is None:
             self.metrics["webhooks_replayed"] += 1
             return False
-        self._after_commit(result.waits, result.step)
+        self._after_commit(result)
         if not result.won:
             self.metrics["webhooks_409"] += 1
             raise Conflict("not_waiting", "This conversation is no longer waiting at the "
@@ -117,22 +117,35 @@ class Runtime:
         fired = 0
         while True:
             done = await self.worker.run(Ledger.fire_due, self.clock.now(), urgent=True)
-            self.next_deadline = done.next_deadline
-            for result in done.results:
-                self.metrics[f"timer_{result.state}"] += 1
-                self._after_commit(result.waits, result.step)
-            fired += len(done.results)
+            fired += self._fired(done)
             if done.errors:
                 raise done.errors[0]
             if not done.more:
                 return fired
 
+    def timer_pass_done(self, ok: bool, value: Any) -> None:
+        """A pass of the database process's own timer committed (value: a FirePass), or
+        failed (value: the exception; it tries again in a second)."""
+        if not ok:
+            log.error("timer pass failed in the database process: %r", value)
+            return
+        self._fired(value)
+        for exc in value.errors:
+            log.error("timer: a wait's transition failed: %r", exc)
+
+    def _fired(self, done: FirePass) -> int:
+        self.next_deadline = done.next_deadline
+        for result in done.results:
+            self.metrics[f"timer_{result.state}"] += 1
+            self._after_commit(result)
+        return len(done.results)
+
     # -- after a commit -----------------------------------------------------------------
 
-    def _after_commit(self, waits: list[Wait], step: Step) -> None:
-        if step.messages:
+    def _after_commit(self, result: Outcome) -> None:
+        if result.messages:
             self.on_messages()
-        for wait in waits:
+        for wait in result.waits:
             self.on_deadline(wait.deadline)
             if wait.kind == "http" and wait.request is not None:
                 self._spawn(self._http_request(wait))
@@ -169,7 +182,7 @@ class Runtime:
         result: Outcome | None = await self.worker.run(
             Ledger.http_answer, wait.id, outcome, data, self.clock.now())
         if result is not None:
-            self._after_commit(result.waits, result.step)
+            self._after_commit(result)
 
     async def close(self) -> None:
         for task in list(self._tasks):

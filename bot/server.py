@@ -115,6 +115,16 @@ async def _openapi(request: web.Request) -> web.Response:
     return web.json_response(doc)
 
 
+def new_event_loop() -> asyncio.AbstractEventLoop:
+    """The loop `flowbot serve` runs on: uvloop's (a dependency outside Windows; measured
+    +10 % callbacks per second, see bench/README.md), else asyncio's."""
+    try:
+        import uvloop
+    except ImportError:
+        return asyncio.new_event_loop()
+    return uvloop.new_event_loop()
+
+
 def build_app(
     config: Config,
     *,
@@ -126,12 +136,19 @@ def build_app(
     for tests that drive them by hand (`fire_due()`, `drain()`)."""
     clock = clock or SystemClock()
     checks: dict[str, WebViewCheck] = {}  # the channels add theirs before the worker opens
+    # the database process keeps the deadlines itself, on the system clock; with a test's
+    # clock, or with the background loops off, the Timer task (or the test) fires them
+    db_timer = (config.storage.worker == "process" and run_background
+                and isinstance(clock, SystemClock))
     worker: Worker
     if config.storage.worker == "thread":
         worker = DbWorker(Ledger(config.storage.path, config, checks))
     else:
-        worker = ProcessWorker(functools.partial(Ledger, config.storage.path, config, checks))
+        worker = ProcessWorker(functools.partial(Ledger, config.storage.path, config, checks),
+                               timer=Ledger.timer_pass if db_timer else None)
     runtime = Runtime(config, worker, clock, checks)
+    if isinstance(worker, ProcessWorker):
+        worker.on_timer = runtime.timer_pass_done
     channels = {name: make(config, runtime)
                 for name, make in (channel_factories or {}).items()}
     outbox = Outbox(worker, channels, clock)
@@ -174,8 +191,9 @@ def build_app(
                 await channel.start()
                 started.append(channel)
             if run_background:
-                loops = [asyncio.create_task(timer.run(), name="timer"),
-                         asyncio.create_task(outbox.run(), name="outbox")]
+                loops = [asyncio.create_task(outbox.run(), name="outbox")]
+                if not db_timer:
+                    loops.append(asyncio.create_task(timer.run(), name="timer"))
             yield
         finally:
             for task in loops:

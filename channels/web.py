@@ -205,7 +205,7 @@ class WebChannel:
         last = after
         while True:
             page: list[Delivery] = await self.runtime.worker.run(
-                Store.history, self.name, session, last, HISTORY_PAGE)
+                Store.web_history, session, last, HISTORY_PAGE)
             for delivery in page:
                 await sock.ws.send_json(message_frame(delivery))
                 last = delivery.id

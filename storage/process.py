@@ -31,7 +31,7 @@ from collections.abc import Callable
 from typing import IO, Any, TypeVar
 
 from storage.store import Store
-from storage.worker import DbWorker
+from storage.worker import TIMER, DbWorker, TimerPass
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -50,10 +50,16 @@ class DatabaseProcessError(RuntimeError):
 
 class ProcessWorker:
     """`DbWorker`'s interface, with the worker in a child process. `factory()` opens the
-    store there (pickled, with the config it carries) when `open()` starts the process."""
+    store there (pickled, with the config it carries) when `open()` starts the process.
 
-    def __init__(self, factory: Callable[[], Store]) -> None:
+    `timer`: the database process keeps the deadlines itself (see DbWorker), on its own
+    clock, and each pass's answer goes to `on_timer(ok, value)`. Expiries then wait for
+    neither the event loop nor the queue of callbacks."""
+
+    def __init__(self, factory: Callable[[], Store], timer: TimerPass | None = None) -> None:
         self.factory = factory
+        self.timer = timer
+        self.on_timer: Callable[[bool, Any], None] = lambda ok, value: None
         self.commits = 0
         self.jobs = 0
         self.pid: int | None = None
@@ -77,7 +83,7 @@ class ProcessWorker:
         self.pid = self._proc.pid
         reader, self._writer = await asyncio.open_unix_connection(sock=ours)
         # sys.path first: the factory's classes must be importable before it is unpickled
-        self._writer.write(_frame((sys.path, pickle.dumps(self.factory, _PICKLE))))
+        self._writer.write(_frame((sys.path, pickle.dumps((self.factory, self.timer), _PICKLE))))
         try:
             ready = await _read_frame(reader)
         except (asyncio.IncompleteReadError, ConnectionError):
@@ -125,6 +131,9 @@ class ProcessWorker:
         self._writer.write(frame)
 
     def _settle(self, request_id: int, ok: bool, value: Any) -> None:
+        if request_id == TIMER:
+            self.on_timer(ok, value)
+            return
         fut = self._futures.pop(request_id, None)
         if fut is None or fut.done():
             return
@@ -222,7 +231,8 @@ def main() -> None:
         return
     sys.path[:] = start[0]
     try:
-        store = pickle.loads(start[1])()  # noqa: S301 - from our parent
+        factory, timer = pickle.loads(start[1])  # noqa: S301 - from our parent
+        store = factory()
     except Exception as exc:
         log.exception("could not open the database")
         sock.sendall(_frame(("error", f"{type(exc).__name__}: {exc}")))
@@ -240,7 +250,7 @@ def main() -> None:
         except OSError:
             pass  # the server is gone; what committed stays committed
 
-    worker = DbWorker(store, answer=answer)
+    worker = DbWorker(store, answer=answer, timer=timer)
     with send_lock:
         sock.sendall(_frame(("ready", None)))
     worker.start()

@@ -88,3 +88,15 @@ def m004_outbox_pending_by_conversation(db: Database) -> None:
     """Lets the outbox skip conversations whose earlier row waits for a retry."""
     db.executescript(
         "CREATE INDEX outbox_pending_conv ON outbox (conversation_id, id) WHERE state = 'pending';")
+
+
+@migrations()
+def m005_history_for_web_chat_only(db: Database) -> None:
+    """Only the web chat reads a user's history (a page that reconnects). An index over
+    every channel's rows put one more random page into each transition's commit."""
+    db.executescript(
+        """
+        DROP INDEX outbox_by_user;
+        CREATE INDEX outbox_web_history ON outbox (user_id, id) WHERE channel = 'web';
+        """
+    )

@@ -7,6 +7,7 @@ none of them commits. Use them from the worker's thread only.
 from __future__ import annotations
 
 import json
+import math
 import sqlite3
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -44,6 +45,8 @@ def _dumps(value: Any) -> str:
 class Store:
     def __init__(self, path: str | Path) -> None:
         conn = sqlite3.connect(str(path), check_same_thread=False, isolation_level=None)
+        self.path = Path(path)
+        self.new_deadline = math.inf  # the earliest deadline save() wrote; the worker resets it
         self.db = Database(conn)
         self.conn = conn
         self.db.enable_wal()
@@ -144,6 +147,7 @@ class Store:
                 "UPDATE waits SET state = 'cancelled', resolved_at = ? "
                 "WHERE id = ? AND state = 'pending'", (now, step.cancelled_wait))
         if step.waits:
+            self.new_deadline = min(self.new_deadline, *(w.deadline for w in step.waits))
             self.conn.executemany(
                 "INSERT INTO waits (id, conversation_id, kind, flow, block, deadline, blocking, "
                 "request, created) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
@@ -252,13 +256,13 @@ class Store:
             "WHERE platform_id = ?", (status, error, platform_id))
         return cur.rowcount > 0
 
-    def history(self, channel: str, user_id: str, after_id: int, limit: int = 200
-                ) -> list[Delivery]:
-        """Messages already handed to a channel for one user, for clients that reconnect."""
+    def web_history(self, user_id: str, after_id: int, limit: int = 200) -> list[Delivery]:
+        """Messages already handed to the web chat for one session, for a page that
+        reconnects (the channel is a literal: the partial index covers the web chat only)."""
         rows = self.conn.execute(
-            "SELECT id, conversation_id, message FROM outbox WHERE channel = ? AND user_id = ? "
-            "AND id > ? AND state = 'sent' ORDER BY id LIMIT ?",
-            (channel, user_id, after_id, limit)).fetchall()
+            "SELECT id, conversation_id, message FROM outbox WHERE channel = 'web' "
+            "AND user_id = ? AND id > ? AND state = 'sent' ORDER BY id LIMIT ?",
+            (user_id, after_id, limit)).fetchall()
         return [Delivery(oid, cid, user_id, Message.from_json(m)) for oid, cid, m in rows]
 
     # -- operators --------------------------------------------------------------------

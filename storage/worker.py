@@ -17,8 +17,10 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import math
 import queue
 import threading
+import time
 from collections import deque
 from collections.abc import Callable
 from typing import Any, TypeVar
@@ -30,6 +32,9 @@ T = TypeVar("T")
 _Job = tuple[Callable[..., Any], tuple[Any, ...], Any]  # fn, args, where the answer goes
 _Ran = tuple[_Job, bool, Any]  # the job, ok, its value or exception
 _WAKE = "wake"  # queued with each urgent job, so a sleeping worker wakes up for it
+TIMER = 0  # the reply of the worker's own timer passes (see DbWorker's `timer`)
+TimerPass = Callable[[Any, float], tuple[Any, float | None]]  # (the store, now)
+"""Fires what is due at `now` (a job); returns (its answer, when to come back or None)."""
 
 
 def _settle(fut: asyncio.Future[Any], ok: bool, value: Any) -> None:
@@ -60,11 +65,19 @@ def _answer_futures(ran: list[_Ran]) -> None:
 
 
 class DbWorker:
+    """`timer`: the worker keeps the deadlines itself (the database process does): it
+    sleeps on its queue until the earliest one, runs `timer` as an urgent job when it is
+    due (at start: the overdue ones), and answers its result with the reply TIMER. New
+    deadlines reach it through `Store.new_deadline`."""
+
     def __init__(self, store: Store, max_batch: int = 512,
-                 answer: Callable[[list[_Ran]], None] = _answer_futures) -> None:
+                 answer: Callable[[list[_Ran]], None] = _answer_futures,
+                 timer: TimerPass | None = None) -> None:
         self.store = store
         self.max_batch = max_batch
         self._answer = answer
+        self._timer = timer
+        self._due = -math.inf if timer else math.inf
         self._queue: queue.SimpleQueue[_Job | str | None] = queue.SimpleQueue()
         self._urgent: deque[_Job] = deque()  # append/popleft are atomic across threads
         self._thread: threading.Thread | None = None
@@ -110,7 +123,10 @@ class DbWorker:
 
     def _loop(self) -> None:
         while True:
-            item = self._queue.get()
+            try:
+                item = self._queue.get(timeout=self._sleep())
+            except queue.Empty:
+                item = _WAKE  # a deadline
             if item is None:
                 return
             batch: list[_Job] = [] if isinstance(item, str) else [item]
@@ -125,10 +141,36 @@ class DbWorker:
                     break
                 if not isinstance(more, str):
                     batch.append(more)
+            self._check_due()
             if batch or self._urgent:
                 self._run_batch(batch)
             if stop:
                 return
+
+    # -- the worker's own timer -----------------------------------------------------------
+
+    def _sleep(self) -> float | None:
+        return None if self._due == math.inf else max(0.0, self._due - time.time())
+
+    def _check_due(self) -> None:
+        if self._timer is not None and time.time() >= self._due:
+            self._due = math.inf  # the pass sets the next one
+            self._urgent.append((self._fire, (), TIMER))
+
+    def _fire(self, store: Store) -> Any:
+        assert self._timer is not None
+        now = time.time()
+        self._due = now + 1.0  # if the pass fails: again in a second
+        value, nxt = self._timer(store, now)
+        self._due = math.inf if nxt is None else nxt
+        return value
+
+    def _note_deadlines(self) -> None:
+        """A job wrote waits: wake up for the earliest if it is sooner than planned (a job
+        rolled back later only costs an early wake-up that finds nothing due)."""
+        if self.store.new_deadline < self._due:
+            self._due = self.store.new_deadline
+        self.store.new_deadline = math.inf
 
     def _run_batch(self, batch: list[_Job]) -> None:
         i = 0
@@ -146,6 +188,7 @@ class DbWorker:
         try:
             self.store.begin()
             while True:
+                self._check_due()
                 urgent = bool(self._urgent)
                 if urgent:
                     job = self._urgent.popleft()
@@ -163,6 +206,8 @@ class DbWorker:
                 else:
                     ran[-1] = (job, True, value)
                 conn.execute("RELEASE job")
+                if self._timer is not None:
+                    self._note_deadlines()
                 if urgent and not self._urgent:
                     break
             self.store.commit()
@@ -176,5 +221,7 @@ class DbWorker:
                 i = len(batch)
             log.exception("database commit failed; %d job(s) rolled back", len(ran))
             self.store.rollback()
+            if self._timer is not None:  # a rolled-back pass's waits are due again
+                self._due = min(self._due, time.time() + 1.0)
             ran = [(job, False, exc) for job, _, _ in ran]
         return i, ran

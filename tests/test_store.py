@@ -85,8 +85,8 @@ def test_events_are_recorded_once(store: Store) -> None:
 
 def test_outbox_keeps_order_per_conversation(store: Store) -> None:
     with store.transaction():
-        a = store.conversation("tg", "a", "KA", 0)
-        b = store.conversation("tg", "b", "KB", 0)
+        a = store.conversation("web", "a", "KA", 0)
+        b = store.conversation("web", "b", "KB", 0)
         store.save(a, Step(messages=[Message("a1"), Message("a2")]), 0)
         store.save(b, Step(messages=[Message("b1")]), 0)
     rows = store.pending_deliveries(0, 10)
@@ -98,7 +98,7 @@ def test_outbox_keeps_order_per_conversation(store: Store) -> None:
     with store.transaction():
         store.mark_sent(rows[0].id, 51, "m1")
         store.mark_failed(rows[1].id, "403: blocked")
-    assert [d.message.text for d in store.history("tg", "a", 0)] == ["a1"]
+    assert [d.message.text for d in store.web_history("a", 0)] == ["a1"]
     assert store.counts()["outbox_failed"] == 1
 
 

@@ -48,7 +48,7 @@ class Chat:
         return Tab(self, session)
 
     async def history(self, session: str, after: int = 0) -> list[int]:
-        rows = await self.runtime.worker.run(Store.history, "web", session, after)
+        rows = await self.runtime.worker.run(Store.web_history, session, after)
         return [d.id for d in rows]
 
 
