@@ -22,6 +22,7 @@ from channels.base import Inbound
 log = logging.getLogger(__name__)
 T = TypeVar("T")
 
+
 class Worker(Protocol):
     """Runs `fn(ledger, *args)` in a committed transaction: `storage.worker.DbWorker` (a
     thread of this process) or `storage.process.ProcessWorker` (a process of its own)."""

@@ -1,7 +1,9 @@
 """The SQLite store: conversations, waits, outbox and seen events, on sqlite-utils.
 
 Methods here run *inside* a transaction that `DbWorker` opens (BEGIN IMMEDIATE);
-none of them commits. Use them from the worker's thread only.
+none of them commits. Use them from the worker's thread only: each one is a job as it
+stands (`await worker.run(Store.counts)`), so its arguments and answer stay plain data
+the database process can receive and send back pickled.
 """
 
 from __future__ import annotations
