@@ -50,7 +50,7 @@ def cmd_graph(args: argparse.Namespace) -> int:
 def cmd_serve(args: argparse.Namespace) -> int:
     from aiohttp import web
 
-    from bot.server import build_app, enabled_channels, new_event_loop
+    from bot.server import RUNTIME, build_app, enabled_channels, new_event_loop
 
     config = _load(args.config)
     host = args.host or config.server.host
@@ -66,6 +66,10 @@ def cmd_serve(args: argparse.Namespace) -> int:
     print(f"flowbot: serving {args.config} — open {where} to chat", flush=True)
     web.run_app(app, host=host, port=port, print=None, access_log=None,
                 loop=new_event_loop())
+    if getattr(app[RUNTIME].worker, "died", False):
+        print("flowbot: stopped because the database process exited (see the log above)",
+              file=sys.stderr)
+        return 1  # a supervisor's Restart=on-failure restarts both
     return 0
 
 

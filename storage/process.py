@@ -70,6 +70,7 @@ class ProcessWorker:
         self._out: list[tuple[int, bool, Callable[..., Any], tuple[Any, ...]]] = []
         self._next_id = 0
         self._closing = False
+        self.died = False  # the database process exited under us (the server exits 1)
         self.on_exit: Callable[[], None] = _stop_server
 
     async def open(self) -> None:
@@ -157,6 +158,7 @@ class ProcessWorker:
             log.critical("the database process (pid %s) exited; stopping the server so it "
                          "can be restarted", self.pid)
             self._closing = True
+            self.died = True
             self.on_exit()
 
     async def stop(self) -> None:

@@ -20,6 +20,7 @@ from bot.state import Step, Wait
 from storage.process import DatabaseProcessError, ProcessWorker
 from storage.store import Store
 from storage.worker import TIMER, DbWorker
+from tests.reliability.common import Server
 
 GUARD = 10.0  # seconds; only a hung test waits this long
 
@@ -129,3 +130,40 @@ async def test_a_database_that_cannot_open_is_a_clear_start_up_error(tmp_path: P
     worker = ProcessWorker(functools.partial(Store, tmp_path / "missing-dir" / "p.db"))
     with pytest.raises(DatabaseProcessError, match="did not start: OperationalError"):
         await worker.open()
+
+
+def test_serve_exits_1_when_its_database_process_dies_and_ends_it_on_kill_9(
+        tmp_path: Path) -> None:
+    """What a supervisor sees: `flowbot serve` stops with exit status 1 (so a restart-on-
+    failure policy restarts it) when the database process dies, and a `kill -9` of the
+    server leaves no database process behind."""
+    for kill_server in (False, True):
+        home = tmp_path / ("kill-server" if kill_server else "kill-db")
+        home.mkdir()
+        server = Server(home)
+        server.start()
+        assert server.proc is not None
+        children = [int(pid) for task in Path(f"/proc/{server.proc.pid}/task").iterdir()
+                    for pid in (task / "children").read_text().split()]
+        assert len(children) == 1
+        if kill_server:
+            server.kill9()
+            assert _gone(children[0])
+        else:
+            os.kill(children[0], signal.SIGKILL)
+            assert server.proc.wait(GUARD) == 1
+            assert "stopped because the database process exited" in server.log.read_text()
+
+
+def _gone(pid: int) -> bool:
+    """The process ended (a zombie waiting for whoever adopted it counts as ended)."""
+    deadline = time.monotonic() + GUARD
+    while time.monotonic() < deadline:
+        try:
+            status = Path(f"/proc/{pid}/status").read_text()
+        except FileNotFoundError:
+            return True
+        if "\nState:\tZ" in status:
+            return True
+        time.sleep(0.01)
+    return False
