@@ -270,11 +270,25 @@ class Store:
     # -- operators --------------------------------------------------------------------
 
     def counts(self) -> dict[str, int]:
-        out: dict[str, int] = {}
-        for table, column in (("waits", "state"), ("outbox", "state")):
-            for state, n in self.conn.execute(
-                    f"SELECT {column}, count(*) FROM {table} GROUP BY {column}"):  # noqa: S608
-                out[f"{table}_{state}"] = n
-        out["conversations"] = self.conn.execute(
-            "SELECT count(*) FROM conversations").fetchone()[0]
-        return out
+        return count_rows(self.conn)
+
+
+def count_rows(conn: sqlite3.Connection) -> dict[str, int]:
+    """Waits and outbox rows by state, and conversations: full scans (0.3 s at 1M waits)."""
+    out: dict[str, int] = {}
+    for table in ("waits", "outbox"):
+        for state, n in conn.execute(
+                f"SELECT state, count(*) FROM {table} GROUP BY state"):  # noqa: S608
+            out[f"{table}_{state}"] = n
+    out["conversations"] = conn.execute("SELECT count(*) FROM conversations").fetchone()[0]
+    return out
+
+
+def read_counts(path: str | Path) -> dict[str, int]:
+    """`count_rows` on a read-only connection of its own: in WAL mode it neither waits for
+    the database worker nor holds it up (run it on a thread: `asyncio.to_thread`)."""
+    conn = sqlite3.connect(f"file:{Path(path)}?mode=ro", uri=True, timeout=10)
+    try:
+        return count_rows(conn)
+    finally:
+        conn.close()

@@ -198,6 +198,9 @@ async def test_operator_endpoints(tmp_path: Path, path: str) -> None:
         if path == "/metrics":
             assert "flowbot_outbox_sent 2" in text
             assert "flowbot_conversations 1" in text
+            jobs = h.runtime.worker.jobs
+            await h.client.get(path)
+            assert h.runtime.worker.jobs == jobs  # the scans never queue behind callbacks
 
 
 async def test_unknown_route_is_a_json_404(tmp_path: Path) -> None:
