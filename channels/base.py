@@ -108,6 +108,40 @@ class RateLimit:
     burst: int = 3  # messages a chat may get at once before the per-chat rate applies
 
 
+def split_text(text: str, limit: int) -> list[str]:
+    """Text a platform would refuse as too long, in parts of at most `limit` characters,
+    cut at line breaks where possible."""
+    parts: list[str] = []
+    while len(text) > limit:
+        cut = text.rfind("\n", 0, limit)
+        cut = cut if cut > limit // 2 else limit
+        parts.append(text[:cut])
+        text = text[cut:].lstrip("\n")
+    parts.append(text)
+    return parts
+
+
+class SentParts:
+    """How many parts of a split message a channel has sent, by `Delivery.id`: when a part
+    fails and the outbox retries the delivery, only the parts not yet sent go out again.
+    Kept in memory: after a crash the whole message is sent again (at-least-once)."""
+
+    def __init__(self, cap: int = 10_000) -> None:
+        self.cap = cap
+        self._sent: dict[int, int] = {}
+
+    def first_unsent(self, delivery_id: int) -> int:
+        return self._sent.get(delivery_id, 0)
+
+    def sent(self, delivery_id: int, count: int) -> None:
+        if len(self._sent) >= self.cap:  # rows that failed for good never come back
+            self._sent.clear()
+        self._sent[delivery_id] = count
+
+    def done(self, delivery_id: int) -> None:
+        self._sent.pop(delivery_id, None)
+
+
 InboundHandler = Callable[[Inbound], Awaitable[bool]]
 """Commits the event (dedupe, transition, outbox rows); returns False for a duplicate."""
 

@@ -45,7 +45,17 @@ from bot.clock import Clock
 from bot.config import Config
 from bot.http_api import read_body
 from bot.runtime import Runtime
-from channels.base import Delivery, Inbound, InboundHandler, Message, RateLimit, Route, SendError
+from channels.base import (
+    Delivery,
+    Inbound,
+    InboundHandler,
+    Message,
+    RateLimit,
+    Route,
+    SendError,
+    SentParts,
+    split_text,
+)
 from channels.telegram_auth import InitDataCheck
 
 log = logging.getLogger(__name__)
@@ -139,18 +149,6 @@ def send_error(exc: TelegramError, token: str = "") -> SendError:
     return SendError(text, permanent=False, code="telegram_error")
 
 
-def _chunks(text: str) -> list[str]:
-    """Split text Telegram would refuse as too long, at line breaks where possible."""
-    parts: list[str] = []
-    while len(text) > TEXT_LIMIT:
-        cut = text.rfind("\n", 0, TEXT_LIMIT)
-        cut = cut if cut > TEXT_LIMIT // 2 else TEXT_LIMIT
-        parts.append(text[:cut])
-        text = text[cut:].lstrip("\n")
-    parts.append(text)
-    return parts
-
-
 def _pressed_label(update: Update) -> str:
     """The label of the inline button that was pressed, found in the message it belongs to."""
     query = update.callback_query
@@ -180,6 +178,7 @@ class TelegramChannel:
         self._max_body = max_body_bytes
         self._poller: asyncio.Task[None] | None = None
         self._tasks: set[asyncio.Task[None]] = set()
+        self._parts = SentParts()
 
     @classmethod
     def create(cls, config: Config, runtime: Runtime) -> TelegramChannel:
@@ -360,7 +359,7 @@ class TelegramChannel:
         chat_id: int | str = int(delivery.user_id) if delivery.user_id.lstrip("-").isdigit() \
             else delivery.user_id
         try:
-            return await self._send(chat_id, m, link_button=True)
+            return await self._send(delivery.id, chat_id, m, link_button=True)
         except BadRequest as exc:
             if m.link is None or not _LINK_REFUSED.search(exc.message):
                 raise send_error(exc, self._token) from None
@@ -371,22 +370,27 @@ class TelegramChannel:
         except TelegramError as exc:
             raise send_error(exc, self._token) from None
         try:
-            return await self._send(chat_id, m, link_button=False)
+            return await self._send(delivery.id, chat_id, m, link_button=False)
         except TelegramError as exc:
             raise send_error(exc, self._token) from None
 
-    async def _send(self, chat_id: int | str, m: Message, *, link_button: bool) -> str:
+    async def _send(self, delivery_id: int, chat_id: int | str, m: Message, *,
+                    link_button: bool) -> str:
+        """Long texts go in parts, the keyboard on the last; a retry after a failed part
+        sends only the parts not sent yet (the link fallback changes only the last part)."""
         text = m.text
         if m.link is not None and not link_button:
             text = f"{text}\n\n{m.link.label}: {m.link.url}"
         markup = self.keyboard(m, link_button=link_button)
-        parts = _chunks(text or (m.link.label if m.link else "…"))
+        parts = split_text(text or (m.link.label if m.link else "…"), TEXT_LIMIT)
         message_id = ""
-        for i, part in enumerate(parts):
+        for i in range(min(self._parts.first_unsent(delivery_id), len(parts) - 1), len(parts)):
             sent = await self.bot.send_message(
-                chat_id, html.escape(part, quote=False), parse_mode=ParseMode.HTML,
+                chat_id, html.escape(parts[i], quote=False), parse_mode=ParseMode.HTML,
                 reply_markup=markup if i == len(parts) - 1 else None)
+            self._parts.sent(delivery_id, i + 1)
             message_id = str(sent.message_id)
+        self._parts.done(delivery_id)
         return message_id
 
     def keyboard(self, m: Message, *, link_button: bool = True) -> InlineKeyboardMarkup | None:

@@ -22,7 +22,18 @@ from twilio.rest import Client
 
 from bot.channel_config import TWILIO_API, WhatsAppConfig
 from bot.errors import BadRequest, FlowbotError, Forbidden
-from channels.base import Button, Delivery, Inbound, Link, Message, RateLimit, Route, SendError
+from channels.base import (
+    Button,
+    Delivery,
+    Inbound,
+    Link,
+    Message,
+    RateLimit,
+    Route,
+    SendError,
+    SentParts,
+    split_text,
+)
 from storage.store import Store
 
 if TYPE_CHECKING:
@@ -39,6 +50,7 @@ SEND_TIMEOUT = 15.0  # seconds for one Messages API call; the outbox retries aft
 OUTSIDE_WINDOW = "63016"
 # WhatsApp's limits for Content templates sent inside the 24-hour window.
 TEMPLATE_BODY_MAX = 1024
+BODY_MAX = 1600  # characters in one WhatsApp message (Twilio error 21617 beyond)
 BUTTON_TITLE_MAX = 20
 # Payloads the engine makes ("<8 hex>:<index>"); a template made elsewhere has its own.
 _OUR_PAYLOAD = re.compile(r"[0-9a-f]{8}:\d{1,3}")
@@ -147,6 +159,7 @@ class WhatsAppChannel:
         self._validator: RequestValidator | None = None
         self._http: _TwilioHttpClient | None = None
         self._client: Client | None = None
+        self._parts = SentParts()
 
     @classmethod
     def create(cls, config: Config, runtime: Runtime) -> WhatsAppChannel:
@@ -266,15 +279,29 @@ class WhatsAppChannel:
         if self._client is None:
             raise SendError("the WhatsApp channel is not started", permanent=False)
         params = self.params(delivery.message)
-        if params.get("body") == "":
+        body = params.pop("body", None)
+        if body == "":
             log.debug("outbox %d: nothing to say (empty text)", delivery.id)
             return None
         if self.config.status_callback:
             params["status_callback"] = self.status_url
+        # WhatsApp takes 1,600 characters per message: longer texts go in parts, and a
+        # retry after a failed part sends only the parts not sent yet
+        parts = [{**params, "body": part} for part in split_text(body, BODY_MAX)] \
+            if body is not None else [params]  # a Content template: one message
+        sid = ""
+        for i in range(self._parts.first_unsent(delivery.id), len(parts)):
+            sid = await self._create(delivery.user_id, parts[i])
+            self._parts.sent(delivery.id, i + 1)
+        self._parts.done(delivery.id)
+        return sid
+
+    async def _create(self, to: str, params: dict[str, str]) -> str:
+        assert self._client is not None
         _retry_after.set(None)
         try:
-            sent = await self._client.messages.create_async(
-                from_=self.config.from_, to=delivery.user_id, **params)
+            sent = await self._client.messages.create_async(from_=self.config.from_, to=to,
+                                                            **params)
         except (TwilioRestException, TwilioServiceException) as exc:
             raise _send_error(exc, _retry_after.get()) from exc
         except (aiohttp.ClientError, TimeoutError) as exc:

@@ -51,7 +51,8 @@ class FakeTelegram:
     calls: list[Call] = field(default_factory=list)
     updates: list[dict[str, Any]] = field(default_factory=list)  # served by getUpdates
     webhook: dict[str, Any] = field(default_factory=lambda: {"url": ""})
-    failures: dict[str, list[tuple[int, dict[str, Any]]]] = field(default_factory=dict)
+    # answers for the next calls of a method (None: answered normally)
+    failures: dict[str, list[tuple[int, dict[str, Any]] | None]] = field(default_factory=dict)
     base_url: str = ""
     _next_message_id: int = 1000
     _changed: asyncio.Condition | None = None
@@ -71,6 +72,10 @@ class FakeTelegram:
         if parameters:
             body["parameters"] = dict(parameters)
         self.failures.setdefault(method, []).append((status, body))
+
+    def succeed_next(self, method: str = "sendMessage") -> None:
+        """The next call is answered normally (to fail the one after it)."""
+        self.failures.setdefault(method, []).append(None)
 
     def flood(self, retry_after: int, method: str = "sendMessage") -> None:
         """The next call answers 429 like Telegram's flood control."""
@@ -126,8 +131,9 @@ class FakeTelegram:
         self.calls.append(Call(method, params))
         await self._notify()
         queued = self.failures.get(method)
-        if queued:
-            status, body = queued.pop(0)
+        failure = queued.pop(0) if queued else None
+        if failure is not None:
+            status, body = failure
             return web.json_response(body, status=status)
         handler = getattr(self, f"_m_{method}", None)
         if handler is None:

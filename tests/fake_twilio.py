@@ -45,7 +45,7 @@ class FakeTwilio:
         self.auth_token = auth_token
         self.posts: list[dict[str, str]] = []  # every Messages.json form, failed ones too
         self.sent: list[dict[str, str]] = []  # the ones answered 201
-        self.failures: list[Failure] = []  # answers for the next posts, in order
+        self.failures: list[Failure | None] = []  # answers for the next posts (None: normal)
         app = web.Application()
         app.router.add_post("/2010-04-01/Accounts/{account}/Messages.json", self._create)
         self.server = TestServer(app, host="127.0.0.1")
@@ -62,6 +62,10 @@ class FakeTwilio:
 
     def fail_next(self, status: int, code: int, message: str, **headers: str) -> None:
         self.failures.append(Failure(status, code, message, headers))
+
+    def succeed_next(self) -> None:
+        """The next post is answered normally (to fail the one after it)."""
+        self.failures.append(None)
 
     def bodies(self) -> list[str]:
         return [f.get("Body", "") for f in self.sent]
@@ -80,8 +84,8 @@ class FakeTwilio:
             return self.error(401, 20003, "Authenticate")
         form = {k: v for k, v in (await request.post()).items() if isinstance(v, str)}
         self.posts.append(form)
-        if self.failures:
-            f = self.failures.pop(0)
+        f = self.failures.pop(0) if self.failures else None
+        if f is not None:
             return self.error(f.status, f.code, f.message, f.headers)
         self.sent.append(form)
         sid = f"SM{len(self.sent):032x}"

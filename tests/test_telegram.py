@@ -21,7 +21,7 @@ from bot.errors import ConfigError
 from bot.outbox import Outbox
 from bot.runtime import Runtime
 from bot.server import OUTBOX, RUNTIME, build_app
-from channels.base import Delivery, Link, Message, RateLimit
+from channels.base import Delivery, Link, Message, RateLimit, SendError
 from channels.telegram import TelegramChannel, TelegramSetupError, webhook_info
 from tests.fake_telegram import (  # noqa: F401 - the fixtures `fake` and `no_internet`
     TOKEN,
@@ -450,6 +450,21 @@ async def test_long_texts_are_split_with_the_keyboard_on_the_last_part(
         assert ["reply_markup" in p for p in parts] == [False, False, True]
 
 
+async def test_a_retry_after_a_failed_part_sends_only_the_rest(
+        tmp_path: Path, fake: FakeTelegram) -> None:
+    async with telegram(tg_config(tmp_path, fake), fake) as tg:
+        text = "\n".join(f"line {i:05d} " + "x" * 80 for i in range(100))  # ~9 000 characters
+        delivery = Delivery(1, 1, "4242", Message(text))
+        fake.succeed_next()
+        fake.flood(retry_after=3)  # the second part is refused once
+        with pytest.raises(SendError):
+            await tg.channel.send(delivery)
+        await tg.channel.send(delivery)  # the outbox's retry
+        parts = [call["text"] for call in fake.sent()]
+        assert len(parts) == 4 and parts[1] == parts[2]  # the failed call, then its retry
+        assert "\n".join([parts[0], *parts[2:]]) == text  # the first part went once
+
+
 # -- delivery errors -----------------------------------------------------------------------
 
 
@@ -488,8 +503,6 @@ async def test_a_blocked_bot_is_recorded_and_not_retried(
 
 async def test_an_unknown_chat_is_a_permanent_error(
         tmp_path: Path, fake: FakeTelegram) -> None:
-    from channels.base import SendError
-
     async with telegram(tg_config(tmp_path, fake), fake) as tg:
         with pytest.raises(SendError) as info:
             await tg.channel.send(Delivery(1, 1, "404", Message("hi")))

@@ -337,6 +337,22 @@ async def test_send_errors(tmp_path: Path, status: int, code: int, headers: dict
         assert h.twilio.posts == [{"To": USER, "From": SANDBOX, "Body": "Hello"}]
 
 
+async def test_long_text_goes_in_parts_and_a_retry_sends_only_the_rest(tmp_path: Path) -> None:
+    async with whatsapp_harness(tmp_path, FLOWS) as h:
+        text = "\n".join(f"line {i:04d} " + "x" * 60 for i in range(60))  # ~4,200 characters
+        delivery = Delivery(1, 1, USER, Message(text))
+        h.twilio.succeed_next()
+        h.twilio.fail_next(500, 20500, "Internal error")  # the second part fails once
+        with pytest.raises(SendError):
+            await h.channel.send(delivery)
+        await h.channel.send(delivery)  # the outbox's retry
+        parts = h.twilio.bodies()
+        assert len(parts) == 3 and all(len(part) <= 1600 for part in parts)
+        assert "\n".join(parts) == text
+        # the user got each part once: the retry did not send the first part again
+        assert [post["Body"] for post in h.twilio.posts] == [parts[0], parts[1], *parts[1:]]
+
+
 async def test_unreachable_api_is_transient(tmp_path: Path) -> None:
     async with whatsapp_harness(tmp_path, FLOWS) as h:
         await h.twilio.close()
