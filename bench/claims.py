@@ -1,14 +1,20 @@
-"""The ceiling for the SQLite side: one conditional UPDATE per executionId, grouped commits.
-
-The same statement the runtime's claim runs, on the same database file, with the same
-pragmas (WAL, synchronous=NORMAL), from one thread, `group` claims per COMMIT.
+"""The ceilings on the database side, on the same database file: bare SQLite claims (one
+conditional UPDATE per executionId, the statement the runtime's claim runs, same pragmas,
+`group` claims per COMMIT), and whole callback transitions through the database process
+with no HTTP in front (what the callback path would reach if HTTP cost nothing).
 """
 
 from __future__ import annotations
 
+import asyncio
+import functools
 import time
 from pathlib import Path
 
+from bot.config import load_config
+from bot.ledger import Ledger
+from bot.server import new_event_loop
+from storage.process import ProcessWorker
 from storage.store import Store
 
 
@@ -31,3 +37,32 @@ def claim_rate(db: Path, ids: list[str], group: int) -> tuple[float, int]:
     elapsed = time.perf_counter() - t
     store.close()
     return len(ids) / elapsed, won
+
+
+def transition_rate(config: Path, ids: list[str], concurrency: int) -> float:
+    """Callback transitions per second through the database process, `concurrency` at a
+    time, from an event loop in this process: the callback path without its HTTP."""
+    cfg = load_config(config)
+
+    async def run() -> float:
+        worker = ProcessWorker(functools.partial(Ledger, cfg.storage.path, cfg, {}))
+        await worker.open()
+        todo = iter(ids)
+
+        async def client() -> None:
+            for eid in todo:
+                await worker.run(Ledger.webview_callback, eid, True, {"ref": "R"}, None,
+                                 time.time())
+
+        t = time.perf_counter()
+        try:
+            await asyncio.gather(*(client() for _ in range(concurrency)))
+        finally:
+            await worker.stop()
+        return len(ids) / (time.perf_counter() - t)
+
+    loop = new_event_loop()
+    try:
+        return loop.run_until_complete(run())
+    finally:
+        loop.close()

@@ -7,7 +7,7 @@ import argparse
 from dataclasses import dataclass
 from pathlib import Path
 
-from bench.claims import claim_rate
+from bench.claims import claim_rate, transition_rate
 from bench.common import (
     LoadResult,
     Seeded,
@@ -94,6 +94,7 @@ def run(args: argparse.Namespace, mode: str) -> dict[str, object]:
         delivered = wait_until(lambda: outbox_lines(jsonl) >= transitions, 60)
         lines = outbox_lines(jsonl)
     claims: list[tuple[int, float]] = []
+    db_path = 0.0
     if mode == "callback":
         for group in args.claim_groups:
             chunk = read_ids(ids.ids_file, first, args.claims)
@@ -102,6 +103,9 @@ def run(args: argparse.Namespace, mode: str) -> dict[str, object]:
             if won != len(chunk):
                 raise SystemExit(f"claims: only {won} of {len(chunk)} waits were pending")
             claims.append((group, rate))
+        chunk = read_ids(ids.ids_file, first, args.claims)
+        first += len(chunk)
+        db_path = transition_rate(config, chunk, 64)
 
     print(f"\n### {mode}: POST {path} — {args.waits:,} pending WebView waits"
           + (f" + {args.webhook_waits:,} Webhook waits (10 mapped fields)" if mode == "webhook"
@@ -120,8 +124,10 @@ def run(args: argparse.Namespace, mode: str) -> dict[str, object]:
         print("\nBare SQLite claims on the same database (one conditional UPDATE per "
               "executionId, WAL, synchronous=NORMAL):\n")
         print(table(["claims per COMMIT", "claims/s"], claims))
+        print(f"\nWhole callback transitions through the database process, no HTTP, 64 at a "
+              f"time: {db_path:,.0f}/s.")
     at64 = next((lv for lv in levels if lv.flowbot.concurrency == 64), None)
-    summary: dict[str, object] = {"levels": levels, "claims": claims,
+    summary: dict[str, object] = {"levels": levels, "claims": claims, "db_path": db_path,
                                   "delivered": delivered, "transitions": transitions}
     if at64 is not None:
         summary["ratio64"] = at64.ratio
