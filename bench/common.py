@@ -195,16 +195,18 @@ def with_children(pid: int) -> list[int]:
     return pids
 
 
+def cpu_seconds(pid: int) -> float:
+    """CPU seconds (user + system) one process has used so far (0 once it is gone)."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except FileNotFoundError:
+        return 0.0
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
 def proc_cpu(pid: int) -> float:
-    """CPU seconds (user + system) a process and its children have used so far."""
-    total = 0
-    for p in with_children(pid):
-        try:
-            fields = Path(f"/proc/{p}/stat").read_text().rsplit(")", 1)[1].split()
-        except FileNotFoundError:
-            continue
-        total += int(fields[11]) + int(fields[12])
-    return total / os.sysconf("SC_CLK_TCK")
+    """CPU seconds a process and its children have used so far."""
+    return sum(cpu_seconds(p) for p in with_children(pid))
 
 
 def rss_mb(pid: int) -> float:

@@ -5,7 +5,6 @@ path. `python -m bench profile`."""
 from __future__ import annotations
 
 import argparse
-import os
 import shutil
 import subprocess
 from collections import Counter
@@ -13,6 +12,7 @@ from pathlib import Path
 
 from bench.common import (
     copy_db,
+    cpu_seconds,
     flowbot_server,
     free_port,
     log,
@@ -42,9 +42,7 @@ def process_cpu(pid: int) -> dict[str, float]:
     """CPU seconds of the server process and of its children (the database process)."""
     out: Counter[str] = Counter()
     for p in with_children(pid):
-        fields = Path(f"/proc/{p}/stat").read_text().rsplit(")", 1)[1].split()
-        out["server (event loop)" if p == pid else "database process"] += \
-            (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+        out["server (event loop)" if p == pid else "database process"] += cpu_seconds(p)
     return dict(out)
 
 
