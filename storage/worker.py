@@ -67,7 +67,8 @@ def _answer_futures(ran: list[_Ran]) -> None:
 class DbWorker:
     """`timer`: the worker keeps the deadlines itself (the database process does): it
     sleeps on its queue until the earliest one, runs `timer` as an urgent job when it is
-    due (at start: the overdue ones), and answers its result with the reply TIMER. New
+    due (at start: the overdue ones), and answers its result with the reply TIMER (so
+    its `answer` hook must know that reply, as the database process's does). New
     deadlines reach it through `Store.new_deadline`."""
 
     def __init__(self, store: Store, max_batch: int = 512,
