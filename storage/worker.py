@@ -25,6 +25,7 @@ from collections import deque
 from collections.abc import Callable
 from typing import Any, TypeVar
 
+from storage.checkpoint import Checkpointer
 from storage.store import Store
 
 log = logging.getLogger(__name__)
@@ -73,7 +74,7 @@ class DbWorker:
 
     def __init__(self, store: Store, max_batch: int = 512,
                  answer: Callable[[list[_Ran]], None] = _answer_futures,
-                 timer: TimerPass | None = None) -> None:
+                 timer: TimerPass | None = None, checkpoints: bool = True) -> None:
         self.store = store
         self.max_batch = max_batch
         self._answer = answer
@@ -82,6 +83,8 @@ class DbWorker:
         self._queue: queue.SimpleQueue[_Job | str | None] = queue.SimpleQueue()
         self._urgent: deque[_Job] = deque()  # append/popleft are atomic across threads
         self._thread: threading.Thread | None = None
+        self._checkpoints = checkpoints
+        self.checkpointer: Checkpointer | None = None
         self.commits = 0
         self.jobs = 0
 
@@ -89,6 +92,8 @@ class DbWorker:
         self.start()
 
     def start(self) -> None:
+        if self._checkpoints:
+            self._start_checkpoints()  # before the thread: nobody else uses the store yet
         self._thread = threading.Thread(target=self._loop, name="flowbot-db", daemon=True)
         self._thread.start()
 
@@ -123,6 +128,33 @@ class DbWorker:
             self._queue.put((fn, args, reply))
 
     def _loop(self) -> None:
+        try:
+            self._serve()
+        finally:
+            if self.checkpointer is not None:
+                self.checkpointer.stop()
+
+    def _start_checkpoints(self) -> None:
+        """WAL checkpoints on a thread of their own (storage/checkpoint.py)."""
+        conn = self.store.conn
+        if conn.execute("PRAGMA journal_mode").fetchone()[0] != "wal":
+            return
+        conn.execute("PRAGMA wal_autocheckpoint=0")
+        self.checkpointer = Checkpointer(self.store.path)
+        self.checkpointer.start()
+
+    def _before_transaction(self) -> None:
+        ckpt = self.checkpointer
+        if ckpt is None:
+            return
+        if ckpt.failed:  # back to SQLite's own checkpoints, in COMMIT
+            ckpt.stop()
+            self.store.conn.execute("PRAGMA wal_autocheckpoint=1000")
+            self.checkpointer = None
+            return
+        ckpt.before_transaction(self.store.conn)
+
+    def _serve(self) -> None:
         while True:
             try:
                 item = self._queue.get(timeout=self._sleep())
@@ -186,6 +218,7 @@ class DbWorker:
         it arrives, ends the transaction early so its own commit is not delayed either."""
         conn = self.store.conn
         ran: list[_Ran] = []
+        self._before_transaction()
         try:
             self.store.begin()
             while True:
@@ -212,6 +245,8 @@ class DbWorker:
                 if urgent and not self._urgent:
                     break
             self.store.commit()
+            if self.checkpointer is not None:
+                self.checkpointer.committed()
             self.commits += 1
             self.jobs += len(ran)
         except Exception as exc:
