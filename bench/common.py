@@ -84,7 +84,10 @@ def free_port() -> int:
 
 
 def write_config(workdir: Path, db: Path, port: int, name: str = "bench") -> Path:
+    """A server config on `db` whose file channel starts empty: the database is a fresh
+    copy, so its outbox ids start over, and the channel would take them for re-sends."""
     path = workdir / f"{name}.toml"
+    outbox_file(workdir, name).unlink(missing_ok=True)
     path.write_text(f"""
 [server]
 host = "127.0.0.1"
@@ -99,9 +102,13 @@ enabled = false
 
 [channels.file]
 enabled = true
-path = "{workdir / (name + '-outbox.jsonl')}"
+path = "{outbox_file(workdir, name)}"
 """ + BENCH_FLOWS)
     return path
+
+
+def outbox_file(workdir: Path, name: str) -> Path:
+    return workdir / f"{name}-outbox.jsonl"
 
 
 # -- seeding -----------------------------------------------------------------------------

@@ -17,6 +17,7 @@ from bench.common import (
     flowbot_server,
     free_port,
     log,
+    outbox_file,
     outbox_lines,
     read_ids,
     run_wrk,
@@ -58,8 +59,7 @@ def run(args: argparse.Namespace, mode: str) -> dict[str, object]:
     db, ids = prepare(args, mode)
     port, bport = free_port(), free_port()
     config = write_config(workdir, db, port, mode)
-    jsonl = workdir / f"{mode}-outbox.jsonl"
-    jsonl.unlink(missing_ok=True)
+    jsonl = outbox_file(workdir, mode)
     path = PATHS[mode]
     levels: list[Level] = []
     first = 0
