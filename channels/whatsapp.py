@@ -228,12 +228,15 @@ class WhatsAppChannel:
                              "MessageStatus.")
         code, detail = form.get("ErrorCode", ""), form.get("ErrorMessage", "")
         error = (f"{code}: {detail}" if detail else code) if code else None
-        found = await self.runtime.worker.run(Store.set_platform_status, sid, status, error)
+        found = await self.runtime.worker.run(Store.set_platform_status, sid, status, error,
+                                              self.runtime.clock.now())
         if error:
             log.warning("WhatsApp message %s is %s: error %s", sid, status, error)
         if not found:
-            # 200 all the same: Twilio would only retry a callback we can never match.
-            log.info("status %r for message %s, which is not in the outbox", status, sid)
+            # 200 all the same: Twilio would only retry. Kept for the "sent" commit that may
+            # still bring this SID (Twilio can call back before that commit).
+            log.info("status %r for message %s, which is not in the outbox (yet)", status,
+                     sid)
         return web.Response(text="")
 
     # -- outbound -----------------------------------------------------------------------

@@ -100,3 +100,19 @@ def m005_history_for_web_chat_only(db: Database) -> None:
         CREATE INDEX outbox_web_history ON outbox (user_id, id) WHERE channel = 'web';
         """
     )
+
+
+@migrations()
+def m006_early_statuses(db: Database) -> None:
+    """Twilio can call the status callback before our "sent" commit has stored the
+    message's SID; such a status waits here until that commit applies it."""
+    db.executescript(
+        """
+        CREATE TABLE early_statuses (
+            platform_id TEXT PRIMARY KEY,
+            status TEXT NOT NULL,
+            error TEXT,
+            at REAL NOT NULL
+        ) WITHOUT ROWID;
+        """
+    )

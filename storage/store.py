@@ -24,6 +24,7 @@ from bot.state import Conversation, Step, Wait
 from channels.base import Delivery, Message
 from storage.schema import migrations
 
+EARLY_STATUS_TTL = 86400.0  # s a status for an unknown message id is kept
 FINAL_STATES = ("success", "error", "expired", "failure", "done", "cancelled")
 
 
@@ -236,6 +237,13 @@ class Store:
         self.conn.execute(
             "UPDATE outbox SET state = 'sent', sent_at = ?, attempts = attempts + 1, "
             "platform_id = ? WHERE id = ?", (now, platform_id, outbox_id))
+        if platform_id is None:
+            return
+        early = self.conn.execute(
+            "DELETE FROM early_statuses WHERE platform_id = ? RETURNING status, error",
+            (platform_id,)).fetchall()
+        if early:
+            self.set_platform_status(platform_id, early[0][0], early[0][1], now)
 
     def mark_all_sent(self, rows: list[tuple[int, float, str | None]]) -> None:
         """(outbox id, when, platform id) of each delivered row."""
@@ -252,11 +260,21 @@ class Store:
             "UPDATE outbox SET state = 'failed', attempts = attempts + 1, error = ? "
             "WHERE id = ?", (error, outbox_id))
 
-    def set_platform_status(self, platform_id: str, status: str, error: str | None) -> bool:
+    def set_platform_status(self, platform_id: str, status: str, error: str | None,
+                            now: float) -> bool:
+        """A platform's delivery status for the message it knows as `platform_id`. False:
+        no outbox row has that id yet; the status is kept a day for the "sent" commit
+        that may still bring it (the platform can call back before we stored its id)."""
         cur = self.conn.execute(
             "UPDATE outbox SET platform_status = ?, error = coalesce(?, error) "
             "WHERE platform_id = ?", (status, error, platform_id))
-        return cur.rowcount > 0
+        if cur.rowcount > 0:
+            return True
+        self.conn.execute("DELETE FROM early_statuses WHERE at < ?", (now - EARLY_STATUS_TTL,))
+        self.conn.execute(
+            "INSERT OR REPLACE INTO early_statuses (platform_id, status, error, at) "
+            "VALUES (?, ?, ?, ?)", (platform_id, status, error, now))
+        return False
 
     def web_history(self, user_id: str, after_id: int, limit: int = 200) -> list[Delivery]:
         """Messages already handed to the web chat for one session, for a page that

@@ -140,3 +140,21 @@ def test_one_conversations_backlog_does_not_hide_the_others(store: Store) -> Non
         first = store.pending_deliveries(0, 1)[0]
         store.mark_retry(first.id, 100, "429")
     assert [r.message.text for r in store.pending_deliveries(10, 5)] == ["o1"]
+
+
+def test_an_early_status_waits_for_its_message_and_old_ones_are_dropped(
+        store: Store) -> None:
+    with store.transaction():
+        conv = store.conversation("whatsapp", "u", "K", 0)
+        store.save(conv, Step(messages=[Message("a"), Message("b")]), 0)
+        first, second = store.pending_deliveries(0, 10)
+        assert not store.set_platform_status("SM1", "failed", "63016", 10)
+        assert not store.set_platform_status("SMold", "sent", None, 11)
+        store.mark_sent(first.id, 12, "SM1")
+        # a day later a status nobody claimed is dropped with the next unknown one
+        assert not store.set_platform_status("SM2", "sent", None, 11 + 86401)
+        store.mark_sent(second.id, 11 + 86402, "SM2")
+    assert store.conn.execute(
+        "SELECT platform_id, platform_status, error FROM outbox ORDER BY id").fetchall() == [
+        ("SM1", "failed", "63016"), ("SM2", "sent", None)]
+    assert store.conn.execute("SELECT count(*) FROM early_statuses").fetchone() == (0,)

@@ -173,6 +173,18 @@ async def test_status_callback_is_signed_and_recorded(tmp_path: Path,
         assert f"message SM{'f' * 32}, which is not in the outbox" in caplog.text
 
 
+async def test_a_status_that_arrives_before_its_message_is_recorded_is_kept(
+        tmp_path: Path) -> None:
+    # Twilio may call back before our "sent" commit has stored the SID it answered
+    async with whatsapp_harness(tmp_path, FLOWS, whatsapp="status_callback = true") as h:
+        assert (await h.post("/twilio/status", payload("status_delivered")))[0] == 200
+        assert await h.sql("SELECT platform_status FROM outbox") == []
+        await _say_hi(h)
+        assert await h.sql("SELECT platform_status FROM outbox ORDER BY id") == [
+            ("delivered",), (None,)]
+        assert await h.sql("SELECT count(*) FROM early_statuses") == [(0,)]
+
+
 async def _say_hi(h: Any) -> list[dict[str, str]]:
     assert (await h.post("/twilio/whatsapp", payload("inbound_text")))[0] == 200
     sends: list[dict[str, str]] = h.new_sends()
