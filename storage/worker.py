@@ -218,7 +218,9 @@ class DbWorker:
         it arrives, ends the transaction early so its own commit is not delayed either."""
         conn = self.store.conn
         ran: list[_Ran] = []
-        self._before_transaction()
+        self._check_due()
+        if not self._urgent:  # an expiry does not wait for the WAL's catch-up either
+            self._before_transaction()
         try:
             self.store.begin()
             while True:
