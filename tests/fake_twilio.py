@@ -24,6 +24,7 @@ from bot.runtime import Runtime
 from bot.server import OUTBOX, RUNTIME, build_app
 from channels.base import RateLimit
 from channels.whatsapp import WhatsAppChannel
+from tests import support
 from tests.support import write_config
 
 DATE = "Mon, 06 Jan 2025 10:00:00 +0000"
@@ -178,8 +179,7 @@ class TwilioHarness:
         return [f.get("Body", "") for f in self.new_sends()]
 
     async def sql(self, query: str) -> list[tuple[Any, ...]]:
-        rows: list[tuple[Any, ...]] = await self.runtime.worker.run(
-            lambda s: s.conn.execute(query).fetchall())
+        rows: list[tuple[Any, ...]] = await self.runtime.worker.run(support.query, query)
         return rows
 
     async def advance(self, seconds: float) -> None:

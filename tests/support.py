@@ -133,6 +133,11 @@ async def harness(config: Config, channel: RecordingChannel | None = None
         yield Harness(client, app[RUNTIME], app[OUTBOX], clock, channel)
 
 
+def query(store: Store, sql: str, params: Sequence[Any] = ()) -> list[tuple[Any, ...]]:
+    """A database job that pickles (module-level, plain answer): rows of one query."""
+    return store.conn.execute(sql, params).fetchall()
+
+
 def conversation_key(store: Store, channel: str, user: str) -> str:
     """A database job (it pickles, for the process worker): the user's conversation key."""
     return store.conversation(channel, user, "unused", 0).key

@@ -13,7 +13,15 @@ from aioresponses import aioresponses
 from bot.clock import FakeClock
 from bot.server import OUTBOX, RUNTIME, TIMER, build_app
 from channels.base import Delivery, Inbound, SendError
-from tests.support import RecordingChannel, eventually, harness, write_config
+from storage.store import Store
+from tests.support import (
+    RecordingChannel,
+    conversation_key,
+    eventually,
+    harness,
+    query,
+    write_config,
+)
 
 HELLO = """
 [flows.main]
@@ -62,13 +70,13 @@ async def test_transient_failures_retry_in_order_and_permanent_ones_are_recorded
         assert await h.texts("Bob") == []  # the flow ends after the name
         channel.failures.append(SendError("bot was blocked", permanent=True, code="403"))
         assert await h.texts("again") == ["Name?"]  # "Hello" failed for good; order goes on
-        counts = await h.runtime.worker.run(lambda s: s.counts())
+        counts = await h.runtime.worker.run(Store.counts)
         assert counts["outbox_failed"] == 1
-        error = await h.runtime.worker.run(lambda s: s.conn.execute(
-            "SELECT error FROM outbox WHERE state = 'failed'").fetchone()[0])
-        assert error == "403: bot was blocked"
+        assert await h.runtime.worker.run(
+            query, "SELECT error FROM outbox WHERE state = 'failed'") == [
+            ("403: bot was blocked",)]
         # the flow state is unaffected by the failed send
-        conv = await h.runtime.worker.run(lambda s: s.conversation("rec", "u1", "x", 0))
+        conv = await h.runtime.worker.run(Store.conversation, "rec", "u1", "x", 0)
         assert conv.variables["name"] == "Bob"
 
 
@@ -107,7 +115,7 @@ async def test_http_block_sends_templated_request_and_maps_the_answer(tmp_path: 
             (method, sent_url), (request,) = call
             assert method == "POST"
             assert str(sent_url) == "https://crm.example/users/Ann%20Lee?q=a%26b"
-            key = await h.runtime.worker.run(lambda s: s.conversation("rec", "u1", "x", 0).key)
+            key = await h.runtime.worker.run(conversation_key, "rec", "u1")
             assert request.kwargs["json"] == {"key": key, "hook": "http://bot.test/webhook",
                                               "n": 3}
             assert request.kwargs["headers"] == {"Authorization": "Bearer u1"}

@@ -23,6 +23,7 @@ from bot.runtime import Runtime
 from bot.server import OUTBOX, RUNTIME, build_app
 from channels.base import Delivery, Link, Message, RateLimit, SendError
 from channels.telegram import TelegramChannel, TelegramSetupError, webhook_info
+from storage.store import Store
 from tests.fake_telegram import (  # noqa: F401 - the fixtures `fake` and `no_internet`
     TOKEN,
     FakeTelegram,
@@ -31,7 +32,7 @@ from tests.fake_telegram import (  # noqa: F401 - the fixtures `fake` and `no_in
     payload,
     sign_init_data,
 )
-from tests.support import write_config
+from tests.support import query, write_config
 
 # channels/telegram.py silences this PTB 22 notice at import; pytest resets filters per test
 pytestmark = pytest.mark.filterwarnings(
@@ -141,9 +142,9 @@ class Tg:
         return self.fake.sent()[before:]
 
     async def outbox_rows(self) -> list[tuple[Any, ...]]:
-        return await self.runtime.worker.run(lambda s: s.conn.execute(
-            "SELECT state, attempts, next_attempt, error, platform_id FROM outbox ORDER BY id"
-        ).fetchall())
+        return await self.runtime.worker.run(
+            query, "SELECT state, attempts, next_attempt, error, platform_id FROM outbox "
+            "ORDER BY id")
 
 
 @asynccontextmanager
@@ -287,7 +288,7 @@ async def test_a_wrong_or_missing_secret_is_refused_and_changes_nothing(
             assert body["error"] == "bad_secret"
             assert "X-Telegram-Bot-Api-Secret-Token header is missing or wrong" in body["message"]
         assert fake.sent() == []
-        counts = await tg.runtime.worker.run(lambda s: s.counts())
+        counts = await tg.runtime.worker.run(Store.counts)
         assert not any(v for k, v in counts.items() if k.startswith("conversations"))
         # the refused update was not recorded: Telegram's own delivery of it still works
         assert (await tg.post_update(payload("text_message")))[0] == 200
@@ -343,7 +344,7 @@ async def test_web_app_data_becomes_text_and_a_variable(
     async with telegram(tg_config(tmp_path, fake), fake) as tg:
         await tg.say("hello", 1)
         assert (await tg.post_update(payload("web_app_data")))[0] == 200
-        conv = await tg.runtime.worker.run(lambda s: s.conversation("telegram", "4242", "k", 0))
+        conv = await tg.runtime.worker.run(Store.conversation, "telegram", "4242", "k", 0)
         assert conv.variables["web_app_data"] == '{"size":"M","color":"blue"}'
         assert conv.variables["name"] == '{"size":"M","color":"blue"}'  # the input's answer
 
@@ -371,7 +372,7 @@ async def test_buttons_become_an_inline_keyboard_and_a_press_is_answered(
         url = urlsplit(button["url"])
         assert (url.scheme, url.netloc, url.path) == ("https", "pay.example", "/checkout")
         assert parse_qs(url.query)["name"] == ["Ada"]
-        conv = await tg.runtime.worker.run(lambda s: s.conversation("telegram", "4242", "k", 0))
+        conv = await tg.runtime.worker.run(Store.conversation, "telegram", "4242", "k", 0)
         assert conv.variables["choice"] == "Pay with a web page"
 
 

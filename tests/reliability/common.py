@@ -163,15 +163,18 @@ class App:
         return [t for t in self.texts(user) if t.startswith(BRANCH_PREFIXES)]
 
 
+def pending_wait_of(store: Store, user: str) -> tuple[str, str, str]:
+    """A database job (module-level: it pickles for the process worker)."""
+    conv = store.conversation("rec", user, "", 0)
+    assert conv.wait_id is not None, f"{user} is not waiting"
+    wait = store.wait(conv.wait_id)
+    assert wait is not None
+    return wait.id, wait.kind, conv.key
+
+
 async def pending_wait(app: App, user: str) -> tuple[str, str, str]:
     """(wait id, kind, conversation key) of the user's pending wait."""
-    def job(store: Store) -> tuple[str, str, str]:
-        conv = store.conversation("rec", user, "", 0)
-        assert conv.wait_id is not None, f"{user} is not waiting"
-        wait = store.wait(conv.wait_id)
-        assert wait is not None
-        return wait.id, wait.kind, conv.key
-    return await app.runtime.worker.run(job)
+    return await app.runtime.worker.run(pending_wait_of, user)
 
 
 def snapshot(db: Path) -> str:

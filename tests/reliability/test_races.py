@@ -50,10 +50,13 @@ async def open_waits(h: Harness, n: int, prefix: str) -> dict[str, str]:
     return {u: execution_id(h, u) for u in users}
 
 
+def wait_states(store: Store, eids: list[str]) -> list[str]:
+    """A database job (module-level: it pickles for the process worker)."""
+    return [w.state if (w := store.wait(e)) else "missing" for e in eids]
+
+
 async def states(h: Harness, eids: list[str]) -> list[str]:
-    def job(store: Store) -> list[str]:
-        return [w.state if (w := store.wait(e)) else "missing" for e in eids]
-    return await h.runtime.worker.run(job)
+    return await h.runtime.worker.run(wait_states, eids)
 
 
 @pytest.fixture

@@ -23,7 +23,7 @@ from bot.clock import FakeClock
 from bot.server import OUTBOX, RUNTIME, build_app
 from channels.base import Inbound
 from storage.store import Store
-from tests.support import RecordingChannel, write_config
+from tests.support import RecordingChannel, conversation_key, query, write_config
 
 FLOWS = """
 [flows.main]
@@ -111,8 +111,7 @@ class WaitMachine(RuleBasedStateMachine):
                 link = self.channel.messages(user)[-1].link
                 assert link is not None
                 return parse_qs(urlsplit(link.url).query)["executionId"][0]
-            conv = await runtime.worker.run(lambda s: s.conversation("rec", user, "", 0))
-            return conv.key
+            return await runtime.worker.run(conversation_key, "rec", user)
 
         self.open[user] = (kind, self.run(go()))
 
@@ -172,31 +171,28 @@ class WaitMachine(RuleBasedStateMachine):
 
     # -- the invariant ---------------------------------------------------------------------
 
-    def _db(self, fn: Any) -> Any:
-        return self.run(self.app[RUNTIME].worker.run(fn))
+    def _db(self, fn: Any, *args: Any) -> Any:
+        return self.run(self.app[RUNTIME].worker.run(fn, *args))
 
     def _final(self, eid: str) -> bool:
-        wait = self._db(lambda s: s.wait(eid))
+        wait = self._db(Store.wait, eid)
         return wait is not None and wait.state != "pending"
 
     def _pending_count(self, user: str) -> int:
-        return int(self._db(lambda s: s.conn.execute(
-            "SELECT count(*) FROM waits w JOIN conversations c ON c.id = w.conversation_id "
-            "WHERE c.user_id = ? AND w.state = 'pending'", (user,)).fetchone()[0]))
+        [(count,)] = self._db(
+            query, "SELECT count(*) FROM waits w JOIN conversations c "
+            "ON c.id = w.conversation_id WHERE c.user_id = ? AND w.state = 'pending'", (user,))
+        return int(count)
 
     @invariant()
     def each_wait_has_exactly_one_transition(self) -> None:
         self.run(self._flush())
 
-        def finals(store: Store) -> dict[str, list[str]]:
-            out: dict[str, list[str]] = {u: [] for u in USERS}
-            for user, state in store.conn.execute(
-                    "SELECT c.user_id, w.state FROM waits w JOIN conversations c "
-                    "ON c.id = w.conversation_id WHERE w.state NOT IN ('pending', 'cancelled')"):
-                out[user].append(state)
-            return out
-
-        expected = self._db(finals)
+        expected: dict[str, list[str]] = {u: [] for u in USERS}
+        for user, state in self._db(
+                query, "SELECT c.user_id, w.state FROM waits w JOIN conversations c "
+                "ON c.id = w.conversation_id WHERE w.state NOT IN ('pending', 'cancelled')"):
+            expected[user].append(state)
         for user in USERS:
             branches = [m.text.removeprefix("B:") for m in self.channel.messages(user)
                         if m.text.startswith("B:")]
