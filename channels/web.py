@@ -31,6 +31,7 @@ MAX_TEXT = 4096  # characters of one typed message
 MAX_FRAME = 16 * 1024  # bytes of one frame from the browser
 MAX_QUEUED = 1000  # frames waiting for a slow socket before we drop it (it replays on reconnect)
 HISTORY_PAGE = 200
+RELOAD_MESSAGES = 200  # what a reloaded page gets back of its conversation: the newest
 CLOSE_BAD_REQUEST = 4400  # private-use close code: the page must not reconnect as it is
 
 # Pages load their scripts and styles from files (no inline code), so a strict CSP holds.
@@ -103,6 +104,14 @@ class _Socket:
         self.queue.put_nowait(frame)
 
 
+
+async def _replay(sock: _Socket, deliveries: list[Delivery], last: int) -> int:
+    """Send committed messages to one socket; returns the id of the newest sent."""
+    for delivery in deliveries:
+        await sock.ws.send_json(message_frame(delivery))
+        last = delivery.id
+    return last
+
 class WebChannel:
     name = "web"
     rate_limit = RateLimit()  # a socket on this very server: no platform limits
@@ -111,6 +120,7 @@ class WebChannel:
         self.runtime = runtime
         self.title = title
         self.path_prefix = path_prefix
+        self.reload_messages = RELOAD_MESSAGES
         self._sockets: dict[str, set[_Socket]] = {}  # session id → its open sockets
 
     @classmethod
@@ -201,14 +211,20 @@ class WebChannel:
         return ws
 
     async def _write(self, sock: _Socket, session: str, after: int) -> None:
-        """Replay what the page missed, then forward live frames (skipping replayed ones)."""
+        """Replay what the page missed, then forward live frames (skipping replayed ones).
+        A page with nothing (after=0: a reload) gets the newest `reload_messages`, after
+        an "earlier" frame if there were more (its `last`: the newest one left out)."""
         last = after
+        if after == 0:
+            newest: list[Delivery] = await self.runtime.worker.run(
+                Store.web_history, session, 0, self.reload_messages + 1, True)
+            if len(newest) > self.reload_messages:
+                await sock.ws.send_json({"type": "earlier", "last": newest.pop(0).id})
+            last = await _replay(sock, newest, last)
         while True:
             page: list[Delivery] = await self.runtime.worker.run(
                 Store.web_history, session, last, HISTORY_PAGE)
-            for delivery in page:
-                await sock.ws.send_json(message_frame(delivery))
-                last = delivery.id
+            last = await _replay(sock, page, last)
             if len(page) < HISTORY_PAGE:
                 break
         await sock.ws.send_json({"type": "ready", "last": last})

@@ -276,13 +276,19 @@ class Store:
             "VALUES (?, ?, ?, ?)", (platform_id, status, error, now))
         return False
 
-    def web_history(self, user_id: str, after_id: int, limit: int = 200) -> list[Delivery]:
-        """Messages already handed to the web chat for one session, for a page that
-        reconnects (the channel is a literal: the partial index covers the web chat only)."""
+    def web_history(self, user_id: str, after_id: int, limit: int = 200,
+                    newest: bool = False) -> list[Delivery]:
+        """Messages already handed to the web chat for one session, in id order, for a
+        page that reconnects: the first `limit` after `after_id`, or with `newest` the
+        last `limit` (a reloaded page). The channel is a literal: the partial index covers
+        the web chat only."""
+        order = "DESC" if newest else "ASC"
         rows = self.conn.execute(
-            "SELECT id, conversation_id, message FROM outbox WHERE channel = 'web' "
-            "AND user_id = ? AND id > ? AND state = 'sent' ORDER BY id LIMIT ?",
+            "SELECT id, conversation_id, message FROM outbox WHERE channel = 'web' "  # noqa: S608
+            f"AND user_id = ? AND id > ? AND state = 'sent' ORDER BY id {order} LIMIT ?",
             (user_id, after_id, limit)).fetchall()
+        if newest:
+            rows.reverse()
         return [Delivery(oid, cid, user_id, Message.from_json(m)) for oid, cid, m in rows]
 
     # -- operators --------------------------------------------------------------------

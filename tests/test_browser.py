@@ -283,3 +283,26 @@ async def test_reload_keeps_the_conversation_and_reconnects(browser: Browser,
         await expect(other.locator("#status")).to_have_text("online")
         await expect(other.get_by_text("Say hi to start")).to_be_visible()
         await expect(other.locator("#log > li")).to_have_count(0)
+
+
+async def test_a_reload_shows_the_newest_messages_of_a_long_conversation(
+        browser: Browser, tmp_path: Path) -> None:
+    async with serve_example(tmp_path) as served, chat_tab(browser, served.url) as page:
+        await say(page, "hi")
+        await say(page, "Dee")
+        await page.get_by_role("button", name="Pay with a web page", exact=True).click()
+        await expect(bot_bubbles(page).last).to_have_text(PAY_TEXT)
+        await say(page, "are you there?")
+        await expect(bot_bubbles(page).last).to_contain_text("I'm waiting for the payment page")
+        log = page.locator("#log > li")
+        before = await log.all_text_contents()
+        is_bot = await log.evaluate_all("items => items.map(li => li.classList.contains('bot'))")
+
+        served.app[OUTBOX].channels["web"].reload_messages = 2  # type: ignore[attr-defined]
+        await page.reload()
+        await expect(page.locator("#status")).to_have_text("online")
+        # the newest two bot messages, and the user's bubbles since the one before them
+        since = [i for i, bot in enumerate(is_bot) if bot][-3] + 1
+        await expect(log).to_have_text(["Earlier messages are not shown.", *before[since:]])
+        await expect(page.get_by_role("link", name="Pay 9.99 EUR")).to_be_visible()
+        await page.screenshot(path=SHOTS / "reload-3-newest-only.png", animations="disabled")

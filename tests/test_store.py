@@ -99,6 +99,7 @@ def test_outbox_keeps_order_per_conversation(store: Store) -> None:
         store.mark_sent(rows[0].id, 51, "m1")
         store.mark_failed(rows[1].id, "403: blocked")
     assert [d.message.text for d in store.web_history("a", 0)] == ["a1"]
+    assert [d.message.text for d in store.web_history("a", 0, 1, newest=True)] == ["a1"]
     assert store.counts()["outbox_failed"] == 1
 
 

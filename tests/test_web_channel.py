@@ -62,6 +62,7 @@ class Tab:
     last: int = 0
     buffered: list[dict[str, Any]] = field(default_factory=list)
     counter: int = 0
+    earlier: int | None = None  # an "earlier" frame's `last`: older messages left out
 
     async def open(self, after: int | None = None) -> list[dict[str, Any]]:
         """Connect; returns the replayed messages (everything before "ready")."""
@@ -69,6 +70,10 @@ class Tab:
         self.ws = await self.chat.client.ws_connect(f"/ws?session={self.session}&after={after}")
         replayed = []
         while (frame := await self.frame())["type"] != "ready":
+            if frame["type"] == "earlier":
+                assert not replayed and self.earlier is None
+                self.earlier = frame["last"]
+                continue
             assert frame["type"] == "message"
             replayed.append(frame)
         if replayed:
@@ -292,10 +297,27 @@ async def test_reconnect_with_after_replays_only_newer_messages(chat: Chat) -> N
     assert [m["id"] for m in await again.open(after=ids[1])] == ids[2:]
     await again.close()
     reload = chat.tab()
-    replayed = await reload.open(after=0)  # a reloaded page asks for everything
-    assert [m["id"] for m in replayed] == ids
+    replayed = await reload.open(after=0)  # a reloaded page: the newest 200, here all
+    assert [m["id"] for m in replayed] == ids and reload.earlier is None
     assert replayed[2]["buttons"] and replayed[3]["link"]  # full messages, not only texts
     await reload.close()
+
+
+async def test_a_reloaded_page_gets_the_newest_messages_and_where_they_start(
+        chat: Chat) -> None:
+    tab = chat.tab()
+    await tab.open()
+    await to_payment(tab)
+    ids = await chat.history(SESSION)
+    await tab.close()
+    chat.outbox.channels["web"].reload_messages = 3  # type: ignore[attr-defined]
+    reload = chat.tab()
+    assert [m["id"] for m in await reload.open(after=0)] == ids[1:]
+    assert reload.earlier == ids[0]  # the newest message left out
+    # a reconnect that says what it has still gets everything after it
+    again = chat.tab()
+    assert [m["id"] for m in await again.open(after=ids[0])] == ids[1:]
+    assert again.earlier is None
 
 
 async def test_messages_committed_while_disconnected_arrive_on_reconnect(chat: Chat) -> None:

@@ -38,7 +38,7 @@
   const status = $("status");
   const input = $("text");
 
-  let lastId = 0; // newest bot message on this page; a reload starts from 0 and replays all
+  let lastId = 0; // newest bot message on this page; a reload starts from 0 (the newest 200)
   let shownMine = 0; // how many of `mine` are on the page
   const sending = new Map(); // client id -> bubble not yet acknowledged by the server
   let ws = null;
@@ -82,6 +82,14 @@
       }
       append(li);
     }
+  }
+
+  // A reloaded page gets only the newest messages back: the user's bubbles from before the
+  // newest message left out (`last`) stay off the page too, so nothing shows out of place.
+  function skipEarlier(last) {
+    if (typeof last !== "number" || lastId > 0) return;
+    while (shownMine < mine.length && mine[shownMine].after < last) shownMine++;
+    append(el("li", "system", "Earlier messages are not shown."));
   }
 
   function webAddress(url) {
@@ -191,6 +199,7 @@
         return;
       }
       if (doc.type === "message") showBot(doc);
+      else if (doc.type === "earlier") skipEarlier(doc.last);
       else if (doc.type === "ready") {
         attempt = 0;
         showMine(Infinity);
