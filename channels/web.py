@@ -104,13 +104,13 @@ class _Socket:
         self.queue.put_nowait(frame)
 
 
-
 async def _replay(sock: _Socket, deliveries: list[Delivery], last: int) -> int:
     """Send committed messages to one socket; returns the id of the newest sent."""
     for delivery in deliveries:
         await sock.ws.send_json(message_frame(delivery))
         last = delivery.id
     return last
+
 
 class WebChannel:
     name = "web"

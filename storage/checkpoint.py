@@ -11,8 +11,8 @@ writer) and flushes the database file itself. SQLite starts the WAL over only af
 checkpoint that copied all of it, which never happens while the writer keeps adding; so
 once the WAL is past `restart_frames`, the thread copies until a few hundred frames are
 left, flushes the WAL, and leaves those last frames to the writer: between two
-transactions it copies them (a few ms, there is little left to flush) and its next
-transaction starts the WAL over.
+transactions it copies them (5 to 20 ms here: there is little left to flush) and its
+next transaction starts the WAL over.
 
 Durability is SQLite's, unchanged: synchronous=NORMAL on both connections, and the WAL is
 never started over before a checkpoint that copied and flushed all of it.

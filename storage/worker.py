@@ -8,6 +8,10 @@ idle, a job commits by itself. The event loop never waits on SQLite.
 Urgent jobs (the timer's) skip the queue: they run next, even in the middle of a
 batch, so an expiry is not late by the length of the queue in front of it.
 
+COMMIT does not run SQLite's WAL checkpoints: a thread of their own does
+(storage/checkpoint.py), and the worker only copies the last few frames of a WAL cycle
+between two transactions, after any due expiry.
+
 A job is `fn(store, *args)`. The same worker runs in the server's process (`run`, answers
 go to asyncio futures) or inside the database process of `storage/process.py` (`submit`,
 answers go back through a socket).
@@ -74,7 +78,7 @@ class DbWorker:
 
     def __init__(self, store: Store, max_batch: int = 512,
                  answer: Callable[[list[_Ran]], None] = _answer_futures,
-                 timer: TimerPass | None = None, checkpoints: bool = True) -> None:
+                 timer: TimerPass | None = None) -> None:
         self.store = store
         self.max_batch = max_batch
         self._answer = answer
@@ -83,7 +87,6 @@ class DbWorker:
         self._queue: queue.SimpleQueue[_Job | str | None] = queue.SimpleQueue()
         self._urgent: deque[_Job] = deque()  # append/popleft are atomic across threads
         self._thread: threading.Thread | None = None
-        self._checkpoints = checkpoints
         self.checkpointer: Checkpointer | None = None
         self.commits = 0
         self.jobs = 0
@@ -92,8 +95,7 @@ class DbWorker:
         self.start()
 
     def start(self) -> None:
-        if self._checkpoints:
-            self._start_checkpoints()  # before the thread: nobody else uses the store yet
+        self._start_checkpoints()  # before the thread: nobody else uses the store yet
         self._thread = threading.Thread(target=self._loop, name="flowbot-db", daemon=True)
         self._thread.start()
 
