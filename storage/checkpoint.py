@@ -70,8 +70,9 @@ class Checkpointer:
         if not self._restart_due:
             return
         try:
-            conn.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchone()
-            self.restarts += 1
+            _busy, frames, copied = conn.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchone()
+            if copied == frames:  # all of it: the next transaction starts the WAL over
+                self.restarts += 1
         except sqlite3.Error:  # the jobs go on; the next cycle tries again
             log.exception("WAL checkpoint before a transaction failed")
         self._restart_due = False
@@ -110,7 +111,10 @@ class Checkpointer:
             for _ in range(CATCH_UP_PASSES):
                 if frames - copied <= CATCH_UP_FRAMES:
                     break
+                before = copied
                 frames, copied = self._pass(conn, db_fd)
+                if copied <= before:
+                    break  # a reader holds older frames (a long read elsewhere): next time
             if frames - copied <= CATCH_UP_FRAMES:
                 _fsync(f"{self.path}-wal")
                 self._restart_due = True

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import sqlite3
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 from storage.checkpoint import Checkpointer
@@ -17,23 +18,34 @@ def _wal_frames(path: Path) -> int:
     return (path.with_name(path.name + "-wal").stat().st_size - 32) // (4096 + 24)
 
 
-def test_the_wal_starts_over_under_steady_writes_and_keeps_every_row(tmp_path: Path) -> None:
-    path = tmp_path / "c.db"
+def _write(store: Store, ckpt: Checkpointer, until: Callable[[], bool], first: int = 0) -> int:
+    """Commit 20 rows at a time, as the worker would, until `until()`; returns the next
+    row number. The writer never pauses longer than its own transactions, as under load."""
+    written = first
+    deadline = time.monotonic() + 20
+    while not until() and time.monotonic() < deadline:
+        ckpt.before_transaction(store.conn)
+        with store.transaction():
+            for _ in range(20):
+                store.record_event(f"e{written}", 0)
+                written += 1
+        ckpt.committed()
+    return written
+
+
+def _checkpointed(path: Path, restart_frames: int) -> tuple[Store, Checkpointer]:
     store = Store(path)
     store.conn.execute("PRAGMA wal_autocheckpoint=0")
-    ckpt = Checkpointer(path, interval=0, restart_frames=40)
+    ckpt = Checkpointer(path, interval=0, restart_frames=restart_frames)
     ckpt.start()
-    written = 0
-    deadline = time.monotonic() + 20
+    return store, ckpt
+
+
+def test_the_wal_starts_over_under_steady_writes_and_keeps_every_row(tmp_path: Path) -> None:
+    path = tmp_path / "c.db"
+    store, ckpt = _checkpointed(path, restart_frames=40)
     try:
-        # the writer never pauses longer than its own transactions, as under load
-        while ckpt.restarts < 3 and time.monotonic() < deadline:
-            ckpt.before_transaction(store.conn)
-            with store.transaction():
-                for _ in range(20):
-                    store.record_event(f"e{written}", 0)
-                    written += 1
-            ckpt.committed()
+        written = _write(store, ckpt, lambda: ckpt.restarts >= 3)
     finally:
         ckpt.stop()
     assert ckpt.restarts >= 3 and not ckpt.failed
@@ -43,6 +55,26 @@ def test_the_wal_starts_over_under_steady_writes_and_keeps_every_row(tmp_path: P
     other = sqlite3.connect(path)
     assert other.execute("SELECT count(*) FROM events").fetchone() == (written,)
     assert other.execute("PRAGMA integrity_check").fetchone() == ("ok",)
+
+
+def test_a_long_reader_holds_the_wal_back_until_it_ends(tmp_path: Path) -> None:
+    path = tmp_path / "r.db"
+    store, ckpt = _checkpointed(path, restart_frames=40)
+    reader = sqlite3.connect(path, isolation_level=None)
+    try:
+        reader.execute("BEGIN")
+        seen = reader.execute("SELECT count(*) FROM events").fetchone()
+        written = _write(store, ckpt, lambda: _wal_frames(path) > 200)
+        assert ckpt.restarts == 0  # the reader's snapshot still needs those frames
+        assert reader.execute("SELECT count(*) FROM events").fetchone() == seen
+        reader.execute("COMMIT")
+        written = _write(store, ckpt, lambda: ckpt.restarts >= 1, first=written)
+    finally:
+        ckpt.stop()
+        reader.close()
+    assert ckpt.restarts >= 1
+    assert sqlite3.connect(path).execute("SELECT count(*) FROM events").fetchone() == (
+        written,)
 
 
 async def test_the_worker_hands_checkpoints_to_the_thread(tmp_path: Path) -> None:
