@@ -16,11 +16,12 @@ from storage.worker import DbWorker
 async def test_urgent_job_overtakes_the_queue_and_commits_alone(tmp_path: Path) -> None:
     worker = DbWorker(Store(tmp_path / "w.db"))
     worker.start()
-    gate = threading.Event()
+    gate, started = threading.Event(), threading.Event()
     order: list[str] = []
     commits: list[int] = []
 
     def blocker(store: Store) -> None:
+        started.set()
         gate.wait(5)  # holds the DB thread while the queue fills up
         order.append("blocker")
 
@@ -33,7 +34,8 @@ async def test_urgent_job_overtakes_the_queue_and_commits_alone(tmp_path: Path) 
         return run
 
     first = asyncio.ensure_future(worker.run(blocker))
-    await asyncio.sleep(0.05)
+    while not started.is_set():  # the DB thread holds it, alone in its batch
+        await asyncio.sleep(0.01)
     queued = [asyncio.ensure_future(worker.run(job(f"q{i}"))) for i in range(5)]
     await asyncio.sleep(0.05)
     urgent = asyncio.ensure_future(worker.run(job("urgent"), urgent=True))
