@@ -71,10 +71,11 @@ def run(args: argparse.Namespace) -> dict[str, object]:
 
         wait_until(lambda: expired() >= n, 30)
     con = sqlite3.connect(db)
-    lateness = sorted(r[0] * 1000 for r in con.execute(
-        "SELECT w.resolved_at - w.deadline FROM waits w JOIN conversations c "
+    late = sorted((r[0] * 1000, r[1] - start) for r in con.execute(
+        "SELECT w.resolved_at - w.deadline, w.deadline FROM waits w JOIN conversations c "
         "ON c.id = w.conversation_id WHERE c.user_id LIKE 't%' AND w.state = 'expired'"))
     con.close()
+    lateness = [ms for ms, _at in late]
     p50, p99 = _percentile(lateness, 50), _percentile(lateness, 99)
     worst = lateness[-1] if lateness else float("nan")
     rps = load[0].rps if load else 0.0
@@ -86,5 +87,11 @@ def run(args: argparse.Namespace) -> dict[str, object]:
     met = p99 < 20 and worst < 100
     print(f"\nTarget p99 < 20 ms and max < 100 ms: {'met' if met else 'missed'}."
           f"{'' if len(lateness) == n else f' ONLY {len(lateness)} of {n} expired.'}")
+    over = [(ms, at) for ms, at in late if ms >= 20]
+    if over:  # when in the window: one stall late many at once, or scattered pauses
+        stalls = sorted({round(at, 1) for _ms, at in over})
+        print(f"{len(over)} expiries 20 ms or more late, due at {len(stalls)} moments "
+              f"(s into the window): {', '.join(f'{t:g}' for t in stalls[:12])}"
+              f"{' …' if len(stalls) > 12 else ''}.")
     return {"expired": len(lateness), "p50": p50, "p99": p99, "max": worst, "rps": rps}
 
