@@ -1,5 +1,7 @@
 import pytest
 
+from tests.fake_twilio import AUTH_TOKEN
+
 
 def pytest_addoption(parser: pytest.Parser) -> None:
     parser.addoption("--long", action="store_true", help="run the long reliability forms")
@@ -12,3 +14,9 @@ def both_workers(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch
     monkeypatch.setenv("FLOWBOT_TEST_WORKER", request.param)
     return str(request.param)
 
+
+
+@pytest.fixture
+def twilio_auth_token(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The fake Twilio account's Auth Token, where the config says to find it."""
+    monkeypatch.setenv("TWILIO_AUTH_TOKEN", AUTH_TOKEN)

@@ -49,9 +49,7 @@ HELLO = "Hi Ann, you wrote: Hi there"
 MENU = "Pick one\n\n1. Pay\n2. Wait\n3. Stop\n\nReply 1, 2 or 3."
 
 
-@pytest.fixture(autouse=True)
-def auth_token(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setenv("TWILIO_AUTH_TOKEN", AUTH_TOKEN)
+pytestmark = pytest.mark.usefixtures("twilio_auth_token")
 
 
 def form(name: str) -> dict[str, str]:

@@ -12,7 +12,6 @@ import pytest
 from bot.engine import button_tag
 from tests.fake_twilio import (
     ACCOUNT_SID,
-    AUTH_TOKEN,
     SANDBOX,
     USER,
     payload,
@@ -86,9 +85,7 @@ BUTTONS_SID = "HX2b4d6f8a0c2e4b6d8f0a2c4e6b8d0f2a"
 MENU = "What now?\n\n1. Pay\n2. Webhook\n\nReply 1 or 2."
 
 
-@pytest.fixture(autouse=True)
-def auth_token(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setenv("TWILIO_AUTH_TOKEN", AUTH_TOKEN)
+pytestmark = pytest.mark.usefixtures("twilio_auth_token")
 
 
 def test_quick_reply_fixture_carries_the_engines_payload() -> None:
