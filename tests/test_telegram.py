@@ -22,7 +22,7 @@ from bot.outbox import Outbox
 from bot.runtime import Runtime
 from bot.server import OUTBOX, RUNTIME, build_app
 from channels.base import Delivery, Link, Message, RateLimit, SendError
-from channels.telegram import TelegramChannel, TelegramSetupError, webhook_info
+from channels.telegram import _LINK_REFUSED, TelegramChannel, TelegramSetupError, webhook_info
 from storage.store import Store
 from tests.fake_telegram import (  # noqa: F401 - the fixtures `fake` and `no_internet`
     TOKEN,
@@ -429,6 +429,24 @@ async def test_a_button_url_telegram_refuses_is_sent_as_text(
         assert second == {"chat_id": "4242", "parse_mode": "HTML",
                           "text": f"Pay here.\n\nPay: {link.url}"}
         assert message_id == "1001"
+
+
+@pytest.mark.parametrize("description, link_refused", [
+    # Telegram's words for a link it will not put on a button (as reported by bot authors)
+    ("Bad Request: BUTTON_URL_INVALID", True),
+    ("Bad Request: inline keyboard button URL 'http://localhost:8080/x' is invalid: "
+     "Wrong HTTP URL", True),
+    ("Bad Request: inline keyboard button URL 'happ://add/x' is invalid: Unsupported URL "
+     "protocol", True),
+    ("Bad Request: BUTTON_TYPE_INVALID", True),  # a Mini App button outside a private chat
+    # refusals that a plain link would not fix: recorded as they are
+    ("Bad Request: chat not found", False),
+    ("Bad Request: message is too long", False),
+    ("Bad Request: can't parse entities: unsupported start tag", False),
+])
+def test_which_refusals_fall_back_to_the_link_as_text(description: str,
+                                                      link_refused: bool) -> None:
+    assert bool(_LINK_REFUSED.search(description)) is link_refused
 
 
 async def test_a_mini_app_link_that_is_not_https_falls_back_to_a_url_button(
