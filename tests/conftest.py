@@ -15,7 +15,6 @@ def both_workers(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch
     return str(request.param)
 
 
-
 @pytest.fixture
 def twilio_auth_token(monkeypatch: pytest.MonkeyPatch) -> None:
     """The fake Twilio account's Auth Token, where the config says to find it."""
