@@ -143,6 +143,17 @@ async def say(page: Page, text: str) -> None:
     await box.press("Enter")
 
 
+async def write_while_waiting(page: Page, name: str) -> None:
+    """Chat to the WebView wait and write meanwhile: the pending message comes back."""
+    await say(page, "hi")
+    await say(page, name)
+    await expect(bot_bubbles(page).last).to_have_text(MENU.format(name))
+    await page.get_by_role("button", name="Pay with a web page", exact=True).click()
+    await expect(bot_bubbles(page).last).to_have_text(PAY_TEXT)
+    await say(page, "are you there?")
+    await expect(bot_bubbles(page).last).to_contain_text("I'm waiting for the payment page")
+
+
 async def open_payment_page(page: Page, name: str, shot: str) -> Page:
     """Chat from "hi" to the WebView button, press it; returns the payment page's tab."""
     await expect(page.get_by_text("Say hi to start")).to_be_visible()
@@ -242,13 +253,7 @@ async def test_webview_page_on_another_origin_passes_the_cors_preflight(
 async def test_reload_keeps_the_conversation_and_reconnects(browser: Browser,
                                                            tmp_path: Path) -> None:
     async with serve_example(tmp_path) as served, chat_tab(browser, served.url) as page:
-        await say(page, "hi")
-        await say(page, "<b>Dee</b>")  # text, never markup
-        await expect(bot_bubbles(page).last).to_have_text(MENU.format("<b>Dee</b>"))
-        await page.get_by_role("button", name="Pay with a web page", exact=True).click()
-        await expect(bot_bubbles(page).last).to_have_text(PAY_TEXT)
-        await say(page, "are you there?")
-        await expect(bot_bubbles(page).last).to_contain_text("I'm waiting for the payment page")
+        await write_while_waiting(page, "<b>Dee</b>")  # text, never markup
         log = page.locator("#log > li")
         before = await log.all_text_contents()
         assert len(before) == 9
@@ -288,12 +293,7 @@ async def test_reload_keeps_the_conversation_and_reconnects(browser: Browser,
 async def test_a_reload_shows_the_newest_messages_of_a_long_conversation(
         browser: Browser, tmp_path: Path) -> None:
     async with serve_example(tmp_path) as served, chat_tab(browser, served.url) as page:
-        await say(page, "hi")
-        await say(page, "Dee")
-        await page.get_by_role("button", name="Pay with a web page", exact=True).click()
-        await expect(bot_bubbles(page).last).to_have_text(PAY_TEXT)
-        await say(page, "are you there?")
-        await expect(bot_bubbles(page).last).to_contain_text("I'm waiting for the payment page")
+        await write_while_waiting(page, "Dee")
         log = page.locator("#log > li")
         before = await log.all_text_contents()
         is_bot = await log.evaluate_all("items => items.map(li => li.classList.contains('bot'))")
