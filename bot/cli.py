@@ -9,6 +9,7 @@ import sys
 from collections.abc import Sequence
 from dataclasses import replace
 
+from bot import heap
 from bot.config import Config, default_public_url, load_config
 from bot.errors import ConfigError, FlowbotError
 from bot.graph import dot, mermaid
@@ -64,6 +65,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     shown = "127.0.0.1" if host in ("0.0.0.0", "::") else host  # noqa: S104 - display only
     where = f"http://{shown}:{port}{config.server.path_prefix}/"
     print(f"flowbot: serving {args.config} — open {where} to chat", flush=True)
+    heap.settle()
     web.run_app(app, host=host, port=port, print=None, access_log=None,
                 loop=new_event_loop())
     if getattr(app[RUNTIME].worker, "died", False):

@@ -30,6 +30,7 @@ import threading
 from collections.abc import Callable
 from typing import IO, Any, TypeVar
 
+from bot import heap
 from storage.store import Store
 from storage.worker import TIMER, DbWorker, TimerPass
 
@@ -252,6 +253,7 @@ def main() -> None:
         except OSError:
             pass  # the server is gone; what committed stays committed
 
+    heap.settle()
     worker = DbWorker(store, answer=answer, timer=timer)
     with send_lock:
         sock.sendall(_frame(("ready", None)))
