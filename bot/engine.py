@@ -29,9 +29,9 @@ from bot.flow import (
     WebhookBlock,
     WebViewBlock,
 )
+from bot.messages import Button, Inbound, Link, Message
 from bot.state import Conversation, Step, Wait
 from bot.template import as_text, lookup, render, render_json, render_url
-from channels.base import Button, Inbound, Link, Message
 
 log = logging.getLogger(__name__)
 

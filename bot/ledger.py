@@ -1,5 +1,7 @@
 """What runs inside a database transaction: the store, plus the engine that decides each
-transition. The database worker calls these methods as jobs (`Ledger.webview_callback(
+transition. `Ledger` is a mixin over the storage contract (bot/store.py): each backend
+makes it concrete (`storage.store.SQLiteLedger`), so `self.claim(…)` is one plain method
+call into that backend. The database worker calls these methods as jobs (`Ledger.webview_callback(
 ledger, …)`), in the server's process or in the database process; every argument and
 answer is plain data, so a job can cross the process boundary, and `now` comes from the
 caller, so the database side needs no clock of its own."""
@@ -9,16 +11,15 @@ from __future__ import annotations
 import secrets
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any, Protocol
 
 from bot.config import Config
 from bot.engine import Engine, Links
 from bot.errors import Conflict, NotFound
 from bot.flow import Block, WebhookBlock, WebViewBlock
+from bot.messages import Inbound
 from bot.state import TIMEOUT_OUTCOME, Conversation, Step, Wait
-from channels.base import Inbound
-from storage.store import Store
+from bot.store import Store
 
 FIRE_BATCH = 500
 
@@ -69,9 +70,11 @@ class FirePass:
 
 
 class Ledger(Store):
-    def __init__(self, path: str | Path, config: Config,
+    """The jobs that run the engine inside a transaction. Abstract: a backend's subclass
+    also inherits that backend's store and calls both `__init__`s."""
+
+    def __init__(self, config: Config,
                  checks: Mapping[str, WebViewCheck] | None = None) -> None:
-        super().__init__(path)
         self.config = config
         self.checks = checks if checks is not None else {}
         server = config.server
@@ -86,6 +89,7 @@ class Ledger(Store):
 
     def inbound(self, event: Inbound, now: float) -> Outcome | None:
         """What a user did; None when the platform redelivered an event we had."""
+        now = self.transaction_time(now)
         if event.event_id is not None and not self.record_event(event.event_id, now):
             return None
         conv = self.conversation(event.channel, event.user_id, new_token(), now)
@@ -96,26 +100,28 @@ class Ledger(Store):
     def webview_callback(self, execution_id: str, success: bool, data: Any,
                          proof: Mapping[str, Any] | None, now: float) -> Outcome | None:
         """None: no WebView wait has this id."""
+        now = self.transaction_time(now)
         wait = self.wait(execution_id)
         if wait is None or wait.kind != "webview":
             return None
         if wait.state != "pending":
             return Outcome(wait.state, False)
+        conv = self.conversation_by_id(wait.conversation_id)  # locks it: before the wait
         block = self._block(wait)
         if isinstance(block, WebViewBlock) and block.verify:
-            conv = self.conversation_by_id(wait.conversation_id)
             check = self.checks.get(block.verify)
             if check is None or conv is None:
                 raise Conflict("verify_unavailable",
                                f"This WebView needs {block.verify} verification, "
                                "but that channel is not enabled on this server.")
             check(block, conv, proof or {}, now)
-        return self._resolve(wait, "success" if success else "error", data, now)
+        return self._resolve(wait, conv, "success" if success else "error", data, now)
 
     def webhook(self, key: str, payload: Any, signature: Signature,
                 now: float) -> Outcome | None:
         """The Webhook wait of the conversation with this key, resolved; None for a replayed
         message id. Raises 401/404/409 (the job's savepoint undoes anything it did)."""
+        now = self.transaction_time(now)
         conv = self.conversation_by_key(key)
         if conv is None:
             raise NotFound("unknown_conversation",
@@ -131,16 +137,21 @@ class Ledger(Store):
         message_id = signature.verify(block)
         if message_id is not None and not self.record_event(f"webhook:{message_id}", now):
             return None
-        return self._resolve(wait, "success", payload, now)
+        return self._resolve(wait, conv, "success", payload, now)
 
     def http_answer(self, wait_id: str, outcome: str, data: Any, now: float) -> Outcome | None:
         """An `http` block's request came back (or failed)."""
+        now = self.transaction_time(now)
         wait = self.wait(wait_id)
-        return self._resolve(wait, outcome, data, now) if wait else None
+        if wait is None:
+            return None
+        return self._resolve(wait, self.conversation_by_id(wait.conversation_id), outcome, data,
+                             now)
 
     def fire_due(self, now: float) -> FirePass:
         """Up to FIRE_BATCH waits whose deadline has passed, each moved to its timeout
         outcome in its own savepoint (a failing transition is undone alone)."""
+        now = self.transaction_time(now)
         due = self.due_waits(now, FIRE_BATCH)
         results: list[Outcome] = []
         errors: list[Exception] = []
@@ -166,27 +177,32 @@ class Ledger(Store):
     def _fire(self, wait_id: str, kind: str, now: float) -> Outcome | None:
         outcome = TIMEOUT_OUTCOME[kind]
         wait = self.wait(wait_id)
-        if wait is None or not self.claim(wait_id, outcome, now, due=True):
+        if wait is None:
             return None
-        return self._transition(wait, outcome, None, now)
+        conv = self.conversation_by_id(wait.conversation_id)  # the lock order: conversation first
+        if not self.claim(wait_id, outcome, now, due=True):
+            return None
+        return self._transition(wait, conv, outcome, None, now)
 
-    def _transition(self, wait: Wait, outcome: str, data: Any, now: float) -> Outcome:
-        conv = self.conversation_by_id(wait.conversation_id)
+    def _transition(self, wait: Wait, conv: Conversation | None, outcome: str, data: Any,
+                    now: float) -> Outcome:
+        """Run the engine on a wait this job has just claimed; `conv` was locked before."""
         if conv is None:
             return Outcome(outcome, True)
         step = self.engine.on_wait(conv, wait, outcome, data, now)
         self.save(conv, step, now)
         return Outcome.of(outcome, step)
 
-    def _resolve(self, wait: Wait, outcome: str, data: Any, now: float) -> Outcome:
+    def _resolve(self, wait: Wait, conv: Conversation | None, outcome: str, data: Any,
+                 now: float) -> Outcome:
         """Try to move `wait` to `outcome` before its deadline. If the deadline passed and
         the timer has not fired yet, fire it here, so the late caller's answer and the
-        state agree."""
+        state agree. `conv` (the wait's conversation) is already locked by this job."""
         if self.claim(wait.id, outcome, now, due=False):
-            return self._transition(wait, outcome, data, now)
+            return self._transition(wait, conv, outcome, data, now)
         timeout = TIMEOUT_OUTCOME[wait.kind]
         if wait.state == "pending" and self.claim(wait.id, timeout, now, due=True):
-            fired = self._transition(wait, timeout, None, now)
+            fired = self._transition(wait, conv, timeout, None, now)
             fired.won = False
             return fired
         current = self.wait(wait.id)

@@ -9,9 +9,10 @@ import random
 from collections.abc import Coroutine, Mapping
 from typing import TYPE_CHECKING, Any
 
+from bot import jobs
 from bot.clock import Clock
+from bot.state import OutboxRow
 from channels.base import Channel, RateLimit, SendError
-from storage.store import OutboxRow, Store
 
 if TYPE_CHECKING:
     from bot.runtime import Worker
@@ -90,7 +91,7 @@ class Outbox:
             self._wake.clear()
             try:
                 await self.pass_once()
-                nxt = await self.worker.run(Store.next_delivery_time)
+                nxt = await self.worker.run(jobs.next_delivery_time)
             except Exception:
                 log.exception("outbox pass failed; trying again in 1 s")
                 nxt = self.clock.now() + 1
@@ -103,7 +104,7 @@ class Outbox:
     async def pass_once(self) -> None:
         """Start delivering every due row of conversations not already being delivered."""
         rows: list[OutboxRow] = await self.worker.run(
-            Store.pending_by_channel, list(self.channels), self.clock.now(), BATCH)
+            jobs.pending_by_channel, list(self.channels), self.clock.now(), BATCH)
         by_conv: dict[int, list[OutboxRow]] = {}
         for row in rows:
             if row.conversation_id not in self._busy:
@@ -132,7 +133,7 @@ class Outbox:
     async def _deliver_one(self, row: OutboxRow) -> bool:
         channel = self.channels.get(row.channel)
         if channel is None:
-            await self.worker.run(Store.mark_failed, row.id,
+            await self.worker.run(jobs.mark_failed, row.id,
                                   f"channel '{row.channel}' is not enabled on this server")
             return True
         await self._limiters[row.channel].acquire(row.user_id)
@@ -161,7 +162,7 @@ class Outbox:
         try:
             await asyncio.sleep(0)  # let the other deliveries of this iteration join
             self._sent = None
-            await self.worker.run(Store.mark_all_sent, rows)
+            await self.worker.run(jobs.mark_all_sent, rows)
         except Exception as exc:  # the waiting deliveries see the database error
             done.set_exception(exc)
         except BaseException:  # cancelled (shutdown): nobody will mark these rows
@@ -181,11 +182,11 @@ class Outbox:
         error = f"{exc.code}: {exc}" if exc.code else str(exc)
         if exc.permanent or row.attempts + 1 >= MAX_ATTEMPTS:
             log.warning("outbox %d to %s failed for good: %s", row.id, row.channel, error)
-            await self.worker.run(Store.mark_failed, row.id, error)
+            await self.worker.run(jobs.mark_failed, row.id, error)
             return True
         delay = exc.retry_after if exc.retry_after is not None else backoff(row.attempts)
         log.info("outbox %d to %s: %s; retrying in %.1f s", row.id, row.channel, error, delay)
-        await self.worker.run(Store.mark_retry, row.id, self.clock.now() + delay, error)
+        await self.worker.run(jobs.mark_retry, row.id, self.clock.now() + delay, error)
         return False
 
     async def close(self) -> None:

@@ -16,8 +16,8 @@ from bot.clock import Clock
 from bot.config import Config
 from bot.errors import Conflict, Gone, NotFound
 from bot.ledger import FirePass, Ledger, Outcome, Signature, WebViewCheck
+from bot.messages import Inbound
 from bot.state import Wait
-from channels.base import Inbound
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")

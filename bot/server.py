@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import functools
 import json
 import logging
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
@@ -17,14 +16,13 @@ from bot import http_api
 from bot.clock import Clock, SystemClock
 from bot.config import Config
 from bot.errors import ApiError
-from bot.ledger import Ledger, WebViewCheck
+from bot.ledger import WebViewCheck
 from bot.outbox import Outbox
 from bot.runtime import Runtime, Worker
 from bot.timers import Timer
 from channels.base import Channel
+from storage import backends
 from storage.process import ProcessWorker
-from storage.store import read_counts
-from storage.worker import DbWorker
 
 log = logging.getLogger(__name__)
 
@@ -100,9 +98,7 @@ async def _healthz(request: web.Request) -> web.Response:
 
 async def _metrics(request: web.Request) -> web.Response:
     runtime = request.app[RUNTIME]
-    # counted on a connection of its own, on a thread: the scans take 0.3 s at 1M waits,
-    # which would hold up every callback (and the timer) if they ran as a database job
-    counts = await asyncio.to_thread(read_counts, runtime.config.storage.path)
+    counts = await backends.counts(runtime.config)
     lines = [f"flowbot_{name} {value}" for name, value in sorted(counts.items())]
     lines += [f'flowbot_events_total{{kind="{k}"}} {v}' for k, v in sorted(runtime.metrics.items())]
     lines.append(f"flowbot_db_commits_total {runtime.worker.commits}")
@@ -142,12 +138,7 @@ def build_app(
     # clock, or with the background loops off, the Timer task (or the test) fires them
     db_timer = (config.storage.worker == "process" and run_background
                 and isinstance(clock, SystemClock))
-    worker: Worker
-    if config.storage.worker == "thread":
-        worker = DbWorker(Ledger(config.storage.path, config, checks))
-    else:
-        worker = ProcessWorker(functools.partial(Ledger, config.storage.path, config, checks),
-                               timer=Ledger.timer_pass if db_timer else None)
+    worker: Worker = backends.open_worker(config, checks, db_timer=db_timer)
     runtime = Runtime(config, worker, clock, checks)
     if isinstance(worker, ProcessWorker):
         worker.on_timer = runtime.timer_pass_done
@@ -209,8 +200,7 @@ def build_app(
                 await channel.stop()
             await runtime.http.close()
             await worker.stop()
-            if isinstance(worker, DbWorker):
-                worker.store.close()
+            backends.close_worker(worker)
 
     app.cleanup_ctx.append(lifecycle)
 

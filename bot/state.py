@@ -1,4 +1,4 @@
-"""Conversation state, waits and the result of one step: what the store persists."""
+"""Conversation state, waits, the result of one step and outbox rows: what the store persists."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-from channels.base import Message
+from bot.messages import Delivery, Message
 
 # How each kind of wait ends when its deadline passes.
 TIMEOUT_OUTCOME = {"webview": "expired", "webhook": "failure", "delay": "done", "http": "failure"}
@@ -49,3 +49,18 @@ class Step:
     messages: list[Message] = field(default_factory=list)
     waits: list[Wait] = field(default_factory=list)
     cancelled_wait: str | None = None
+
+
+@dataclass(frozen=True)
+class OutboxRow:
+    """A committed message not yet delivered, as the outbox reads it back."""
+
+    id: int
+    channel: str
+    conversation_id: int
+    user_id: str
+    message: Message
+    attempts: int
+
+    def delivery(self) -> Delivery:
+        return Delivery(self.id, self.conversation_id, self.user_id, self.message)

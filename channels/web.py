@@ -14,9 +14,9 @@ from typing import TYPE_CHECKING, Any
 
 from aiohttp import WSCloseCode, WSMsgType, web
 
+from bot import jobs
 from bot.errors import BadRequest, NotFound
 from channels.base import Delivery, Inbound, Message, RateLimit, Route
-from storage.store import Store
 
 if TYPE_CHECKING:
     from bot.config import Config
@@ -217,13 +217,13 @@ class WebChannel:
         last = after
         if after == 0:
             newest: list[Delivery] = await self.runtime.worker.run(
-                Store.web_history, session, 0, self.reload_messages + 1, True)
+                jobs.web_history, session, 0, self.reload_messages + 1, True)
             if len(newest) > self.reload_messages:
                 await sock.ws.send_json({"type": "earlier", "last": newest.pop(0).id})
             last = await _replay(sock, newest, last)
         while True:
             page: list[Delivery] = await self.runtime.worker.run(
-                Store.web_history, session, last, HISTORY_PAGE)
+                jobs.web_history, session, last, HISTORY_PAGE)
             last = await _replay(sock, page, last)
             if len(page) < HISTORY_PAGE:
                 break

@@ -20,6 +20,7 @@ from twilio.http.async_http_client import AsyncTwilioHttpClient
 from twilio.request_validator import RequestValidator
 from twilio.rest import Client
 
+from bot import jobs
 from bot.channel_config import TWILIO_API, WhatsAppConfig
 from bot.errors import BadRequest, FlowbotError, Forbidden
 from channels.base import (
@@ -34,7 +35,6 @@ from channels.base import (
     SentParts,
     split_text,
 )
-from storage.store import Store
 
 if TYPE_CHECKING:
     from bot.config import Config, ServerConfig
@@ -228,7 +228,7 @@ class WhatsAppChannel:
                              "MessageStatus.")
         code, detail = form.get("ErrorCode", ""), form.get("ErrorMessage", "")
         error = (f"{code}: {detail}" if detail else code) if code else None
-        found = await self.runtime.worker.run(Store.set_platform_status, sid, status, error,
+        found = await self.runtime.worker.run(jobs.set_platform_status, sid, status, error,
                                               self.runtime.clock.now())
         if error:
             log.warning("WhatsApp message %s is %s: error %s", sid, status, error)

@@ -1,8 +1,9 @@
-"""The SQLite store: conversations, waits, outbox and seen events, on sqlite-utils.
+"""The SQLite store (the contract of bot/store.py): conversations, waits, outbox and seen
+events, on sqlite-utils. `SQLiteLedger` is the ledger's jobs over it.
 
 Methods here run *inside* a transaction that `DbWorker` opens (BEGIN IMMEDIATE);
 none of them commits. Use them from the worker's thread only: each one is a job as it
-stands (`await worker.run(Store.counts)`), so its arguments and answer stay plain data
+stands (`await worker.run(SQLiteStore.counts)`), so its arguments and answer stay plain data
 the database process can receive and send back pickled.
 """
 
@@ -11,41 +12,34 @@ from __future__ import annotations
 import json
 import math
 import sqlite3
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from sqlite_utils import Database
 
+from bot import store as contract
+from bot.config import Config
 from bot.errors import StaleState
-from bot.state import Conversation, Step, Wait
-from channels.base import Delivery, Message
+from bot.ledger import Ledger, WebViewCheck
+from bot.messages import Delivery, Message
+from bot.state import Conversation, OutboxRow, Step, Wait
+from bot.store import FINAL_STATES
 from storage.schema import migrations
 
+__all__ = ["FINAL_STATES", "OutboxRow", "SQLiteLedger", "SQLiteStore", "Store", "read_counts"]
+
 EARLY_STATUS_TTL = 86400.0  # s a status for an unknown message id is kept
-FINAL_STATES = ("success", "error", "expired", "failure", "done", "cancelled")
-
-
-@dataclass(frozen=True)
-class OutboxRow:
-    id: int
-    channel: str
-    conversation_id: int
-    user_id: str
-    message: Message
-    attempts: int
-
-    def delivery(self) -> Delivery:
-        return Delivery(self.id, self.conversation_id, self.user_id, self.message)
-
 
 def _dumps(value: Any) -> str:
     return json.dumps(value, ensure_ascii=False, separators=(",", ":"))
 
 
-class Store:
+class SQLiteStore(contract.Store):
+    """One SQLite connection; one process at a time writes (see storage/worker.py). Its
+    clock is the node's: the caller's `now` is the transaction's time."""
+
     def __init__(self, path: str | Path) -> None:
         conn = sqlite3.connect(str(path), check_same_thread=False, isolation_level=None)
         self.path = Path(path)
@@ -62,6 +56,9 @@ class Store:
     def close(self) -> None:
         self.conn.close()
 
+    def transaction_time(self, now: float) -> float:
+        return now
+
     # -- transactions (used by DbWorker) ----------------------------------------------
 
     def begin(self) -> None:
@@ -75,7 +72,7 @@ class Store:
             self.conn.execute("ROLLBACK")
 
     @contextmanager
-    def transaction(self) -> Iterator[Store]:
+    def transaction(self) -> Iterator[SQLiteStore]:
         """One transaction outside the worker (CLI, tests, benchmarks' setup)."""
         self.begin()
         try:
@@ -295,6 +292,18 @@ class Store:
 
     def counts(self) -> dict[str, int]:
         return count_rows(self.conn)
+
+
+Store = SQLiteStore  # its name before the contract (tests and benchmarks use it)
+
+
+class SQLiteLedger(Ledger, SQLiteStore):
+    """The ledger's jobs over a SQLite file: what `flowbot serve` runs by default."""
+
+    def __init__(self, path: str | Path, config: Config,
+                 checks: Mapping[str, WebViewCheck] | None = None) -> None:
+        SQLiteStore.__init__(self, path)
+        Ledger.__init__(self, config, checks)
 
 
 def count_rows(conn: sqlite3.Connection) -> dict[str, int]:

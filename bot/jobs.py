@@ -1,0 +1,69 @@
+"""Store operations as database jobs, for callers outside the ledger (the outbox, the
+channels, tests): `await worker.run(jobs.web_history, session, 0)`.
+
+Each calls the method of the same name on whichever backend the worker holds. A job names
+a module-level function, so it pickles by name into the database process; naming a
+method of the contract class (`Store.counts`) would run the Protocol's empty body.
+"""
+
+from __future__ import annotations
+
+from bot.messages import Delivery
+from bot.state import Conversation, OutboxRow, Wait
+from bot.store import Store
+
+
+def record_event(store: Store, event_id: str, now: float) -> bool:
+    return store.record_event(event_id, now)
+
+
+def conversation(store: Store, channel: str, user_id: str, new_key: str,
+                 now: float) -> Conversation:
+    return store.conversation(channel, user_id, new_key, now)
+
+
+def conversation_by_key(store: Store, key: str) -> Conversation | None:
+    return store.conversation_by_key(key)
+
+
+def wait(store: Store, wait_id: str) -> Wait | None:
+    return store.wait(wait_id)
+
+
+def next_deadline(store: Store) -> float | None:
+    return store.next_deadline()
+
+
+def pending_by_channel(store: Store, channels: list[str], now: float,
+                       limit: int) -> list[OutboxRow]:
+    return store.pending_by_channel(channels, now, limit)
+
+
+def next_delivery_time(store: Store) -> float | None:
+    return store.next_delivery_time()
+
+
+def mark_all_sent(store: Store, rows: list[tuple[int, float, str | None]]) -> None:
+    store.mark_all_sent(rows)
+
+
+def mark_retry(store: Store, outbox_id: int, next_attempt: float, error: str) -> None:
+    store.mark_retry(outbox_id, next_attempt, error)
+
+
+def mark_failed(store: Store, outbox_id: int, error: str) -> None:
+    store.mark_failed(outbox_id, error)
+
+
+def set_platform_status(store: Store, platform_id: str, status: str, error: str | None,
+                        now: float) -> bool:
+    return store.set_platform_status(platform_id, status, error, now)
+
+
+def web_history(store: Store, user_id: str, after_id: int, limit: int = 200,
+                newest: bool = False) -> list[Delivery]:
+    return store.web_history(user_id, after_id, limit, newest)
+
+
+def counts(store: Store) -> dict[str, int]:
+    return store.counts()

@@ -1,0 +1,82 @@
+"""The domain types the engine, the store and the channels exchange: what a user did
+(`Inbound`), what the bot says (`Message` with its `Button`s and `Link`), and a committed
+message handed to a channel (`Delivery`). Defined in bot/, so the engine and the stores
+depend on no channel; channels/base.py re-exports them."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+
+@dataclass(frozen=True)
+class Button:
+    """A choice shown to the user; `payload` comes back in `Inbound.payload` when pressed.
+
+    Payloads are short ASCII (at most 40 bytes), so they fit Telegram's 64-byte
+    callback_data and Twilio's quick-reply ids whatever the labels are.
+    """
+
+    label: str
+    payload: str
+
+
+@dataclass(frozen=True)
+class Link:
+    """A button that opens a web page (the WebView block)."""
+
+    url: str
+    label: str
+    web_app: bool = False  # Telegram: open as a Mini App instead of a browser link
+
+
+@dataclass(frozen=True)
+class Message:
+    """One outgoing message. `text` is plain text: channels escape it for their markup."""
+
+    text: str
+    buttons: tuple[Button, ...] = ()
+    link: Link | None = None
+
+    def to_json(self) -> str:
+        doc: dict[str, Any] = {"text": self.text}
+        if self.buttons:
+            doc["buttons"] = [[b.label, b.payload] for b in self.buttons]
+        if self.link is not None:
+            doc["link"] = [self.link.url, self.link.label, self.link.web_app]
+        return json.dumps(doc, ensure_ascii=False, separators=(",", ":"))
+
+    @classmethod
+    def from_json(cls, raw: str) -> Message:
+        doc = json.loads(raw)
+        link = doc.get("link")
+        return cls(
+            text=doc["text"],
+            buttons=tuple(Button(label, payload) for label, payload in doc.get("buttons", ())),
+            link=Link(link[0], link[1], bool(link[2])) if link else None,
+        )
+
+
+@dataclass(frozen=True)
+class Delivery:
+    """A committed outbox row handed to a channel: deliver `message` to `user_id`."""
+
+    id: int
+    conversation_id: int
+    user_id: str
+    message: Message
+
+
+@dataclass(frozen=True)
+class Inbound:
+    """Something a user did, translated from a platform payload. No decisions made yet."""
+
+    channel: str
+    user_id: str  # the address replies go to: Telegram chat id, "whatsapp:+…", web session id
+    text: str = ""
+    payload: str | None = None  # the `Button.payload` of a pressed button
+    user_name: str = ""
+    event_id: str | None = None  # platform id for dedupe, e.g. "telegram:123456"
+    variables: Mapping[str, str] = field(default_factory=dict)  # extra flow variables (media)

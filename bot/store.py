@@ -1,0 +1,161 @@
+"""The storage contract: what the ledger, the timer, the outbox and the channels ask of a
+store. storage/ implements it (SQLite, PostgreSQL); nothing outside storage/ imports a
+database driver.
+
+Every method runs *inside* a transaction the backend's worker opened, and none commits:
+a job (`fn(store, *args)`, see bot/runtime.py's `Worker`) is a unit the worker commits,
+or undoes alone. Arguments and answers are plain data (the domain types of bot/state.py
+and bot/messages.py), so a job can cross to a database process and back pickled.
+
+Rules every backend keeps:
+- a transition locks its conversation first, then its wait (new conversations are
+  created insert-if-absent): one lock order, no deadlocks;
+- a wait is resolved by one conditional update of a pending row (`claim`), so callback,
+  webhook and timer get exactly one winner;
+- deadlines are compared with the backend's clock for the transaction (`now`, see
+  `transaction_time`), never a node's;
+- a job holds no connection across a network send: the outbox claims rows in one job,
+  sends outside any transaction, and marks them in another.
+
+Times are seconds since the epoch (float).
+"""
+
+from __future__ import annotations
+
+from contextlib import AbstractContextManager
+from typing import Protocol
+
+from bot.messages import Delivery
+from bot.state import Conversation, OutboxRow, Step, Wait
+
+__all__ = ["Conversation", "Delivery", "OutboxRow", "Step", "Store", "Wait"]
+
+FINAL_STATES = ("success", "error", "expired", "failure", "done", "cancelled")
+"""The states a wait ends in; `pending` is the only other one."""
+
+
+class Store(Protocol):
+    """One backend's view of the database, inside the current transaction. Explicitly
+    subclassed by the backends and by `bot.ledger.Ledger` (a mixin over it)."""
+
+    def close(self) -> None:
+        """Release the connection(s). Not a job."""
+        ...
+
+    def transaction_time(self, now: float) -> float:
+        """The time this transaction runs at, in seconds: `now` (the caller's clock) on a
+        backend whose clock is the node's (SQLite), the database's clock otherwise, so a
+        node with a wrong clock can neither fire a timer early nor let a late call win."""
+        ...
+
+    def savepoint(self) -> AbstractContextManager[None]:
+        """Inside a job: a block undone alone if it raises (the job goes on)."""
+        ...
+
+    def transaction(self) -> AbstractContextManager[Store]:
+        """One transaction outside any worker (CLI, tests, benchmarks' setup)."""
+        ...
+
+    # -- inbound events ---------------------------------------------------------------
+
+    def record_event(self, event_id: str, now: float) -> bool:
+        """Remember an inbound event id; False when it was seen before (a redelivery)."""
+        ...
+
+    # -- conversations ----------------------------------------------------------------
+
+    def conversation(self, channel: str, user_id: str, new_key: str, now: float) -> Conversation:
+        """The conversation of this user on this channel, locked for this transaction;
+        created (not started, with `new_key`) if there is none."""
+        ...
+
+    def conversation_by_id(self, conversation_id: int) -> Conversation | None:
+        """The conversation with this id, locked for this transaction; None if unknown."""
+        ...
+
+    def conversation_by_key(self, key: str) -> Conversation | None:
+        """The conversation whose `conversation_key` is `key`, locked; None if unknown."""
+        ...
+
+    def save(self, conv: Conversation, step: Step, now: float) -> None:
+        """Persist one step: the conversation (optimistic on `conv.version`, which it
+        bumps; raises `bot.errors.StaleState` if the row moved), the wait it cancels, its
+        new waits and its messages (outbox rows), all in this transaction."""
+        ...
+
+    # -- waits ------------------------------------------------------------------------
+
+    def wait(self, wait_id: str) -> Wait | None:
+        """The wait with this id, whatever its state; None if unknown."""
+        ...
+
+    def claim(self, wait_id: str, outcome: str, now: float, *, due: bool) -> bool:
+        """Move a pending wait to `outcome`: the one conditional update that decides.
+        `due=False` (a callback, a webhook) wins only before the deadline, `due=True`
+        (the timer) only at or after it. True: this caller won."""
+        ...
+
+    def due_waits(self, now: float, limit: int) -> list[tuple[str, str]]:
+        """(id, kind) of up to `limit` pending waits whose deadline is at or before `now`,
+        earliest first."""
+        ...
+
+    def next_deadline(self) -> float | None:
+        """The earliest deadline of a pending wait; None when nothing waits."""
+        ...
+
+    def pending_http_waits(self) -> list[Wait]:
+        """Pending `http` waits (their requests are sent again after a restart)."""
+        ...
+
+    # -- outbox -----------------------------------------------------------------------
+
+    def pending_deliveries(self, now: float, limit: int, channel: str | None = None
+                           ) -> list[OutboxRow]:
+        """Due rows in id order, leaving out every conversation whose earlier row still
+        waits for a retry (per-conversation order is kept)."""
+        ...
+
+    def pending_by_channel(self, channels: list[str], now: float, limit: int
+                           ) -> list[OutboxRow]:
+        """A window of due rows per channel, so one platform's backlog hides no other's."""
+        ...
+
+    def next_delivery_time(self) -> float | None:
+        """When the earliest pending outbox row is due; None when none is pending."""
+        ...
+
+    def mark_sent(self, outbox_id: int, now: float, platform_id: str | None = None) -> None:
+        """A row was delivered (`platform_id`: the platform's message id, if any)."""
+        ...
+
+    def mark_all_sent(self, rows: list[tuple[int, float, str | None]]) -> None:
+        """`mark_sent` for each (outbox id, when, platform id)."""
+        ...
+
+    def mark_retry(self, outbox_id: int, next_attempt: float, error: str) -> None:
+        """A delivery failed transiently: try again at `next_attempt`."""
+        ...
+
+    def mark_failed(self, outbox_id: int, error: str) -> None:
+        """A delivery failed for good."""
+        ...
+
+    def set_platform_status(self, platform_id: str, status: str, error: str | None,
+                            now: float) -> bool:
+        """A platform's delivery status for its message `platform_id`. False: no row has
+        that id yet (the status is kept for the commit that may still bring it)."""
+        ...
+
+    def web_history(self, user_id: str, after_id: int, limit: int = 200,
+                    newest: bool = False) -> list[Delivery]:
+        """Web chat messages already sent to one session, in id order: the first `limit`
+        after `after_id`, or with `newest` the last `limit`."""
+        ...
+
+    # -- operators --------------------------------------------------------------------
+
+    def counts(self) -> dict[str, int]:
+        """Waits and outbox rows by state (`waits_pending`, `outbox_sent`, …) and
+        `conversations`."""
+        ...
