@@ -8,6 +8,8 @@ method of the contract class (`Store.counts`) would run the Protocol's empty bod
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 from bot.messages import Delivery
 from bot.state import Conversation, OutboxRow, Wait
 from bot.store import Store
@@ -35,12 +37,12 @@ def next_deadline(store: Store) -> float | None:
 
 
 def pending_by_channel(store: Store, channels: list[str], now: float,
-                       limit: int) -> list[OutboxRow]:
-    return store.pending_by_channel(channels, now, limit)
+                       limit: int, skip: Sequence[int] = ()) -> list[OutboxRow]:
+    return store.pending_by_channel(channels, now, limit, skip)
 
 
-def next_delivery_time(store: Store) -> float | None:
-    return store.next_delivery_time()
+def next_delivery_time(store: Store, now: float) -> float | None:
+    return store.next_delivery_time(now)
 
 
 def mark_all_sent(store: Store, rows: list[tuple[int, float, str | None]]) -> None:

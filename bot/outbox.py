@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import random
+from collections import Counter
 from collections.abc import Coroutine, Mapping
 from typing import TYPE_CHECKING, Any
 
@@ -87,31 +88,45 @@ class Outbox:
         self._wake.set()
 
     async def run(self) -> None:
+        """Deliver until cancelled. A pass runs when a commit wrote messages, a delivery
+        finished, a retry fell due, or the last pass left rows unread (its window was
+        full); else every 30 s, for rows another node committed."""
         while True:
             self._wake.clear()
             try:
-                await self.pass_once()
-                nxt = await self.worker.run(jobs.next_delivery_time)
+                more = await self.pass_once()
+                nxt = None if more else await self.worker.run(
+                    jobs.next_delivery_time, self.clock.now())
             except Exception:
                 log.exception("outbox pass failed; trying again in 1 s")
-                nxt = self.clock.now() + 1
-            delay = 30.0 if nxt is None else min(30.0, max(0.05, nxt - self.clock.now()))
+                more, nxt = False, self.clock.now() + 1
+            if more:
+                delay = 0.0
+            elif nxt is None:
+                delay = 30.0
+            else:
+                delay = min(30.0, max(0.05, nxt - self.clock.now()))
             try:
                 await asyncio.wait_for(self._wake.wait(), timeout=delay)
             except TimeoutError:
                 pass
 
-    async def pass_once(self) -> None:
-        """Start delivering every due row of conversations not already being delivered."""
+    async def pass_once(self) -> bool:
+        """Start delivering every due row of conversations not already being delivered;
+        True when a channel's window was full (more rows may be due)."""
         rows: list[OutboxRow] = await self.worker.run(
-            jobs.pending_by_channel, list(self.channels), self.clock.now(), BATCH)
+            jobs.pending_by_channel, list(self.channels), self.clock.now(), BATCH,
+            sorted(self._busy))
         by_conv: dict[int, list[OutboxRow]] = {}
+        per_channel: Counter[str] = Counter()
         for row in rows:
+            per_channel[row.channel] += 1
             if row.conversation_id not in self._busy:
                 by_conv.setdefault(row.conversation_id, []).append(row)
         for cid, conv_rows in by_conv.items():
             self._busy.add(cid)
             self._spawn(self._deliver(cid, conv_rows))
+        return any(n >= BATCH for n in per_channel.values())
 
     async def drain(self) -> None:
         """Deliver until nothing due is left (tests, shutdown)."""

@@ -22,6 +22,7 @@ Times are seconds since the epoch (float).
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from contextlib import AbstractContextManager
 from typing import Protocol
 
@@ -32,6 +33,8 @@ __all__ = ["Conversation", "Delivery", "OutboxRow", "Step", "Store", "Wait"]
 
 FINAL_STATES = ("success", "error", "expired", "failure", "done", "cancelled")
 """The states a wait ends in; `pending` is the only other one."""
+PER_CONVERSATION = 50
+"""Rows of one conversation an outbox pass reads: the rest wait for a later pass."""
 
 
 class Store(Protocol):
@@ -110,19 +113,23 @@ class Store(Protocol):
 
     # -- outbox -----------------------------------------------------------------------
 
-    def pending_deliveries(self, now: float, limit: int, channel: str | None = None
+    def pending_deliveries(self, now: float, limit: int, channel: str | None = None,
+                           skip: Sequence[int] = (), per_conversation: int = PER_CONVERSATION
                            ) -> list[OutboxRow]:
-        """Due rows in id order, leaving out every conversation whose earlier row still
-        waits for a retry (per-conversation order is kept)."""
+        """Due rows in id order, at most `per_conversation` of each conversation, leaving
+        out the conversations in `skip` (being delivered) and every conversation whose
+        earlier row still waits for a retry (per-conversation order is kept): a backlog
+        held back by its own chat's rate limit never hides another chat's rows."""
         ...
 
-    def pending_by_channel(self, channels: list[str], now: float, limit: int
-                           ) -> list[OutboxRow]:
+    def pending_by_channel(self, channels: list[str], now: float, limit: int,
+                           skip: Sequence[int] = ()) -> list[OutboxRow]:
         """A window of due rows per channel, so one platform's backlog hides no other's."""
         ...
 
-    def next_delivery_time(self) -> float | None:
-        """When the earliest pending outbox row is due; None when none is pending."""
+    def next_delivery_time(self, now: float) -> float | None:
+        """The earliest retry after `now`; None when none is scheduled. Rows already due
+        need no timer: the outbox reads them when a commit or a delivery wakes it."""
         ...
 
     def mark_sent(self, outbox_id: int, now: float, platform_id: str | None = None) -> None:

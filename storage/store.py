@@ -12,7 +12,7 @@ from __future__ import annotations
 import json
 import math
 import sqlite3
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -25,7 +25,7 @@ from bot.errors import StaleState
 from bot.ledger import Ledger, WebViewCheck
 from bot.messages import Delivery, Message
 from bot.state import Conversation, OutboxRow, Step, Wait
-from bot.store import FINAL_STATES
+from bot.store import FINAL_STATES, PER_CONVERSATION
 from storage.schema import migrations
 
 __all__ = ["FINAL_STATES", "OutboxRow", "SQLiteLedger", "SQLiteStore", "Store", "read_counts"]
@@ -203,31 +203,52 @@ class SQLiteStore(contract.Store):
 
     # -- outbox -----------------------------------------------------------------------
 
-    def pending_deliveries(self, now: float, limit: int, channel: str | None = None
+    def pending_deliveries(self, now: float, limit: int, channel: str | None = None,
+                           skip: Sequence[int] = (), per_conversation: int = PER_CONVERSATION
                            ) -> list[OutboxRow]:
-        """Due rows in id order, leaving out every conversation whose earlier row still
-        waits for a retry (per-conversation order is kept). Filtered in SQL, so one
-        conversation's backlog never hides the others' rows behind the LIMIT."""
-        rows = self.conn.execute(
-            "SELECT id, channel, conversation_id, user_id, message, attempts FROM outbox o "
+        """Due rows in id order, at most `per_conversation` of each conversation, leaving
+        out the conversations in `skip` (the outbox is delivering them) and every
+        conversation whose earlier row still waits for a retry (per-conversation order is
+        kept). So a conversation held back by its own rate limit never hides the others'
+        rows behind the LIMIT, however long its backlog."""
+        # conversations whose earliest row waiting for a retry blocks the rows after it
+        held = dict(self.conn.execute(
+            "SELECT conversation_id, min(id) FROM outbox INDEXED BY outbox_pending "
+            "WHERE state = 'pending' AND next_attempt > ? GROUP BY conversation_id",
+            (now,)).fetchall())
+        cur = self.conn.execute(
+            "SELECT id, channel, conversation_id, user_id, message, attempts FROM outbox "
             "WHERE state = 'pending' AND next_attempt <= ? AND (? IS NULL OR channel = ?) "
-            "AND NOT EXISTS ("
-            "  SELECT 1 FROM outbox p WHERE p.conversation_id = o.conversation_id"
-            "  AND p.state = 'pending' AND p.id < o.id AND p.next_attempt > ?) "
-            "ORDER BY id LIMIT ?", (now, channel, channel, now, limit)).fetchall()
-        return [OutboxRow(oid, channel, cid, user_id, Message.from_json(message), attempts)
-                for oid, channel, cid, user_id, message, attempts in rows]
+            "AND conversation_id NOT IN (SELECT value FROM json_each(?)) ORDER BY id",
+            (now, channel, channel, json.dumps(list(skip))))
+        taken: dict[int, int] = {}
+        out: list[OutboxRow] = []
+        for oid, chan, cid, user_id, message, attempts in cur:
+            n = taken.get(cid, 0)
+            # past its share, a later pass takes the rest of this backlog
+            if n >= per_conversation or oid > held.get(cid, oid):
+                continue
+            taken[cid] = n + 1
+            out.append(OutboxRow(oid, chan, cid, user_id, Message.from_json(message), attempts))
+            if len(out) >= limit:
+                break
+        cur.close()
+        return out
 
-    def pending_by_channel(self, channels: list[str], now: float, limit: int
-                           ) -> list[OutboxRow]:
-        """A window of due rows per channel: a backlog held back by one platform's rate
-        limit must not hide another platform's rows. Rows of a channel not in the list
-        stay pending until it is enabled again."""
-        return [row for name in channels for row in self.pending_deliveries(now, limit, name)]
+    def pending_by_channel(self, channels: list[str], now: float, limit: int,
+                           skip: Sequence[int] = ()) -> list[OutboxRow]:
+        """A window of due rows per channel (see `pending_deliveries`): a backlog held back
+        by one platform's rate limit must not hide another platform's rows. Rows of a
+        channel not in the list stay pending until it is enabled again."""
+        return [row for name in channels
+                for row in self.pending_deliveries(now, limit, name, skip)]
 
-    def next_delivery_time(self) -> float | None:
+    def next_delivery_time(self, now: float) -> float | None:
+        """The earliest retry still in the future. Rows already due need no timer: the
+        outbox reads them on its next pass, which a commit or a finished delivery wakes."""
         row = self.conn.execute(
-            "SELECT min(next_attempt) FROM outbox WHERE state = 'pending'").fetchone()
+            "SELECT min(next_attempt) FROM outbox WHERE state = 'pending' AND next_attempt > ?",
+            (now,)).fetchone()
         return row[0] if row and row[0] is not None else None
 
     def mark_sent(self, outbox_id: int, now: float, platform_id: str | None = None) -> None:

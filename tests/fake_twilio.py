@@ -120,7 +120,8 @@ def payload(name: str) -> str:
 
 def sign(url: str, body: str, token: str = AUTH_TOKEN) -> str:
     """X-Twilio-Signature as Twilio computes it, by twilio's own RequestValidator."""
-    return str(RequestValidator(token).compute_signature(url, MultiDict(parse_qsl(body))))
+    params = MultiDict(parse_qsl(body, keep_blank_values=True))  # Twilio signs blank ones too
+    return str(RequestValidator(token).compute_signature(url, params))
 
 
 def whatsapp_config(tmp_path: Path, flows: str, *, api_base_url: str, server: str = "",
@@ -190,8 +191,10 @@ class TwilioHarness:
 
 @asynccontextmanager
 async def whatsapp_harness(tmp_path: Path, flows: str, *, server: str = "", whatsapp: str = "",
-                           public_url: str = "http://bot.test", prefix: str = ""
-                           ) -> AsyncIterator[TwilioHarness]:
+                           public_url: str = "http://bot.test", prefix: str = "",
+                           real_rate_limit: bool = False) -> AsyncIterator[TwilioHarness]:
+    """Our app with the WhatsApp channel against a FakeTwilio. Without `real_rate_limit`
+    the channel sends without limits (tests deliver everything at once)."""
     twilio = FakeTwilio(ACCOUNT_SID, AUTH_TOKEN)
     await twilio.start()
     config = whatsapp_config(tmp_path, flows, api_base_url=twilio.url, server=server,
@@ -199,8 +202,8 @@ async def whatsapp_harness(tmp_path: Path, flows: str, *, server: str = "", what
 
     def make(config: Config, runtime: Runtime) -> WhatsAppChannel:
         channel = WhatsAppChannel.create(config, runtime)
-        # the real limit waits on the event loop's clock; tests deliver everything at once
-        channel.rate_limit = RateLimit()
+        if not real_rate_limit:  # the real limit waits on the event loop's clock
+            channel.rate_limit = RateLimit()
         return channel
 
     clock = FakeClock()

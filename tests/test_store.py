@@ -159,3 +159,22 @@ def test_an_early_status_waits_for_its_message_and_old_ones_are_dropped(
         "SELECT platform_id, platform_status, error FROM outbox ORDER BY id").fetchall() == [
         ("SM1", "failed", "63016"), ("SM2", "sent", None)]
     assert store.conn.execute("SELECT count(*) FROM early_statuses").fetchone() == (0,)
+
+
+def test_a_backlog_being_delivered_or_over_its_share_leaves_room_for_the_others(
+        store: Store) -> None:
+    """The outbox skips conversations it is delivering, and reads at most
+    `per_conversation` rows of one: a fresh chat's row is in the window however long
+    another chat's backlog is."""
+    with store.transaction():
+        busy = store.conversation("tg", "busy", "KB", 0)
+        fresh = store.conversation("tg", "fresh", "KF", 0)
+        store.save(busy, Step(messages=[Message(f"b{i}") for i in range(600)]), 0)
+        store.save(fresh, Step(messages=[Message("f1")]), 0)
+    assert [r.message.text for r in store.pending_deliveries(0, 500, skip=[busy.id])] == ["f1"]
+    window = store.pending_deliveries(0, 500, per_conversation=50)
+    assert [r.message.text for r in window] == [f"b{i}" for i in range(50)] + ["f1"]
+    assert store.next_delivery_time(0) is None  # all due: the outbox needs no timer
+    with store.transaction():
+        store.mark_retry(window[0].id, 30, "429")
+    assert store.next_delivery_time(0) == 30
