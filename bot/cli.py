@@ -34,6 +34,10 @@ def cmd_check(args: argparse.Namespace) -> int:
     config = _load(args.config)
     blocks = sum(len(f.blocks) for f in config.flows.values())
     print(f"{args.config}: ok ({len(config.flows)} flow(s), {blocks} block(s))")
+    from bot.cli_data import stranded_report
+
+    for line in stranded_report(config):
+        print(line)
     return 0
 
 

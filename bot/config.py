@@ -50,6 +50,15 @@ class BotConfig:
     restart_words: tuple[str, ...] = ("/start",)
     max_steps: int = 100  # blocks run for one event before we call it a loop
     default_pending_message: str = "Please finish the step above first — I'm still waiting for it."
+    # where a conversation goes when the block it stood or waited at is gone from the config
+    stranded_flow: str = ""  # "" = start_flow
+    stranded_message: str = ("Sorry, this conversation was changed while you were in it, "
+                             "so we are starting over.")
+
+    @property
+    def stranded_target(self) -> str:
+        """The flow a stranded conversation is moved to the start of."""
+        return self.stranded_flow or self.start_flow
 
 
 @dataclass(frozen=True)
@@ -99,6 +108,8 @@ def _bot(r: Reader) -> BotConfig:
         restart_words=r.str_list("restart_words", ("/start",)),
         max_steps=r.integer("max_steps", 100, lo=10, hi=10000),
         default_pending_message=r.text("default_pending_message", BotConfig.default_pending_message),
+        stranded_flow=r.text("stranded_flow", ""),
+        stranded_message=r.text("stranded_message", BotConfig.stranded_message),
     )
     r.done()
     return cfg
@@ -140,6 +151,11 @@ def parse_config(doc: dict[str, Any], base: Path, problems: Problems) -> Config:
         problems.error(
             "bot.start_flow",
             f"no flow named {bot.start_flow!r}{did_you_mean(bot.start_flow, raw_flows)}",
+        )
+    if raw_flows and bot.stranded_flow and bot.stranded_flow not in raw_flows:
+        problems.error(
+            "bot.stranded_flow",
+            f"no flow named {bot.stranded_flow!r}{did_you_mean(bot.stranded_flow, raw_flows)}",
         )
     return Config(server, storage, bot, channels, flows, tuple(problems.warnings))
 

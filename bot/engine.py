@@ -115,6 +115,17 @@ class Engine:
             self._run(conv, block.id, step, now)
         return step
 
+    def relocate(self, conv: Conversation, now: float) -> Step:
+        """Move a conversation whose block is gone from the config (see storage/stranded.py)
+        to the start of `bot.stranded_flow`, telling the user `bot.stranded_message` first.
+        Its variables stay; the caller ends its open wait."""
+        step = Step()
+        conv.wait_id = None
+        step.messages.append(Message(render(self.bot.stranded_message, conv.variables)))
+        conv.flow = self.bot.stranded_target
+        self._run(conv, self.flows[conv.flow].start, step, now)
+        return step
+
     def on_wait(self, conv: Conversation, wait: Wait, outcome: str, data: Any, now: float) -> Step:
         """A wait was resolved (callback, webhook, timer). The store made sure only once."""
         step = Step()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -175,6 +176,22 @@ class Flow:
     name: str
     start: str
     blocks: dict[str, Block] = field(default_factory=dict)
+
+
+def wait_kind(block: Block) -> str:
+    """The kind of wait row (bot.state.Wait.kind) this block writes; "" for a block that
+    writes none (a question waits for the user, with no row)."""
+    return _WAIT_KINDS.get(type(block), "")
+
+
+_WAIT_KINDS: dict[type[Block], str] = {
+    WebViewBlock: "webview", WebhookBlock: "webhook", DelayBlock: "delay", HttpBlock: "http"}
+
+
+def live_blocks(flows: Mapping[str, Flow]) -> list[tuple[str, str, str]]:
+    """(flow, block id, wait kind) of every block a config has: what a stored conversation
+    or wait may point at (anything else is stranded, see storage/stranded.py)."""
+    return [(f.name, b.id, wait_kind(b)) for f in flows.values() for b in f.blocks.values()]
 
 
 BLOCK_TYPES: dict[str, type[Block]] = {

@@ -15,13 +15,17 @@ from typing import Any, Protocol
 
 from bot.config import Config
 from bot.engine import Engine, Links
-from bot.errors import Conflict, NotFound
-from bot.flow import Block, WebhookBlock, WebViewBlock
+from bot.errors import Conflict, Gone, NotFound
+from bot.flow import Block, WebhookBlock, WebViewBlock, live_blocks, wait_kind
 from bot.messages import Inbound
 from bot.state import TIMEOUT_OUTCOME, Conversation, Step, Wait
 from bot.store import Store
+from bot.stranded import REMOVED, Stranded
 
 FIRE_BATCH = 500
+STRANDED_BATCH = 200
+GONE_WEBHOOK = ("This conversation no longer waits for this call: the Webhook block it waited "
+                "at was removed from the flow, and the user was moved on. Nothing was applied.")
 
 
 def new_token() -> str:
@@ -69,6 +73,16 @@ class FirePass:
     next_deadline: float | None
 
 
+@dataclass(frozen=True)
+class StrandedPass:
+    """One batch of stranded conversations moved (and orphaned waits ended) at start-up."""
+
+    found: list[Stranded]
+    results: list[Outcome]
+    more: bool
+    errors: list[Exception]
+
+
 class Ledger(Store):
     """The jobs that run the engine inside a transaction. Abstract: a backend's subclass
     also inherits that backend's store and calls both `__init__`s."""
@@ -93,6 +107,9 @@ class Ledger(Store):
         if event.event_id is not None and not self.record_event(event.event_id, now):
             return None
         conv = self.conversation(event.channel, event.user_id, new_token(), now)
+        if self._is_stranded(conv):  # its block is gone: what it wrote was meant for it
+            step = self._relocate(conv, now)
+            return Outcome.of(REMOVED, step)
         step = self.engine.on_message(conv, event, now)
         self.save(conv, step, now)
         return Outcome.of("", step)
@@ -107,7 +124,9 @@ class Ledger(Store):
         if wait.state != "pending":
             return Outcome(wait.state, False)
         conv = self.conversation_by_id(wait.conversation_id)  # locks it: before the wait
-        block = self._block(wait)
+        block = self._live_block(wait)
+        if block is None:
+            return self._strand_wait(wait, conv, now)
         if isinstance(block, WebViewBlock) and block.verify:
             check = self.checks.get(block.verify)
             if check is None or conv is None:
@@ -129,8 +148,14 @@ class Ledger(Store):
                            "flow variable {{conversation_key}} unchanged.")
         wait = self.wait(conv.wait_id) if conv.wait_id else None
         block = self._block(wait) if wait else None
+        if (wait is not None and wait.state == "pending" and wait.kind == "webhook"
+                and self._live_block(wait) is None):
+            self._strand_wait(wait, conv, now)  # committed; the caller hears 410
+            return Outcome(REMOVED, False)
         if (wait is None or wait.state != "pending" or not isinstance(block, WebhookBlock)
                 or wait.deadline <= now):
+            if self.has_removed_webhook(conv.id):
+                raise Gone("gone", GONE_WEBHOOK)
             raise Conflict("not_waiting",
                            "This conversation is not waiting at a Webhook block (it has not "
                            "reached one yet, already got its call, or timed out).")
@@ -172,6 +197,26 @@ class Ledger(Store):
         done = self.fire_due(now)
         return done, (now if done.more else done.next_deadline)
 
+    def move_stranded(self, now: float, limit: int = STRANDED_BATCH) -> StrandedPass:
+        """Up to `limit` conversations whose block is gone from the config, each moved to
+        the start of `bot.stranded_flow` and told so, and pending waits whose block is gone
+        ended (a late callback or webhook then gets 410), each in its own savepoint."""
+        now = self.transaction_time(now)
+        found = self.stranded(live_blocks(self.config.flows), limit)
+        results: list[Outcome] = []
+        errors: list[Exception] = []
+        for s in found:
+            try:
+                with self.savepoint():
+                    conv = self.conversation_by_id(s.conversation_id)
+                    if conv is not None:
+                        results.append(Outcome.of(REMOVED, self._relocate(conv, now)))
+                    elif s.wait_id is not None:
+                        self.end_removed(s.wait_id, now)
+            except Exception as exc:
+                errors.append(exc)
+        return StrandedPass(found, results, len(found) == limit, errors)
+
     # -- inside a job -------------------------------------------------------------------
 
     def _fire(self, wait_id: str, kind: str, now: float) -> Outcome | None:
@@ -180,6 +225,8 @@ class Ledger(Store):
         if wait is None:
             return None
         conv = self.conversation_by_id(wait.conversation_id)  # the lock order: conversation first
+        if wait.state == "pending" and self._live_block(wait) is None:
+            return self._strand_wait(wait, conv, now)
         if not self.claim(wait_id, outcome, now, due=True):
             return None
         return self._transition(wait, conv, outcome, None, now)
@@ -198,6 +245,8 @@ class Ledger(Store):
         """Try to move `wait` to `outcome` before its deadline. If the deadline passed and
         the timer has not fired yet, fire it here, so the late caller's answer and the
         state agree. `conv` (the wait's conversation) is already locked by this job."""
+        if wait.state == "pending" and self._live_block(wait) is None:
+            return self._strand_wait(wait, conv, now)
         if self.claim(wait.id, outcome, now, due=False):
             return self._transition(wait, conv, outcome, data, now)
         timeout = TIMEOUT_OUTCOME[wait.kind]
@@ -211,4 +260,37 @@ class Ledger(Store):
     def _block(self, wait: Wait) -> Block | None:
         flow = self.config.flows.get(wait.flow)
         return flow.blocks.get(wait.block) if flow else None
+
+    def _live_block(self, wait: Wait) -> Block | None:
+        """The wait's block if this config still has it, as a block of the wait's kind."""
+        block = self._block(wait)
+        return block if block is not None and wait_kind(block) == wait.kind else None
+
+    # -- stranded conversations (their block is gone from the config) ---------------------
+
+    def _is_stranded(self, conv: Conversation) -> bool:
+        if conv.wait_id is not None:
+            wait = self.wait(conv.wait_id)
+            return wait is None or wait.state != "pending" or self._live_block(wait) is None
+        if conv.block is None:
+            return False
+        flow = self.config.flows.get(conv.flow)
+        return flow is None or conv.block not in flow.blocks
+
+    def _relocate(self, conv: Conversation, now: float) -> Step:
+        """End the conversation's open wait as removed, move it to `bot.stranded_flow`."""
+        if conv.wait_id is not None:
+            self.end_removed(conv.wait_id, now)
+        step = self.engine.relocate(conv, now)
+        self.save(conv, step, now)
+        return step
+
+    def _strand_wait(self, wait: Wait, conv: Conversation | None, now: float) -> Outcome:
+        """A pending wait whose block is gone: end it, and move the conversation it holds
+        (`conv`, locked by this job). `won` is False: a caller hears 410 `gone`."""
+        self.end_removed(wait.id, now)
+        if conv is None or conv.wait_id != wait.id:
+            return Outcome(REMOVED, False)
+        step = self._relocate(conv, now)
+        return Outcome(REMOVED, False, len(step.messages), step.waits)
 

@@ -15,9 +15,10 @@ import aiohttp
 from bot.clock import Clock
 from bot.config import Config
 from bot.errors import Conflict, Gone, NotFound
-from bot.ledger import FirePass, Ledger, Outcome, Signature, WebViewCheck
+from bot.ledger import GONE_WEBHOOK, FirePass, Ledger, Outcome, Signature, WebViewCheck
 from bot.messages import Inbound
 from bot.state import Wait
+from bot.stranded import REMOVED, Stranded, per_block
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -81,6 +82,10 @@ class Runtime:
         if result.won:
             self.metrics["callbacks_ok"] += 1
             return result.state
+        if result.state == REMOVED:
+            self.metrics["callbacks_410"] += 1
+            raise Gone("gone", "This WebView is no longer waiting: its block was removed from "
+                       "the flow, and the user was moved on. The data was not applied.")
         if result.state in ("expired", "cancelled"):
             self.metrics["callbacks_410"] += 1
             raise Gone(result.state,
@@ -102,6 +107,9 @@ class Runtime:
             self.metrics["webhooks_replayed"] += 1
             return False
         self._after_commit(result)
+        if not result.won and result.state == REMOVED:
+            self.metrics["webhooks_410"] += 1
+            raise Gone("gone", GONE_WEBHOOK)
         if not result.won:
             self.metrics["webhooks_409"] += 1
             raise Conflict("not_waiting", "This conversation is no longer waiting at the "
@@ -123,6 +131,30 @@ class Runtime:
                 raise done.errors[0]
             if not done.more:
                 return fired
+
+    async def move_stranded(self) -> list[Stranded]:
+        """At start: move every conversation whose block the config no longer has to the
+        start of `bot.stranded_flow` (telling its user), and end the waits of removed
+        blocks, in batches; log how many stood where. Returns what was found."""
+        found: list[Stranded] = []
+        while True:
+            done = await self.worker.run(Ledger.move_stranded, self.clock.now())
+            found += done.found
+            for result in done.results:
+                self._after_commit(result)
+            for exc in done.errors:
+                log.error("could not move a stranded conversation: %r", exc)
+            if not done.more or done.errors:
+                break
+        if found:
+            moved = sum(1 for s in found if s.conversation_id)
+            places = ", ".join(f"{place}: {n}" for place, n in per_block(found))
+            log.warning("%d conversation(s) stood at blocks this config no longer has; moved "
+                        "to the start of flow %r and told so. %d wait(s) ended. Where they "
+                        "stood: %s", moved, self.config.bot.stranded_target,
+                        sum(1 for s in found if s.wait_id), places)
+            self.metrics["stranded_moved"] += len(found)
+        return found
 
     def timer_pass_done(self, ok: bool, value: Any) -> None:
         """A pass of the database process's own timer committed (value: a FirePass), or

@@ -177,6 +177,7 @@ def build_app(
     async def lifecycle(app: web.Application) -> AsyncIterator[None]:
         await worker.open()
         runtime.http = aiohttp.ClientSession()
+        await runtime.move_stranded()  # before any channel can bring a message for them
         started: list[Channel] = []
         loops: list[asyncio.Task[None]] = []
         try:

@@ -28,10 +28,11 @@ from typing import Protocol
 
 from bot.messages import Delivery
 from bot.state import Conversation, OutboxRow, Step, Wait
+from bot.stranded import Stranded
 
 __all__ = ["Conversation", "Delivery", "OutboxRow", "Step", "Store", "Wait"]
 
-FINAL_STATES = ("success", "error", "expired", "failure", "done", "cancelled")
+FINAL_STATES = ("success", "error", "expired", "failure", "done", "cancelled", "removed")
 """The states a wait ends in; `pending` is the only other one."""
 PER_CONVERSATION = 50
 """Rows of one conversation an outbox pass reads: the rest wait for a later pass."""
@@ -109,6 +110,23 @@ class Store(Protocol):
 
     def pending_http_waits(self) -> list[Wait]:
         """Pending `http` waits (their requests are sent again after a restart)."""
+        ...
+
+    # -- config changes (bot/stranded.py) ---------------------------------------------
+
+    def stranded(self, live: list[tuple[str, str, str]], limit: int) -> list[Stranded]:
+        """Up to `limit` (-1: all) conversations that stand at a block not in `live` (flow,
+        block, wait kind), or hold a wait that is no longer pending or whose block is gone
+        or writes another kind of wait now; then pending waits of gone blocks that hold no
+        conversation (non-blocking WebViews). Conversations with no block never are."""
+        ...
+
+    def end_removed(self, wait_id: str, now: float) -> None:
+        """End a pending wait as `removed` (its block is gone)."""
+        ...
+
+    def has_removed_webhook(self, conversation_id: int) -> bool:
+        """Whether a Webhook wait of this conversation ended as `removed`."""
         ...
 
     # -- outbox -----------------------------------------------------------------------

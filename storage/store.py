@@ -26,7 +26,9 @@ from bot.ledger import Ledger, WebViewCheck
 from bot.messages import Delivery, Message
 from bot.state import Conversation, OutboxRow, Step, Wait
 from bot.store import FINAL_STATES, PER_CONVERSATION
+from bot.stranded import REMOVED, Stranded
 from storage.schema import migrations
+from storage.stranded import find_stranded
 
 __all__ = ["FINAL_STATES", "OutboxRow", "SQLiteLedger", "SQLiteStore", "Store", "read_counts"]
 
@@ -200,6 +202,21 @@ class SQLiteStore(contract.Store):
         ids = [r[0] for r in self.conn.execute(
             "SELECT id FROM waits WHERE state = 'pending' AND kind = 'http'")]
         return [w for w in map(self.wait, ids) if w is not None]
+
+    # -- config changes -----------------------------------------------------------------
+
+    def stranded(self, live: list[tuple[str, str, str]], limit: int) -> list[Stranded]:
+        return find_stranded(self.conn, live, limit)
+
+    def end_removed(self, wait_id: str, now: float) -> None:
+        self.conn.execute("UPDATE waits SET state = ?, resolved_at = ? "
+                          "WHERE id = ? AND state = 'pending'", (REMOVED, now, wait_id))
+
+    def has_removed_webhook(self, conversation_id: int) -> bool:
+        return self.conn.execute(
+            # the literal state: the partial index waits_removed covers only those rows
+            "SELECT 1 FROM waits WHERE conversation_id = ? AND state = 'removed' "
+            "AND kind = 'webhook' LIMIT 1", (conversation_id,)).fetchone() is not None
 
     # -- outbox -----------------------------------------------------------------------
 
