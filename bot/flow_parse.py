@@ -305,7 +305,11 @@ def parse_flow(name: str, table: Any, problems: Problems) -> Flow | None:
 
 
 def check_references(flow: Flow, flow_names: Collection[str], problems: Problems) -> None:
-    """Every edge points at a block of this flow or at another flow; warn on dead blocks."""
+    """Every edge points at a block of this flow or at another flow; warn on dead blocks.
+
+    A flow with a broken edge gets no "no path reaches it" warnings: what the broken edge
+    was meant to reach is unknown, so they would only echo the one real mistake."""
+    before = len(problems.errors)
     for bid, block in flow.blocks.items():
         for key, target in _edge_keys(block):
             if target is None:
@@ -317,6 +321,8 @@ def check_references(flow: Flow, flow_names: Collection[str], problems: Problems
                     problems.error(place, f"no flow named {other!r}{did_you_mean(other, flow_names)}")
             elif target not in flow.blocks:
                 problems.error(place, f"no block named {target!r}{did_you_mean(target, flow.blocks)}")
+    if len(problems.errors) > before or flow.start not in flow.blocks:
+        return
     live = reachable(flow)
     for bid in flow.blocks:
         if bid not in live:
