@@ -5,11 +5,14 @@ from __future__ import annotations
 import argparse
 import asyncio
 import logging
+import sqlite3
 import sys
+import traceback
 from collections.abc import Sequence
 from dataclasses import replace
+from pathlib import Path
 
-from bot import heap
+from bot import heap, startup
 from bot.config import Config, default_public_url, load_config
 from bot.errors import ConfigError, FlowbotError
 from bot.graph import dot, mermaid
@@ -56,6 +59,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     from aiohttp import web
 
     from bot.server import RUNTIME, build_app, enabled_channels, new_event_loop
+    from storage.process import DatabaseProcessError
 
     config = _load(args.config)
     host = args.host or config.server.host
@@ -65,13 +69,39 @@ def cmd_serve(args: argparse.Namespace) -> int:
         # public_url was derived from the port; links must follow the port actually used
         server = replace(config.server, port=port, public_url=default_public_url(port))
         config = replace(config, server=server)
+    # Checks first, in an order that touches nothing: a run that fails them leaves no
+    # database file and prints no "serving" line.
+    startup.check_secrets(config)
+    db_path = Path(config.storage.path)
+    startup.check_database(db_path)
+    sock = startup.bind(host, port)
+    fresh_db = not db_path.exists()
     app = build_app(config, channel_factories=enabled_channels(config))
     shown = "127.0.0.1" if host in ("0.0.0.0", "::") else host  # noqa: S104 - display only
     where = f"http://{shown}:{port}{config.server.path_prefix}/"
-    print(f"flowbot: serving {args.config} — open {where} to chat", flush=True)
+
+    async def announce(app: web.Application) -> None:
+        # after the database and the channels started; the port is already ours
+        print(f"flowbot: serving {args.config} — open {where} to chat", flush=True)
+
+    app.on_startup.append(announce)
     heap.settle()
-    web.run_app(app, host=host, port=port, print=None, access_log=None,
-                loop=new_event_loop())
+    try:
+        web.run_app(app, sock=sock, print=None, access_log=None, loop=new_event_loop())
+    except BaseException as exc:
+        if fresh_db:  # this run created it and never served: leave no trace
+            for suffix in ("", "-wal", "-shm"):
+                Path(f"{db_path}{suffix}").unlink(missing_ok=True)
+        if isinstance(exc, DatabaseProcessError):
+            raise startup.StartupError(
+                f"cannot open the database {db_path}: {exc.reason} — see docs/operations.md",
+                startup.ENVIRONMENT) from exc
+        if isinstance(exc, sqlite3.Error | OSError):
+            raise startup.StartupError(f"cannot open the database {db_path}: {exc}",
+                                       startup.ENVIRONMENT) from exc
+        raise
+    finally:
+        sock.close()
     if getattr(app[RUNTIME].worker, "died", False):
         print("flowbot: stopped because the database process exited (see the log above)",
               file=sys.stderr)
@@ -106,6 +136,8 @@ def parser() -> argparse.ArgumentParser:
     serve.add_argument("--config", required=True, help="the TOML config file")
     serve.add_argument("--host", help="override server.host")
     serve.add_argument("--port", type=int, help="override server.port")
+    serve.add_argument("--debug", action="store_true",
+                       help="show the traceback of a start-up failure")
     serve.set_defaults(func=cmd_serve)
 
     tg = sub.add_parser("telegram", help="Telegram helpers")
@@ -123,8 +155,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         code: int = args.func(args)
     except FlowbotError as exc:
+        if getattr(args, "debug", False):
+            traceback.print_exc()
         print(f"flowbot: {exc}", file=sys.stderr)
-        return 2
+        return getattr(exc, "exit_code", 2)
     return code
 
 

@@ -46,7 +46,12 @@ def _frame(value: Any) -> bytes:
 
 
 class DatabaseProcessError(RuntimeError):
-    """The database process could not start, or exited under us."""
+    """The database process could not start, or exited under us. `reason`: why, in words
+    (the database's own error when it could not be opened)."""
+
+    def __init__(self, message: str, reason: str = "") -> None:
+        super().__init__(message)
+        self.reason = reason or message
 
 
 class ProcessWorker:
@@ -92,7 +97,8 @@ class ProcessWorker:
             ready = ("error", "it exited while starting; see its log above")
         if ready != ("ready", None):
             await self._reap()
-            raise DatabaseProcessError(f"the database process did not start: {ready[1]}")
+            raise DatabaseProcessError(f"the database process did not start: {ready[1]}",
+                                       reason=str(ready[1]))
         self._reader_task = asyncio.create_task(self._read(reader), name="db-process-reader")
 
     async def run(self, fn: Callable[..., T], *args: Any, urgent: bool = False) -> T:
@@ -237,8 +243,9 @@ def main() -> None:
         factory, timer = pickle.loads(start[1])  # noqa: S301 - from our parent
         store = factory()
     except Exception as exc:
-        log.exception("could not open the database")
-        sock.sendall(_frame(("error", f"{type(exc).__name__}: {exc}")))
+        # the server says it in one line; the traceback only for whoever debugs this
+        log.debug("could not open the database", exc_info=True)
+        sock.sendall(_frame(("error", str(exc) or type(exc).__name__)))
         return
 
     def answer(ran: list[Any]) -> None:

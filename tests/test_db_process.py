@@ -128,8 +128,9 @@ async def test_a_dead_database_process_fails_waiting_jobs_and_stops_the_server(
 
 async def test_a_database_that_cannot_open_is_a_clear_start_up_error(tmp_path: Path) -> None:
     worker = ProcessWorker(functools.partial(Store, tmp_path / "missing-dir" / "p.db"))
-    with pytest.raises(DatabaseProcessError, match="did not start: OperationalError"):
+    with pytest.raises(DatabaseProcessError, match="did not start: unable to open") as info:
         await worker.open()
+    assert info.value.reason == "unable to open database file"
 
 
 def test_serve_exits_1_when_its_database_process_dies_and_ends_it_on_kill_9(

@@ -1,0 +1,142 @@
+"""What `flowbot serve` checks before it touches anything: secrets, the port, the database.
+
+Each failure is a `StartupError`: one or two lines saying what is wrong and what to do, and
+the exit code a supervisor can act on — 2 when the configuration is wrong (restarting will
+not help), 1 when the environment is (a busy port, a read-only disk). The checks run before
+the database is opened, so a run that fails them leaves no database file behind.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import socket
+import sqlite3
+from pathlib import Path
+
+from bot.config import Config
+from bot.errors import FlowbotError
+from bot.flow import WebhookBlock
+
+CONFIG = 2
+ENVIRONMENT = 1
+
+
+class StartupError(FlowbotError):
+    """`flowbot serve` cannot start. `exit_code`: 2 configuration, 1 environment."""
+
+    def __init__(self, message: str, exit_code: int = ENVIRONMENT) -> None:
+        super().__init__(message)
+        self.exit_code = exit_code
+
+
+def missing_secrets(config: Config, environ: dict[str, str] | None = None) -> list[str]:
+    """The environment variables the config names for secrets that are empty or unset, each
+    with the place that names it (`channels.telegram.token_env`)."""
+    env = os.environ if environ is None else environ
+    wanted: list[tuple[str, str]] = []
+    tg = config.channels.telegram
+    if tg.enabled:
+        wanted.append(("channels.telegram.token_env", tg.token_env))
+        if tg.mode == "webhook":
+            wanted.append(("channels.telegram.secret_env", tg.secret_env))
+    wa = config.channels.whatsapp
+    if wa.enabled:
+        wanted.append(("channels.whatsapp.auth_token_env", wa.auth_token_env))
+    for flow in config.flows.values():
+        for bid, block in flow.blocks.items():
+            if isinstance(block, WebhookBlock) and block.secret_env:
+                wanted.append((f"flows.{flow.name}.blocks.{bid}.secret_env", block.secret_env))
+    return [f"{name} (named by {place})" for place, name in wanted if not env.get(name)]
+
+
+def check_secrets(config: Config) -> None:
+    """Raise StartupError (exit 2) naming every secret variable that is empty."""
+    missing = missing_secrets(config)
+    if len(missing) == 1:
+        name = missing[0].split(" ", 1)[0]
+        raise StartupError(f"the environment variable {missing[0]} is empty — "
+                           f"export {name}=… before starting flowbot", CONFIG)
+    if missing:
+        raise StartupError("these environment variables are empty: " + ", ".join(missing)
+                           + " — export them before starting flowbot", CONFIG)
+
+
+def bind(host: str, port: int) -> socket.socket:
+    """The listening socket, bound before anything else happens, so a busy port is found
+    before the database is opened and "serving" is printed only when it is ours."""
+    try:
+        infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
+    except socket.gaierror as exc:
+        raise StartupError(f"cannot listen on {host!r}: {exc.strerror} — check server.host "
+                           "or --host", CONFIG) from None
+    family, kind, proto, _, address = infos[0]
+    sock = socket.socket(family, kind, proto)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind(address)
+        sock.listen(128)
+    except OSError as exc:
+        sock.close()
+        raise StartupError(_bind_problem(host, port, exc), ENVIRONMENT) from None
+    sock.setblocking(False)
+    return sock
+
+
+def _bind_problem(host: str, port: int, exc: OSError) -> str:
+    if exc.errno == errno.EADDRINUSE:
+        return (f"port {port} on {host} is in use — stop the other process or pass "
+                "--port (or set server.port)")
+    if exc.errno == errno.EACCES:
+        return (f"no permission to listen on port {port} — ports below 1024 need root; "
+                "use a higher port behind a reverse proxy (see docs/deploy.md)")
+    if exc.errno == errno.EADDRNOTAVAIL:
+        return (f"{host} is not an address of this machine — set server.host to one "
+                "(127.0.0.1, or 0.0.0.0 for every interface)")
+    return f"cannot listen on {host}:{port}: {exc.strerror}"
+
+
+def check_database(path: Path) -> None:
+    """The SQLite file can be opened for writing, or created where it should be; without
+    creating it. Raises StartupError (exit 1)."""
+    where = path.parent
+    if not path.exists():
+        if not where.is_dir():
+            raise StartupError(f"the database directory {where} does not exist — create it, "
+                               "or change storage.path", ENVIRONMENT)
+        if not os.access(where, os.W_OK | os.X_OK):
+            raise StartupError(f"cannot create the database {path}: no permission to write "
+                               f"in {where} — fix its permissions or change storage.path",
+                               ENVIRONMENT)
+        return
+    if path.is_dir():
+        raise StartupError(f"the database {path} is a directory — storage.path must name a "
+                           "file", CONFIG)
+    if not os.access(path, os.R_OK | os.W_OK):
+        raise StartupError(f"cannot open the database {path} for writing: permission denied — "
+                           f"make it readable and writable by this user ({_user()})",
+                           ENVIRONMENT)
+    if not os.access(where, os.W_OK | os.X_OK):
+        # SQLite's WAL mode needs the -wal and -shm files next to the database
+        raise StartupError(f"cannot write in {where}, where the database keeps its -wal and "
+                           "-shm files — make the directory writable by this user "
+                           f"({_user()})", ENVIRONMENT)
+    try:
+        conn = sqlite3.connect(f"file:{path}?mode=ro", uri=True, timeout=5)
+        try:
+            conn.execute("PRAGMA schema_version").fetchone()
+        finally:
+            conn.close()
+    except sqlite3.DatabaseError as exc:
+        raise StartupError(f"the database {path} is unreadable ({exc}) — restore it from a "
+                           "backup or move it away to start with an empty one", ENVIRONMENT)\
+            from None
+
+
+def _user() -> str:
+    try:
+        import pwd
+
+        return pwd.getpwuid(os.geteuid()).pw_name
+    except (ImportError, KeyError):
+        return str(os.geteuid())
