@@ -13,20 +13,30 @@ from dataclasses import replace
 from pathlib import Path
 
 from bot import heap, startup
-from bot.config import Config, default_public_url, load_config
+from bot.config import Config, default_public_url, load_config, read_config
 from bot.errors import ConfigError, FlowbotError
 from bot.graph import dot, mermaid
+
+
+def _count(items: Sequence[str], word: str) -> str:
+    return f"{len(items)} {word}" + ("" if len(items) == 1 else "s")
+
+
+def _report(path: str, errors: Sequence[str], warnings: Sequence[str]) -> None:
+    """Every problem, errors first, under a header that counts what it lists."""
+    print(f"{path}: {_count(errors, 'error')}"
+          + (f", {_count(warnings, 'warning')}" if warnings else "") + ":", file=sys.stderr)
+    for line in errors:
+        print(f"  error: {line}", file=sys.stderr)
+    for line in warnings:
+        print(f"  warning: {line}", file=sys.stderr)
 
 
 def _load(path: str) -> Config:
     try:
         config = load_config(path)
     except ConfigError as exc:
-        print(f"{path}: {len(exc.errors)} problem(s):", file=sys.stderr)
-        for line in exc.errors:
-            print(f"  error: {line}", file=sys.stderr)
-        for line in exc.warnings:
-            print(f"  warning: {line}", file=sys.stderr)
+        _report(path, exc.errors, exc.warnings)
         raise SystemExit(2) from None
     for line in config.warnings:
         print(f"warning: {line}", file=sys.stderr)
@@ -45,14 +55,24 @@ def cmd_check(args: argparse.Namespace) -> int:
 
 
 def cmd_graph(args: argparse.Namespace) -> int:
-    config = _load(args.config)
+    """Draws the flow even when the config has errors (broken edges in red), so an admin
+    sees what they broke; the problems go to stderr and the exit code is then 2."""
+    config, problems = read_config(args.config)
+    if config is None:
+        _report(args.config, problems.errors, problems.warnings)
+        return 2
+    if problems.errors:
+        _report(args.config, problems.errors, problems.warnings)
     name = args.flow or config.bot.start_flow
     flow = config.flows.get(name)
     if flow is None:
         print(f"no flow named {name!r}; flows: {', '.join(config.flows)}", file=sys.stderr)
         return 2
-    sys.stdout.write(dot(flow) if args.format == "dot" else mermaid(flow))
-    return 0
+    unreadable = {b.split(".", 1)[1] for b in problems.unreadable
+                  if b.split(".", 1)[0] == name}
+    draw = dot if args.format == "dot" else mermaid
+    sys.stdout.write(draw(flow, unreadable, config.flows))
+    return 2 if problems.errors else 0
 
 
 def cmd_serve(args: argparse.Namespace) -> int:

@@ -115,15 +115,32 @@ def _bot(r: Reader) -> BotConfig:
     return cfg
 
 
-def _find_literal_secrets(value: Any, place: str, problems: Problems) -> None:
+def _find_literal_secrets(value: Any, place: str, found: list[str]) -> list[str]:
+    """The places of strings that look like a bot token."""
     if isinstance(value, dict):
         for k, v in value.items():
-            _find_literal_secrets(v, f"{place}.{k}" if place else k, problems)
+            _find_literal_secrets(v, f"{place}.{k}" if place else k, found)
     elif isinstance(value, list):
         for i, v in enumerate(value):
-            _find_literal_secrets(v, f"{place}.{i}", problems)
+            _find_literal_secrets(v, f"{place}.{i}", found)
     elif isinstance(value, str) and _LITERAL_SECRET.search(value):
-        problems.error(place, "looks like a bot token; keep secrets in environment variables")
+        found.append(place)
+    return found
+
+
+def _report_literal_secrets(doc: dict[str, Any], problems: Problems) -> None:
+    """One message per line holding a token: `token = "…"` already says where it goes;
+    a token in `token_env` is told to move (without echoing it); any other place gets
+    the generic message."""
+    for place in _find_literal_secrets(doc, "", []):
+        if any("secrets are not written in the config" in e for e in problems.at_place(place)):
+            continue
+        if place.endswith("_env"):
+            problems.only(place, "holds what looks like a bot token; put the token in an "
+                                 "environment variable and write that variable's name here")
+        else:
+            problems.only(place, "looks like a bot token; keep secrets in environment "
+                                 "variables")
 
 
 def parse_config(doc: dict[str, Any], base: Path, problems: Problems) -> Config:
@@ -134,7 +151,7 @@ def parse_config(doc: dict[str, Any], base: Path, problems: Problems) -> Config:
     channels = parse_channels(r.table_("channels"), problems, base)
     raw_flows = r.table_("flows")
     r.done()
-    _find_literal_secrets(doc, "", problems)
+    _report_literal_secrets(doc, problems)
 
     flows: dict[str, Flow] = {}
     for name, table in raw_flows.items():
@@ -162,17 +179,25 @@ def parse_config(doc: dict[str, Any], base: Path, problems: Problems) -> Config:
 
 def load_config(path: str | Path) -> Config:
     """Read and validate a config file; raise `ConfigError` listing every problem."""
+    config, problems = read_config(path)
+    if config is None or problems.errors:
+        raise ConfigError(problems.errors, problems.warnings)
+    return config
+
+
+def read_config(path: str | Path) -> tuple[Config | None, Problems]:
+    """Read a config file as far as it goes, errors or not (`graph` draws a broken one).
+    None when the file cannot be read or is not TOML; the problems say why."""
     path = Path(path)
+    problems = Problems()
     try:
         text = path.read_text(encoding="utf-8")
     except OSError as exc:
-        raise ConfigError([f"{path}: cannot read it ({exc.strerror})"], []) from None
+        problems.errors.append(f"{path}: cannot read it ({exc.strerror})")
+        return None, problems
     try:
         doc = tomllib.loads(text)
     except tomllib.TOMLDecodeError as exc:
-        raise ConfigError([f"{path}: not valid TOML: {exc}"], []) from None
-    problems = Problems()
-    config = parse_config(doc, path.resolve().parent, problems)
-    if problems.errors:
-        raise ConfigError(problems.errors, problems.warnings)
-    return config
+        problems.errors.append(f"{path}: not valid TOML: {exc}")
+        return None, problems
+    return parse_config(doc, path.resolve().parent, problems), problems

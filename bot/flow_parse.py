@@ -294,6 +294,7 @@ def parse_flow(name: str, table: Any, problems: Problems) -> Flow | None:
         kind = br.text("type", choices=tuple(_PARSERS))
         parser = _PARSERS.get(kind)
         if parser is None:
+            problems.unreadable.add(f"{name}.{bid}")
             continue
         blocks[bid] = parser(br, bid)
         br.done()
@@ -307,9 +308,13 @@ def parse_flow(name: str, table: Any, problems: Problems) -> Flow | None:
 def check_references(flow: Flow, flow_names: Collection[str], problems: Problems) -> None:
     """Every edge points at a block of this flow or at another flow; warn on dead blocks.
 
-    A flow with a broken edge gets no "no path reaches it" warnings: what the broken edge
-    was meant to reach is unknown, so they would only echo the one real mistake."""
+    A flow with a broken edge or a block that could not be read gets no "no path reaches
+    it" warnings: where those lead is unknown, so the warnings would only echo the one
+    real mistake. An edge to a block that exists but could not be read is not an error of
+    its own (that block's error says what is wrong)."""
     before = len(problems.errors)
+    unreadable = {b.split(".", 1)[1] for b in problems.unreadable
+                  if b.split(".", 1)[0] == flow.name}
     for bid, block in flow.blocks.items():
         for key, target in _edge_keys(block):
             if target is None:
@@ -319,9 +324,9 @@ def check_references(flow: Flow, flow_names: Collection[str], problems: Problems
                 other = target.removeprefix(FLOW_TARGET_PREFIX)
                 if other not in flow_names:
                     problems.error(place, f"no flow named {other!r}{did_you_mean(other, flow_names)}")
-            elif target not in flow.blocks:
+            elif target not in flow.blocks and target not in unreadable:
                 problems.error(place, f"no block named {target!r}{did_you_mean(target, flow.blocks)}")
-    if len(problems.errors) > before or flow.start not in flow.blocks:
+    if len(problems.errors) > before or unreadable or flow.start not in flow.blocks:
         return
     live = reachable(flow)
     for bid in flow.blocks:

@@ -20,6 +20,24 @@ class Problems:
     def __init__(self) -> None:
         self.errors: list[str] = []
         self.warnings: list[str] = []
+        # "flow.block" of blocks that exist but could not be read (a wrong `type`): edges
+        # to them are not errors of their own, and what they lead to is unknown
+        self.unreadable: set[str] = set()
+
+    def at_place(self, place: str) -> list[str]:
+        """The errors reported at exactly this place."""
+        return [e for e in self.errors if e.split(": ", 1)[0] == place]
+
+    def only(self, place: str, text: str) -> None:
+        """Make `text` the one error at `place`, where the first of any others stood."""
+        where = [i for i, e in enumerate(self.errors) if e.split(": ", 1)[0] == place]
+        line = f"{place}: {text}"
+        if not where:
+            self.errors.append(line)
+            return
+        self.errors[where[0]] = line
+        for i in reversed(where[1:]):
+            del self.errors[i]
 
     def error(self, place: str, text: str) -> None:
         self.errors.append(f"{place}: {text}")
@@ -133,7 +151,14 @@ class Reader:
         return self._get(key, default)
 
     def done(self) -> None:
+        """Report the keys nobody asked for. An unknown key that is a near miss of a missing
+        required one (`timout` for `timeout`) is one problem, not two."""
         for key in self.table:
             if key not in self._seen:
                 known = sorted(self._seen)
-                self.problems.error(self.at(key), f"unknown key{did_you_mean(key, known)}")
+                hint = did_you_mean(key, known)
+                close = difflib.get_close_matches(key, known, n=1, cutoff=0.6)
+                required = f"{self.at(close[0])}: is required" if close else ""
+                if required in self.problems.errors:
+                    self.problems.errors.remove(required)
+                self.problems.error(self.at(key), f"unknown key{hint}")

@@ -173,7 +173,7 @@ def test_check_exits_2_and_lists_problems_without_traceback(tmp_path: Path) -> N
     assert "error: flows.main.blocks.webhook_intro.timeout: must be 1..300, not 900" in proc.stderr
     # payment_expired is unreachable only because of the typo: no second message about it
     assert "no path from the start reaches it" not in proc.stderr
-    assert proc.stderr.splitlines()[0].endswith(": 2 problem(s):")
+    assert proc.stderr.splitlines()[0].endswith(": 2 errors:")
     assert len(proc.stderr.splitlines()) == 3
     missing = subprocess.run([sys.executable, "-m", "bot.cli", "check", "--config", "nope.toml"],
                              capture_output=True, text=True, cwd=tmp_path)
@@ -237,3 +237,104 @@ def test_every_cli_command_has_help() -> None:
         proc = subprocess.run([sys.executable, "-m", "bot.cli", *args], capture_output=True,
                               text=True, cwd=ROOT)
         assert proc.returncode == 0 and "usage: flowbot" in proc.stdout
+
+
+# -- one problem, one message (issue 16) ------------------------------------------------
+
+def _check(tmp_path: Path, text: str) -> list[str]:
+    path = tmp_path / "c.toml"
+    path.write_text(text)
+    proc = subprocess.run([sys.executable, "-m", "bot.cli", "check", "--config", str(path)],
+                          capture_output=True, text=True, cwd=ROOT)
+    assert proc.returncode == 2
+    lines = proc.stderr.splitlines()
+    # the header counts exactly the lines below it
+    errors = [x for x in lines[1:] if x.startswith("  error: ")]
+    warnings = [x for x in lines[1:] if x.startswith("  warning: ")]
+    assert len(errors) + len(warnings) == len(lines) - 1
+    header = f"{path}: {len(errors)} error{'s' if len(errors) != 1 else ''}"
+    if warnings:
+        header += f", {len(warnings)} warning{'s' if len(warnings) != 1 else ''}"
+    assert lines[0] == header + ":"
+    return lines[1:]
+
+
+@pytest.mark.parametrize(("before", "after", "expected"), [
+    ('next = "ask_name"', 'next = "ask_nme"',
+     "flows.main.blocks.hello.next: no block named 'ask_nme' (did you mean 'ask_name'?)"),
+    ('type = "set"', 'type = "sett"',
+     "flows.main.blocks.price.type: must be one of message, input, buttons, condition, set, "
+     "http, delay, jump, end, webview, webhook, not 'sett' (did you mean 'set'?)"),
+    ("timeout = 300", "timout = 300",
+     "flows.main.blocks.webhook_intro.timout: unknown key (did you mean 'timeout'?)"),
+    ('token_env = "TELEGRAM_BOT_TOKEN"', 'token_env = "123456789:AAEabcdefghijklmnopqrstuvwxyz012345"',
+     "channels.telegram.token_env: holds what looks like a bot token; put the token in an "
+     "environment variable and write that variable's name here"),
+    ('token_env = "TELEGRAM_BOT_TOKEN"', 'token = "123456789:AAEabcdefghijklmnopqrstuvwxyz012345"',
+     "channels.telegram.token: secrets are not written in the config; put it in an "
+     "environment variable and name it with `token_env`"),
+], ids=["typo-in-next", "type-sett", "timout", "token-in-token_env", "literal-token"])
+def test_one_mistake_is_one_message(tmp_path: Path, before: str, after: str,
+                                    expected: str) -> None:
+    text = EXAMPLE.read_text()
+    assert before in text
+    assert _check(tmp_path, text.replace(before, after, 1)) == [f"  error: {expected}"]
+
+
+def test_a_token_is_never_echoed(tmp_path: Path) -> None:
+    token = "123456789:AAEabcdefghijklmnopqrstuvwxyz012345"
+    lines = _check(tmp_path, EXAMPLE.read_text().replace('token_env = "TELEGRAM_BOT_TOKEN"',
+                                                         f'token_env = "{token}"'))
+    assert token not in "\n".join(lines)
+
+
+def test_two_mistakes_are_two_messages(tmp_path: Path) -> None:
+    text = EXAMPLE.read_text().replace('type = "set"', 'type = "sett"')
+    text = text.replace("timeout = 300", "timout = 300")
+    assert len(_check(tmp_path, text)) == 2
+
+
+def test_warnings_still_come_for_a_flow_without_errors(tmp_path: Path) -> None:
+    text = EXAMPLE.read_text() + '\n[flows.main.blocks.orphan]\ntype = "end"\n'
+    text = text.replace('type = "set"', 'type = "sett"') + textwrap.dedent("""
+        [flows.other]
+        start = "a"
+        [flows.other.blocks.a]
+        type = "end"
+        [flows.other.blocks.lost]
+        type = "end"
+    """)
+    assert _check(tmp_path, text) == [
+        "  error: flows.main.blocks.price.type: must be one of message, input, buttons, "
+        "condition, set, http, delay, jump, end, webview, webhook, not 'sett' (did you mean "
+        "'set'?)",
+        "  warning: flows.other.blocks.lost: no path from the start reaches it"]
+
+
+def test_graph_draws_a_broken_config_and_marks_what_is_broken(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    path = tmp_path / "c.toml"
+    text = EXAMPLE.read_text().replace('next = "ask_name"', 'next = "ask_nme"')
+    path.write_text(text.replace('type = "set"', 'type = "sett"'))
+    assert main(["graph", "--config", str(path)]) == 2
+    captured = capsys.readouterr()
+    assert "no block named 'ask_nme'" in captured.err
+    out = captured.out
+    assert 'hello -.->|"next"| missing_ask_nme' in out
+    assert "missing_ask_nme([\"no block 'ask_nme'\"]):::broken" in out
+    assert 'price["price (cannot be read)"]:::broken' in out
+    assert 'menu -->|"Pay with a web page"| price' in out  # not broken: price exists
+    assert main(["graph", "--config", str(path), "--format", "dot"]) == 2
+    dot = capsys.readouterr().out
+    assert ('"hello" -> "missing_ask_nme" [label="next", color=red, fontcolor=red, '
+            'style=dashed];') in dot
+    if shutil.which("dot"):
+        subprocess.run(["dot", "-Tsvg"], input=dot, text=True, check=True, capture_output=True)
+
+
+def test_graph_of_a_file_that_is_not_toml(tmp_path: Path,
+                                          capsys: pytest.CaptureFixture[str]) -> None:
+    path = tmp_path / "c.toml"
+    path.write_text("[flows\n")
+    assert main(["graph", "--config", str(path)]) == 2
+    assert "not valid TOML" in capsys.readouterr().err

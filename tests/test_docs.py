@@ -176,7 +176,7 @@ def test_write_your_first_flow_as_the_readme_says(tmp_path: Path) -> None:
     assert run(steps[1]).strip() == expected_ok.group(1)
 
     # the typo example prints what the README shows, line for line
-    expected_typo = re.search(r"```\n(mybot\.toml: \d+ problem.*?)```", shown, re.S)
+    expected_typo = re.search(r"```\n(mybot\.toml: \d+ error.*?)```", shown, re.S)
     assert expected_typo is not None
     mine.write_text(mine.read_text().replace('next = "ask_color"', 'next = "ask_colour"'))
     typo = subprocess.run([str(venv_bin / "flowbot"), "check", "--config", "mybot.toml"],

@@ -124,7 +124,7 @@ def test_config_errors_still_exit_2_before_anything(tmp_path: Path) -> None:
     proc = serve(write(tmp_path, EXAMPLE.replace('start = "hello"', 'start = "helo"')))
     assert proc.returncode == 2
     assert proc.stderr.splitlines() == [
-        f"{tmp_path / 'bot.toml'}: 1 problem(s):",
+        f"{tmp_path / 'bot.toml'}: 1 error:",
         "  error: flows.main.start: no block named 'helo' (did you mean 'hello'?)"]
     assert not (tmp_path / "flowbot.db").exists()
 
