@@ -76,12 +76,18 @@ def cmd_graph(args: argparse.Namespace) -> int:
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
+    from storage.lock import WriterLock
+
+    config = _load(args.config)
+    # one writer per database file: refuse a second server now, not after the imports
+    # (the server takes the lock for good when its database worker starts)
+    WriterLock.acquire(config.storage.path).release()
+
     from aiohttp import web
 
     from bot.server import RUNTIME, build_app, enabled_channels, new_event_loop
     from storage.process import DatabaseProcessError
 
-    config = _load(args.config)
     host = args.host or config.server.host
     port = args.port if args.port is not None else config.server.port
     if port != config.server.port and config.server.public_url == default_public_url(

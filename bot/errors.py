@@ -65,5 +65,9 @@ class TooLarge(ApiError):
     status = 413
 
 
+class DatabaseInUse(FlowbotError):
+    """Another process already serves this database file (one writer per SQLite file)."""
+
+
 class StaleState(FlowbotError):
     """A conversation changed under us (optimistic concurrency); the caller retries."""

@@ -21,9 +21,12 @@ def open_worker(config: Config, checks: Mapping[str, WebViewCheck], *,
     filled by the channels before that. `db_timer`: the database process fires due waits
     on its own clock (only with `worker = "process"`)."""
     if config.storage.worker == "thread":
-        return DbWorker(SQLiteLedger(config.storage.path, config, checks))
+        return DbWorker(SQLiteLedger(config.storage.path, config, checks),
+                        lock=config.storage.path)
+    # one writer per file: a second server on this database refuses to start (storage/lock.py)
     return ProcessWorker(functools.partial(SQLiteLedger, config.storage.path, config, checks),
-                         timer=Ledger.timer_pass if db_timer else None)
+                         timer=Ledger.timer_pass if db_timer else None,
+                         lock=config.storage.path)
 
 
 def close_worker(worker: Worker) -> None:

@@ -28,9 +28,11 @@ import struct
 import sys
 import threading
 from collections.abc import Callable
+from pathlib import Path
 from typing import IO, Any, TypeVar
 
 from bot import heap
+from storage.lock import WriterLock
 from storage.store import Store
 from storage.worker import TIMER, DbWorker, TimerPass
 
@@ -62,9 +64,12 @@ class ProcessWorker:
     clock, and each pass's answer goes to `on_timer(ok, value)`. Expiries then wait for
     neither the event loop nor the queue of callbacks."""
 
-    def __init__(self, factory: Callable[[], Store], timer: TimerPass | None = None) -> None:
+    def __init__(self, factory: Callable[[], Store], timer: TimerPass | None = None,
+                 lock: Path | None = None) -> None:
         self.factory = factory
         self.timer = timer
+        self.lock = lock  # the database file: one writer (storage/lock.py), see open()
+        self._held: WriterLock | None = None
         self.on_timer: Callable[[bool, Any], None] = lambda ok, value: None
         self.commits = 0
         self.jobs = 0
@@ -80,23 +85,37 @@ class ProcessWorker:
         self.on_exit: Callable[[], None] = _stop_server
 
     async def open(self) -> None:
+        """Start the database process. With `lock`, first take the database's writer lock
+        here (raises `bot.errors.DatabaseInUse` at once when another process serves it),
+        and hand it down: the database process holds it too, so a database process that
+        outlives a killed server still keeps a second one out until it ends."""
+        fds: tuple[int, ...] = ()
+        if self.lock is not None:
+            self._held = await asyncio.to_thread(WriterLock.acquire, self.lock)
+            fds = (self._held.fd,)
         ours, theirs = socket.socketpair()
         try:
             self._proc = await asyncio.create_subprocess_exec(
                 sys.executable, "-m", "storage.process", str(theirs.fileno()),
-                pass_fds=(theirs.fileno(),))
+                pass_fds=(theirs.fileno(), *fds))
+        except BaseException:
+            self._release()
+            raise
         finally:
             theirs.close()
         self.pid = self._proc.pid
         reader, self._writer = await asyncio.open_unix_connection(sock=ours)
         # sys.path first: the factory's classes must be importable before it is unpickled
-        self._writer.write(_frame((sys.path, pickle.dumps((self.factory, self.timer), _PICKLE))))
+        held = (self._held.fd, str(self.lock)) if self._held is not None else None
+        self._writer.write(_frame((sys.path, pickle.dumps((self.factory, self.timer), _PICKLE),
+                                   held)))
         try:
             ready = await _read_frame(reader)
         except (asyncio.IncompleteReadError, ConnectionError):
             ready = ("error", "it exited while starting; see its log above")
         if ready != ("ready", None):
             await self._reap()
+            self._release()
             raise DatabaseProcessError(f"the database process did not start: {ready[1]}",
                                        reason=str(ready[1]))
         self._reader_task = asyncio.create_task(self._read(reader), name="db-process-reader")
@@ -179,6 +198,12 @@ class ProcessWorker:
             await self._reader_task
             self._reader_task = None
         await self._reap()
+        self._release()
+
+    def _release(self) -> None:
+        if self._held is not None:
+            self._held.release()
+            self._held = None
 
     async def _reap(self) -> None:
         if self._proc is None:
@@ -241,6 +266,8 @@ def main() -> None:
     sys.path[:] = start[0]
     try:
         factory, timer = pickle.loads(start[1])  # noqa: S301 - from our parent
+        if start[2] is not None:  # the writer lock our parent took, held for our life
+            held = WriterLock.adopt(start[2][0], Path(start[2][1]))  # noqa: F841
         store = factory()
     except Exception as exc:
         # the server says it in one line; the traceback only for whoever debugs this

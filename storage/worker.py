@@ -27,9 +27,11 @@ import threading
 import time
 from collections import deque
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any, TypeVar
 
 from storage.checkpoint import Checkpointer
+from storage.lock import WriterLock
 from storage.store import Store
 
 log = logging.getLogger(__name__)
@@ -74,12 +76,17 @@ class DbWorker:
     sleeps on its queue until the earliest one, runs `timer` as an urgent job when it is
     due (at start: the overdue ones), and answers its result with the reply TIMER (so
     its `answer` hook must know that reply, as the database process's does). New
-    deadlines reach it through `Store.new_deadline`."""
+    deadlines reach it through `Store.new_deadline`.
+
+    `lock`: the database file whose writer lock (storage/lock.py) `start` takes and `join`
+    drops; `start` raises `bot.errors.DatabaseInUse` when another process serves it."""
 
     def __init__(self, store: Store, max_batch: int = 512,
                  answer: Callable[[list[_Ran]], None] = _answer_futures,
-                 timer: TimerPass | None = None) -> None:
+                 timer: TimerPass | None = None, lock: Path | None = None) -> None:
         self.store = store
+        self.lock = lock
+        self._held: WriterLock | None = None
         self.max_batch = max_batch
         self._answer = answer
         self._timer = timer
@@ -95,6 +102,8 @@ class DbWorker:
         self.start()
 
     def start(self) -> None:
+        if self.lock is not None:
+            self._held = WriterLock.acquire(self.lock)
         self._start_checkpoints()  # before the thread: nobody else uses the store yet
         self._thread = threading.Thread(target=self._loop, name="flowbot-db", daemon=True)
         self._thread.start()
@@ -108,6 +117,9 @@ class DbWorker:
             self._queue.put(None)
             self._thread.join()
             self._thread = None
+        if self._held is not None:
+            self._held.release()
+            self._held = None
 
     async def run(self, fn: Callable[..., T], *args: Any, urgent: bool = False) -> T:
         """Run `fn(store, *args)` in a transaction; return once its changes are committed.

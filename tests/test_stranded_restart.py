@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import subprocess
 import sys
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -76,8 +77,13 @@ async def test_renamed_waiting_blocks_across_a_real_restart(server: Server) -> N
         server.start()
         for user in KINDS:
             wait_for(server, user, BotConfig.stranded_message)
-            told = [x["text"] for x in lines(server) if x["user_id"] == user]
-            assert told[-2:] == [BotConfig.stranded_message, "Pick"], (user, told)
+        deadline = time.monotonic() + 10
+        while True:  # told, then the start of main (delivered one after the other)
+            told = {u: [x["text"] for x in lines(server) if x["user_id"] == u] for u in KINDS}
+            if all(t[-2:] == [BotConfig.stranded_message, "Pick"] for t in told.values()):
+                break
+            assert time.monotonic() < deadline, told
+            time.sleep(0.05)
         assert sorted(server.sql("SELECT flow, block, wait_id FROM conversations")) == \
             [("main", "menu", None)] * len(KINDS)
         assert server.sql("SELECT DISTINCT state FROM waits") == [("removed",)]

@@ -1,0 +1,97 @@
+"""One writer per SQLite file: a second `flowbot serve` on a database already served
+refuses to start, at once, naming the other process; kill -9 frees the file."""
+
+from __future__ import annotations
+
+import functools
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from bot.errors import DatabaseInUse
+from storage.lock import WriterLock
+from storage.process import ProcessWorker
+from storage.store import Store
+from storage.worker import DbWorker
+from tests.reliability.common import Server, _free_port
+
+FLOWS = """
+[flows.main]
+start = "hi"
+[flows.main.blocks.hi]
+type = "message"
+text = "hi"
+"""
+
+
+@pytest.fixture(params=["process", "thread"])
+def server(tmp_path: Path, request: pytest.FixtureRequest) -> Iterator[Server]:
+    srv = Server(tmp_path, flows=FLOWS)
+    if request.param == "thread":
+        srv.config.write_text(srv.config.read_text().replace(
+            "[storage]\n", '[storage]\nworker = "thread"\n'))
+    yield srv
+    srv.stop()
+
+
+def second_serve(server: Server) -> tuple[subprocess.CompletedProcess[str], float]:
+    """The same config on another port: what an admin who starts it twice gets."""
+    other = server.config.with_name("second.toml")
+    port = _free_port()
+    other.write_text(server.config.read_text().replace(f"port = {server.port}",
+                                                       f"port = {port}"))
+    began = time.monotonic()
+    proc = subprocess.run([sys.executable, "-m", "bot.cli", "serve", "--config", str(other)],
+                          capture_output=True, text=True, timeout=30)
+    return proc, time.monotonic() - began
+
+
+def test_a_second_serve_is_refused_at_once_and_kill_9_frees_the_file(server: Server) -> None:
+    server.start()
+    assert server.proc is not None
+    proc, took = second_serve(server)
+    assert proc.returncode != 0
+    assert took < 2.0, took
+    refusal = [x for x in proc.stderr.splitlines() if "already served" in x]
+    assert len(refusal) == 1, proc.stderr
+    assert f"pid {server.proc.pid}" in refusal[0] and str(server.db) in refusal[0]
+    assert "Traceback" not in proc.stderr
+    # the first one goes on serving
+    assert server.sql("SELECT count(*) FROM conversations") == [(0,)]
+
+    server.kill9()  # the kernel drops the lock with the process (and its database process)
+    server.start()
+
+
+async def test_the_database_process_holds_the_lock_its_server_took(tmp_path: Path) -> None:
+    """A database process that outlives its server keeps a new one out until it ends."""
+    db = tmp_path / "p.db"
+    worker = ProcessWorker(functools.partial(Store, db), lock=db)
+    await worker.open()
+    try:
+        with pytest.raises(DatabaseInUse, match=r"already served .*pid \d+"):
+            await ProcessWorker(functools.partial(Store, db), lock=db).open()
+        worker._release()  # the server's own descriptor gone, as after a kill -9
+        with pytest.raises(DatabaseInUse):
+            WriterLock.acquire(db, wait=0)
+    finally:
+        await worker.stop()
+    WriterLock.acquire(db, wait=0).release()  # free once the database process ended
+
+
+def test_the_thread_worker_takes_the_lock_and_drops_it_when_it_stops(tmp_path: Path) -> None:
+    db = tmp_path / "t.db"
+    first = DbWorker(Store(db), lock=db)
+    first.start()
+    try:
+        with pytest.raises(DatabaseInUse, match="already served"):
+            DbWorker(Store(db), lock=db).start()
+    finally:
+        first.join()
+    second = DbWorker(Store(db), lock=db)
+    second.start()
+    second.join()
