@@ -14,7 +14,7 @@ from pathlib import Path
 
 from bot import heap, startup
 from bot.config import Config, default_public_url, load_config, read_config
-from bot.errors import ConfigError, FlowbotError
+from bot.errors import ConfigError, DatabaseInUse, FlowbotError
 from bot.graph import dot, mermaid
 
 
@@ -76,18 +76,7 @@ def cmd_graph(args: argparse.Namespace) -> int:
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
-    from storage.lock import WriterLock
-
     config = _load(args.config)
-    # one writer per database file: refuse a second server now, not after the imports
-    # (the server takes the lock for good when its database worker starts)
-    WriterLock.acquire(config.storage.path).release()
-
-    from aiohttp import web
-
-    from bot.server import RUNTIME, build_app, enabled_channels, new_event_loop
-    from storage.process import DatabaseProcessError
-
     host = args.host or config.server.host
     port = args.port if args.port is not None else config.server.port
     if port != config.server.port and config.server.public_url == default_public_url(
@@ -100,6 +89,13 @@ def cmd_serve(args: argparse.Namespace) -> int:
     startup.check_secrets(config)
     db_path = Path(config.storage.path)
     startup.check_database(db_path)
+    startup.check_single_writer(db_path)  # before the slow imports: refused in ~1 s
+
+    from aiohttp import web
+
+    from bot.server import RUNTIME, build_app, enabled_channels, new_event_loop
+    from storage.process import DatabaseProcessError
+
     sock = startup.bind(host, port)
     fresh_db = not db_path.exists()
     app = build_app(config, channel_factories=enabled_channels(config))
@@ -116,8 +112,10 @@ def cmd_serve(args: argparse.Namespace) -> int:
         web.run_app(app, sock=sock, print=None, access_log=None, loop=new_event_loop())
     except BaseException as exc:
         if fresh_db:  # this run created it and never served: leave no trace
-            for suffix in ("", "-wal", "-shm"):
+            for suffix in ("", "-wal", "-shm", ".lock"):
                 Path(f"{db_path}{suffix}").unlink(missing_ok=True)
+        if isinstance(exc, DatabaseInUse):  # it started between the check and now
+            raise startup.StartupError(str(exc), startup.ENVIRONMENT) from exc
         if isinstance(exc, DatabaseProcessError):
             raise startup.StartupError(
                 f"cannot open the database {db_path}: {exc.reason} — see docs/operations.md",

@@ -96,6 +96,21 @@ def _bind_problem(host: str, port: int, exc: OSError) -> str:
     return f"cannot listen on {host}:{port}: {exc.strerror}"
 
 
+def check_single_writer(path: Path) -> None:
+    """No other process serves this database (one writer per SQLite file; the server
+    takes the lock for good when its database worker starts). Raises StartupError (exit
+    1) naming the other process."""
+    from bot.errors import DatabaseInUse
+    from storage.lock import WriterLock
+
+    if not path.exists():  # nobody serves it yet; the worker's own lock settles a tie
+        return
+    try:
+        WriterLock.acquire(path).release()
+    except DatabaseInUse as exc:
+        raise StartupError(str(exc), ENVIRONMENT) from None
+
+
 def check_database(path: Path) -> None:
     """The SQLite file can be opened for writing, or created where it should be; without
     creating it. Raises StartupError (exit 1)."""
