@@ -34,6 +34,26 @@ __all__ = ["Conversation", "Delivery", "OutboxRow", "Step", "Store", "Wait"]
 
 FINAL_STATES = ("success", "error", "expired", "failure", "done", "cancelled", "removed")
 """The states a wait ends in; `pending` is the only other one."""
+DELIVERY_ORDER = ("accepted", "scheduled", "queued", "sending", "sent", "delivered", "read")
+"""A platform's delivery statuses in the order a message goes through them (Twilio's)."""
+FINAL_DELIVERY = ("failed", "undelivered", "canceled")
+"""Delivery statuses nothing moves a message out of."""
+
+
+def status_advances(current: str | None, new: str) -> bool:
+    """Whether a delivery status callback may replace `current` with `new`. Callbacks
+    arrive out of order (`read` before `sent`): a status never moves backwards, and a
+    final one (failed, undelivered, canceled) stays. An unknown status only fills a gap."""
+    if current is None:
+        return True
+    if current in FINAL_DELIVERY:
+        return False
+    if new in FINAL_DELIVERY:
+        return True
+    rank = {s: i for i, s in enumerate(DELIVERY_ORDER)}
+    return rank.get(new, -1) > rank.get(current, -1)
+
+
 PER_CONVERSATION = 50
 """Rows of one conversation an outbox pass reads: the rest wait for a later pass."""
 
@@ -168,8 +188,9 @@ class Store(Protocol):
 
     def set_platform_status(self, platform_id: str, status: str, error: str | None,
                             now: float) -> bool:
-        """A platform's delivery status for its message `platform_id`. False: no row has
-        that id yet (the status is kept for the commit that may still bring it)."""
+        """A platform's delivery status for its message `platform_id`, applied only when
+        `status_advances` (callbacks arrive out of order). False: no row has that id yet
+        (the status is kept, by the same rule, for the commit that may still bring it)."""
         ...
 
     def web_history(self, user_id: str, after_id: int, limit: int = 200,

@@ -25,7 +25,7 @@ from bot.errors import StaleState
 from bot.ledger import Ledger, WebViewCheck
 from bot.messages import Delivery, Message
 from bot.state import Conversation, OutboxRow, Step, Wait
-from bot.store import FINAL_STATES, PER_CONVERSATION
+from bot.store import FINAL_STATES, PER_CONVERSATION, status_advances
 from bot.stranded import REMOVED, Stranded
 from storage.schema import migrations
 from storage.stranded import find_stranded
@@ -297,18 +297,27 @@ class SQLiteStore(contract.Store):
 
     def set_platform_status(self, platform_id: str, status: str, error: str | None,
                             now: float) -> bool:
-        """A platform's delivery status for the message it knows as `platform_id`. False:
+        """A platform's delivery status for the message it knows as `platform_id`, unless
+        it would move the message backwards (`status_advances`). False:
         no outbox row has that id yet; the status is kept a day for the "sent" commit
         that may still bring it (the platform can call back before we stored its id)."""
-        cur = self.conn.execute(
-            "UPDATE outbox SET platform_status = ?, error = coalesce(?, error) "
-            "WHERE platform_id = ?", (status, error, platform_id))
-        if cur.rowcount > 0:
+        rows = self.conn.execute(
+            "SELECT id, platform_status FROM outbox WHERE platform_id = ?",
+            (platform_id,)).fetchall()
+        if rows:
+            for outbox_id, current in rows:
+                if status_advances(current, status):
+                    self.conn.execute(
+                        "UPDATE outbox SET platform_status = ?, error = coalesce(?, error) "
+                        "WHERE id = ?", (status, error, outbox_id))
             return True
         self.conn.execute("DELETE FROM early_statuses WHERE at < ?", (now - EARLY_STATUS_TTL,))
-        self.conn.execute(
-            "INSERT OR REPLACE INTO early_statuses (platform_id, status, error, at) "
-            "VALUES (?, ?, ?, ?)", (platform_id, status, error, now))
+        kept = self.conn.execute("SELECT status FROM early_statuses WHERE platform_id = ?",
+                                 (platform_id,)).fetchone()
+        if kept is None or status_advances(kept[0], status):
+            self.conn.execute(
+                "INSERT OR REPLACE INTO early_statuses (platform_id, status, error, at) "
+                "VALUES (?, ?, ?, ?)", (platform_id, status, error, now))
         return False
 
     def web_history(self, user_id: str, after_id: int, limit: int = 200,

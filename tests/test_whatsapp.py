@@ -183,6 +183,41 @@ async def test_a_status_that_arrives_before_its_message_is_recorded_is_kept(
         assert await h.sql("SELECT count(*) FROM early_statuses") == [(0,)]
 
 
+def status_form(sid: str, status: str, error_code: str = "") -> str:
+    """A status callback as Twilio posts it: blank parameters included (they are signed)."""
+    body = payload("status_delivered").replace("SM" + "0" * 31 + "1", sid)
+    body = body.replace("MessageStatus=delivered", f"MessageStatus={status}")
+    body = body.replace("SmsStatus=delivered", f"SmsStatus={status}")
+    return body + f"&ErrorCode={error_code}&ErrorMessage="
+
+
+@pytest.mark.parametrize(("early", "order", "final"), [
+    (False, ["read", "delivered", "sent"], "read"),
+    (False, ["sent", "read", "sending", "delivered", "queued"], "read"),
+    (False, ["failed", "sent"], "failed"),
+    (False, ["delivered", "undelivered", "read", "sent"], "undelivered"),
+    (True, ["read", "delivered", "sent"], "read"),  # all before our "sent" commit
+    (True, ["failed", "sent", "delivered"], "failed"),
+])
+async def test_a_status_never_moves_backwards_and_failures_are_final(
+        tmp_path: Path, early: bool, order: list[str], final: str) -> None:
+    """Twilio's callbacks arrive out of order: queued < sending < sent < delivered < read,
+    while failed and undelivered are final."""
+    sid = "SM" + "0" * 31 + "1"
+    async with whatsapp_harness(tmp_path, FLOWS, whatsapp="status_callback = true") as h:
+        if not early:
+            await _say_hi(h)
+        for status in order:
+            code = "63016" if status in ("failed", "undelivered") else ""
+            assert (await h.post("/twilio/status", status_form(sid, status, code)))[0] == 200
+        if early:
+            await _say_hi(h)
+        [(got, error)] = await h.sql(
+            f"SELECT platform_status, error FROM outbox WHERE platform_id = '{sid}'")
+        assert got == final
+        assert (error == "63016") == (final in ("failed", "undelivered"))
+
+
 async def _say_hi(h: Any) -> list[dict[str, str]]:
     assert (await h.post("/twilio/whatsapp", payload("inbound_text")))[0] == 200
     sends: list[dict[str, str]] = h.new_sends()
