@@ -92,7 +92,9 @@ class Engine:
         v.setdefault("user_name", "")
         v["last_message"] = event.text
 
-        if event.text.strip().casefold() in self._restart_words or conv.block is None:
+        restart = self._restart(event.text)
+        if restart is not None or conv.block is None:
+            v["start_payload"] = restart or ""
             if conv.wait_id is not None:
                 step.cancelled_wait = conv.wait_id
                 conv.wait_id = None
@@ -125,6 +127,18 @@ class Engine:
         conv.flow = self.bot.stranded_target
         self._run(conv, self.flows[conv.flow].start, step, now)
         return step
+
+    def _restart(self, text: str) -> str | None:
+        """None unless `text` is a restart word; else what followed it when it was a
+        command with arguments, like Telegram's deep link "/start <payload>"
+        (t.me/<bot>?start=<payload>), or "" when it stood alone."""
+        words = text.strip()
+        if words.casefold() in self._restart_words:
+            return ""
+        command, *rest = words.split(maxsplit=1) if words else ("",)
+        if command.startswith("/") and command.casefold() in self._restart_words and rest:
+            return rest[0]
+        return None
 
     def on_wait(self, conv: Conversation, wait: Wait, outcome: str, data: Any, now: float) -> Step:
         """A wait was resolved (callback, webhook, timer). The store made sure only once."""

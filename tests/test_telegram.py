@@ -339,6 +339,60 @@ async def test_start_restarts_and_group_commands_lose_the_bot_mention(
                                             "text": "Hi Ada Lovelace! What's your name?"}
 
 
+DEEP_LINK_FLOWS = """
+[flows.main]
+start = "hello"
+[flows.main.blocks.hello]
+type = "message"
+text = "Payload: [{{start_payload}}]"
+next = "ask"
+[flows.main.blocks.ask]
+type = "input"
+text = "Your name?"
+variable = "name"
+next = "done"
+[flows.main.blocks.done]
+type = "end"
+text = "Thanks {{name}}"
+"""
+
+
+@pytest.mark.parametrize(("chat", "text", "restarts", "start_payload"), [
+    (CHAT, "/start pay_42", True, "pay_42"),  # t.me/<bot>?start=pay_42
+    (CHAT, "/start", True, ""),  # a plain /start clears the last payload
+    (-1001234567890, "/start@flowbot_test_bot ref-7", True, "ref-7"),  # in a group
+    (-1001234567890, "/START@FlowBot_Test_Bot  ref-7 ", True, "ref-7"),
+    (-1001234567890, "/start@other_bot ref-7", False, None),  # another bot's command
+])
+async def test_deep_link_start_restarts_with_its_payload(
+        tmp_path: Path, fake: FakeTelegram, chat: int, text: str, restarts: bool,
+        start_payload: str | None) -> None:
+    """A deep link t.me/<bot>?start=<payload> makes Telegram send "/start <payload>": it
+    is the restart word, not an answer to the open question, and the payload is the
+    flow's variable start_payload."""
+    async with telegram(tg_config(tmp_path, fake, flows=DEEP_LINK_FLOWS), fake) as tg:
+        def update(update_id: int, words: str) -> dict[str, Any]:
+            u = payload("text_message")
+            u["update_id"] = update_id
+            u["message"]["chat"] = {"id": chat, "type": "private" if chat > 0 else "supergroup"}
+            u["message"]["text"] = words
+            return u
+
+        assert (await tg.post_update(update(1, "/start old")))[0] == 200
+        assert [p["text"] for p in fake.sent()] == ["Payload: [old]", "Your name?"]
+        before = len(fake.sent())
+        assert (await tg.post_update(update(2, text)))[0] == 200
+        got = [p["text"] for p in fake.sent()[before:]]
+        conv = await tg.runtime.worker.run(Store.conversation, "telegram", str(chat), "k", 0)
+        if restarts:
+            assert got == [f"Payload: [{start_payload}]", "Your name?"]
+            assert conv.variables["start_payload"] == start_payload
+            assert "name" not in conv.variables
+        else:
+            assert got == [f"Thanks {text}"]  # an answer like any other text
+            assert conv.variables["start_payload"] == "old"
+
+
 async def test_web_app_data_becomes_text_and_a_variable(
         tmp_path: Path, fake: FakeTelegram) -> None:
     async with telegram(tg_config(tmp_path, fake), fake) as tg:
