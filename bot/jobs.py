@@ -24,6 +24,11 @@ def conversation(store: Store, channel: str, user_id: str, new_key: str,
     return store.conversation(channel, user_id, new_key, now)
 
 
+def move_conversation(store: Store, channel: str, old_user_id: str, new_user_id: str,
+                      now: float) -> bool:
+    return store.move_conversation(channel, old_user_id, new_user_id, now)
+
+
 def conversation_by_key(store: Store, key: str) -> Conversation | None:
     return store.conversation_by_key(key)
 

@@ -12,6 +12,7 @@ from typing import Any, Protocol, TypeVar
 
 import aiohttp
 
+from bot import jobs
 from bot.clock import Clock
 from bot.config import Config
 from bot.errors import Conflict, Gone, NotFound
@@ -64,6 +65,17 @@ class Runtime:
         self.metrics[f"inbound_{event.channel}"] += 1
         self._after_commit(result)
         return True
+
+    async def move_chat(self, channel: str, old_user_id: str, new_user_id: str) -> bool:
+        """A chat got a new address on its platform (a Telegram group upgraded to a
+        supergroup): its conversation goes with it. False when it had moved already."""
+        moved: bool = await self.worker.run(jobs.move_conversation, channel, old_user_id,
+                                            new_user_id, self.clock.now())
+        if moved:
+            self.metrics[f"chats_moved_{channel}"] += 1
+            log.info("%s: conversation moved from chat %s to %s", channel, old_user_id,
+                     new_user_id)
+        return moved
 
     # -- resolving waits ------------------------------------------------------------------
 

@@ -101,6 +101,15 @@ class Store(Protocol):
         """The conversation whose `conversation_key` is `key`, locked; None if unknown."""
         ...
 
+    def move_conversation(self, channel: str, old_user_id: str, new_user_id: str,
+                          now: float) -> bool:
+        """The platform gave a chat a new address (a Telegram group upgraded to a
+        supergroup): the conversation at `old_user_id` — key, variables, open wait, pending
+        messages — moves to `new_user_id`. A conversation already there (started by an
+        update from the new address that came first) is set aside under
+        "<new>~replaced~<its id>". False when nothing is at `old_user_id` (moved already)."""
+        ...
+
     def save(self, conv: Conversation, step: Step, now: float) -> None:
         """Persist one step: the conversation (optimistic on `conv.version`, which it
         bumps; raises `bot.errors.StaleState` if the row moved), the wait it cancels, its

@@ -12,7 +12,7 @@ import logging
 import os
 import re
 import warnings
-from collections.abc import Coroutine, Sequence
+from collections.abc import Awaitable, Callable, Coroutine, Sequence
 from datetime import timedelta
 from typing import Any
 
@@ -59,6 +59,9 @@ from channels.base import (
 from channels.telegram_auth import InitDataCheck
 
 log = logging.getLogger(__name__)
+
+ChatMover = Callable[[str, str, str], Awaitable[bool]]
+"""Moves a channel's conversation from one chat id to another (Runtime.move_chat)."""
 
 # httpx logs every request URL at INFO and PTB logs its base URL at DEBUG; both contain the
 # bot token, which must never reach a log.
@@ -166,7 +169,8 @@ class TelegramChannel:
     rate_limit = RateLimit(per_chat_per_second=1, global_per_second=30)
 
     def __init__(self, cfg: TelegramConfig, token: str, secret: str, *, webhook_url: str,
-                 inbound: InboundHandler, clock: Clock, max_body_bytes: int) -> None:
+                 inbound: InboundHandler, clock: Clock, max_body_bytes: int,
+                 move_chat: ChatMover | None = None) -> None:
         self.cfg = cfg
         self.bot = _make_bot(cfg, token)
         self.webhook_url = webhook_url
@@ -179,6 +183,8 @@ class TelegramChannel:
         self._poller: asyncio.Task[None] | None = None
         self._tasks: set[asyncio.Task[None]] = set()
         self._parts = SentParts()
+        self._move_chat = move_chat
+        self._moved: dict[str, str] = {}  # old chat id → new (a group upgraded to a supergroup)
 
     @classmethod
     def create(cls, config: Config, runtime: Runtime) -> TelegramChannel:
@@ -194,7 +200,7 @@ class TelegramChannel:
                                          "e.g. use `openssl rand -hex 32`.")
         channel = cls(cfg, token, secret, webhook_url=config.server.url("/telegram"),
                       inbound=runtime.handle_inbound, clock=runtime.clock,
-                      max_body_bytes=config.server.max_body_bytes)
+                      max_body_bytes=config.server.max_body_bytes, move_chat=runtime.move_chat)
         runtime.webview_checks["telegram"] = InitDataCheck(token, cfg.init_data_max_age)
         return channel
 
@@ -269,6 +275,13 @@ class TelegramChannel:
 
     async def handle_update(self, update: Update) -> None:
         """Commit what the update says (once per update_id); then stop a button's spinner."""
+        message = update.message
+        if message is not None and message.migrate_to_chat_id:  # said in the old group
+            await self._chat_moved(str(message.chat.id), str(message.migrate_to_chat_id))
+            return
+        if message is not None and message.migrate_from_chat_id:  # said in the supergroup
+            await self._chat_moved(str(message.migrate_from_chat_id), str(message.chat.id))
+            return
         query = update.callback_query
         event = self._to_inbound(update)
         fresh = await self._inbound(event) if event is not None else False
@@ -355,11 +368,36 @@ class TelegramChannel:
     # -- outbound -------------------------------------------------------------------------
 
     async def send(self, delivery: Delivery) -> str | None:
+        user_id = self._moved.get(delivery.user_id, delivery.user_id)
+        try:
+            return await self._send_or_link_text(delivery, user_id)
+        except ChatMigrated as exc:
+            # the group became a supergroup: Telegram names its new id; the conversation
+            # moves there and this message goes to it
+            new_id = str(exc.new_chat_id)
+            await self._chat_moved(user_id, new_id)
+        try:
+            return await self._send_or_link_text(delivery, new_id)
+        except TelegramError as exc:
+            raise send_error(exc, self._token) from None
+
+    async def _chat_moved(self, old_id: str, new_id: str) -> None:
+        """Remember the new id for rows already read, and move the conversation."""
+        if len(self._moved) >= 10_000:
+            self._moved.clear()
+        self._moved[old_id] = new_id
+        if self._move_chat is not None:
+            await self._move_chat(self.name, old_id, new_id)
+
+    async def _send_or_link_text(self, delivery: Delivery, user_id: str) -> str | None:
+        """Send; a refused link button is sent again as text. Raises SendError, or
+        ChatMigrated for the caller to follow."""
         m = delivery.message
-        chat_id: int | str = int(delivery.user_id) if delivery.user_id.lstrip("-").isdigit() \
-            else delivery.user_id
+        chat_id: int | str = int(user_id) if user_id.lstrip("-").isdigit() else user_id
         try:
             return await self._send(delivery.id, chat_id, m, link_button=True)
+        except ChatMigrated:
+            raise
         except BadRequest as exc:
             if m.link is None or not _LINK_REFUSED.search(exc.message):
                 raise send_error(exc, self._token) from None
@@ -371,6 +409,8 @@ class TelegramChannel:
             raise send_error(exc, self._token) from None
         try:
             return await self._send(delivery.id, chat_id, m, link_button=False)
+        except ChatMigrated:
+            raise
         except TelegramError as exc:
             raise send_error(exc, self._token) from None
 

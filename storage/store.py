@@ -128,6 +128,28 @@ class SQLiteStore(contract.Store):
         row = self.conn.execute("SELECT * FROM conversations WHERE key = ?", (key,)).fetchone()
         return self._conversation(row) if row else None
 
+    def move_conversation(self, channel: str, old_user_id: str, new_user_id: str,
+                          now: float) -> bool:
+        if old_user_id == new_user_id:
+            return False
+        row = self.conn.execute("SELECT id FROM conversations WHERE channel = ? AND "
+                                "user_id = ?", (channel, old_user_id)).fetchone()
+        if row is None:
+            return False
+        there = self.conn.execute("SELECT id FROM conversations WHERE channel = ? AND "
+                                  "user_id = ?", (channel, new_user_id)).fetchone()
+        if there is not None:
+            self.conn.execute("UPDATE conversations SET user_id = ?, updated = ? WHERE id = ?",
+                              (f"{new_user_id}~replaced~{there[0]}", now, there[0]))
+        self.conn.execute(
+            "UPDATE conversations SET user_id = ?, updated = ?, version = version + 1, "
+            "variables = CASE WHEN json_type(variables, '$.user_id') IS NULL THEN variables "
+            "ELSE json_set(variables, '$.user_id', ?) END WHERE id = ?",
+            (new_user_id, now, new_user_id, row[0]))
+        self.conn.execute("UPDATE outbox SET user_id = ? WHERE conversation_id = ? AND "
+                          "state = 'pending'", (new_user_id, row[0]))
+        return True
+
     def _conversation(self, row: tuple[Any, ...]) -> Conversation:
         (cid, channel, user_id, key, flow, block, wait_id, variables, version, *_rest) = row
         return Conversation(id=cid, channel=channel, user_id=user_id, key=key, flow=flow,

@@ -718,3 +718,97 @@ def test_check_refuses_a_mini_app_url_that_is_not_https(
         'flows.main.blocks.pay.url: Telegram opens Mini Apps (verify = "telegram") only from '
         'https:// URLs, but this one is http://pay.example/checkout']
     assert tg_config(tmp_path, fake, 'webview_button = "web_app"')
+
+
+# -- a group upgraded to a supergroup ------------------------------------------------------
+
+OLD_GROUP, SUPERGROUP = -555, -1001777
+
+
+def group_text(update_id: int, text: str, chat: int = OLD_GROUP) -> dict[str, Any]:
+    u = payload("text_message")
+    u["update_id"] = update_id
+    u["message"]["chat"] = {"id": chat, "title": "Testers",
+                            "type": "group" if chat == OLD_GROUP else "supergroup"}
+    u["message"]["text"] = text
+    return u
+
+
+def migration_notice(update_id: int, side: str) -> dict[str, Any]:
+    """The service message Telegram sends in the old group ("to") or the new one ("from")."""
+    u = payload("text_message")
+    u["update_id"] = update_id
+    del u["message"]["text"]
+    if side == "to":
+        u["message"]["chat"] = {"id": OLD_GROUP, "title": "Testers", "type": "group"}
+        u["message"]["migrate_to_chat_id"] = SUPERGROUP
+    else:
+        u["message"]["chat"] = {"id": SUPERGROUP, "title": "Testers", "type": "supergroup"}
+        u["message"]["migrate_from_chat_id"] = OLD_GROUP
+    return u
+
+
+async def conversations(tg: Tg) -> list[tuple[Any, ...]]:
+    rows: list[tuple[Any, ...]] = await tg.runtime.worker.run(
+        query, "SELECT user_id, key, block, variables FROM conversations ORDER BY id")
+    return rows
+
+
+def sent_to(fake: FakeTelegram, chat: int) -> list[str]:
+    return [p["text"] for p in fake.sent() if int(p["chat_id"]) == chat]
+
+
+async def test_a_send_to_an_upgraded_group_follows_it_with_the_conversation(
+        tmp_path: Path, fake: FakeTelegram) -> None:
+    async with telegram(tg_config(tmp_path, fake), fake) as tg:
+        assert (await tg.post_update(group_text(1, "hello")))[0] == 200
+        [(_, key, _, _)] = await conversations(tg)
+        fake.fail_next("sendMessage", 400, "Bad Request: group chat was upgraded to a "
+                       "supergroup chat", {"migrate_to_chat_id": SUPERGROUP})
+        assert (await tg.post_update(group_text(2, "Ada")))[0] == 200
+        assert sent_to(fake, SUPERGROUP) == [
+            "Nice to meet you, Ada. What would you like to try?"]
+        assert await tg.outbox_rows() and all(r[0] == "sent" for r in await tg.outbox_rows())
+        [(user_id, moved_key, block, variables)] = await conversations(tg)
+        assert (user_id, moved_key, block) == (str(SUPERGROUP), key, "menu")
+        assert '"name":"Ada"' in variables and f'"user_id":"{SUPERGROUP}"' in variables
+        # the group goes on from the new id, where it stood
+        assert (await tg.post_update(group_text(3, "Not now", SUPERGROUP)))[0] == 200
+        assert sent_to(fake, SUPERGROUP)[-1] == "Bye!"
+        assert len(await conversations(tg)) == 1
+
+
+@pytest.mark.parametrize("notices", [["to"], ["from"], ["to", "from"], ["from", "to"]])
+async def test_migration_notices_move_the_conversation_and_its_open_wait(
+        tmp_path: Path, fake: FakeTelegram, notices: list[str]) -> None:
+    async with telegram(tg_config(tmp_path, fake), fake) as tg:
+        await tg.post_update(group_text(1, "hello"))
+        await tg.post_update(group_text(2, "Ada"))
+        await tg.post_update(group_text(3, "Pay with a web page"))
+        pay = fake.sent()[-1]
+        url = keyboard(pay)[0][0]["url"]
+        for i, side in enumerate(notices):
+            before = len(fake.calls)
+            assert (await tg.post_update(migration_notice(10 + i, side)))[0] == 200
+            assert fake.methods()[before:] == []  # a service message is not answered
+        [(user_id, _, block, _)] = await conversations(tg)
+        assert (user_id, block) == (str(SUPERGROUP), "pay")
+        resp = await tg.client.post("/webview/callback", json={
+            "executionId": parse_qs(urlsplit(url).query)["executionId"][0],
+            "success": True, "data": {"reference": "R-1"}})
+        assert resp.status == 200
+        await tg.outbox.drain()
+        assert sent_to(fake, SUPERGROUP) == ["Payment received, thank you Ada! Reference: R-1"]
+
+
+async def test_an_update_from_the_supergroup_before_the_notice_starts_no_second_flow(
+        tmp_path: Path, fake: FakeTelegram) -> None:
+    async with telegram(tg_config(tmp_path, fake), fake) as tg:
+        await tg.post_update(group_text(1, "hello"))
+        await tg.post_update(group_text(2, "hi", SUPERGROUP))  # raced ahead of the notice
+        await tg.post_update(migration_notice(3, "from"))
+        await tg.post_update(group_text(4, "Ada", SUPERGROUP))  # answers the old question
+        assert sent_to(fake, SUPERGROUP)[-1] == (
+            "Nice to meet you, Ada. What would you like to try?")
+        rows = await conversations(tg)
+        assert [r[0] for r in rows] == [str(SUPERGROUP), f"{SUPERGROUP}~replaced~2"]
