@@ -73,6 +73,11 @@ warnings.filterwarnings("ignore", message=r".*attribute `retry_after`", category
 
 ALLOWED_UPDATES = ("message", "callback_query")
 SECRET_HEADER = "X-Telegram-Bot-Api-Secret-Token"
+# An update's JSON, far above the largest Telegram sends: a 4,096-character emoji message
+# replying to another is ~100 KB once non-ASCII is \u-escaped, and an update may carry
+# a quote, an external reply and entities besides. Not server.max_body_bytes (64 KiB, for
+# callbacks), which such an update passes.
+MAX_UPDATE_BYTES = 1024 * 1024
 CALLBACK_DATA_BYTES = 64  # Telegram's limit for callback_data
 TEXT_LIMIT = 4000  # Telegram allows 4096 characters; keep a margin for UTF-16 counting
 POLL_TIMEOUT = 30  # seconds a getUpdates long poll is held by Telegram
@@ -164,12 +169,19 @@ def _pressed_label(update: Update) -> str:
     return ""
 
 
+def _ignored(code: str, message: str) -> web.Response:
+    """200 for an update we cannot use, so Telegram does not send it again; logged."""
+    log.warning("telegram: ignored an update (%s): %s", code, message)
+    return web.json_response({"status": "ignored", "reason": code, "message": message})
+
+
 class TelegramChannel:
     name = "telegram"
     rate_limit = RateLimit(per_chat_per_second=1, global_per_second=30)
 
     def __init__(self, cfg: TelegramConfig, token: str, secret: str, *, webhook_url: str,
-                 inbound: InboundHandler, clock: Clock, max_body_bytes: int,
+                 inbound: InboundHandler, clock: Clock,
+                 max_update_bytes: int = MAX_UPDATE_BYTES,
                  move_chat: ChatMover | None = None) -> None:
         self.cfg = cfg
         self.bot = _make_bot(cfg, token)
@@ -179,7 +191,7 @@ class TelegramChannel:
         self._secret = secret
         self._inbound = inbound
         self._clock = clock
-        self._max_body = max_body_bytes
+        self._max_update = max_update_bytes
         self._poller: asyncio.Task[None] | None = None
         self._tasks: set[asyncio.Task[None]] = set()
         self._parts = SentParts()
@@ -200,7 +212,7 @@ class TelegramChannel:
                                          "e.g. use `openssl rand -hex 32`.")
         channel = cls(cfg, token, secret, webhook_url=config.server.url("/telegram"),
                       inbound=runtime.handle_inbound, clock=runtime.clock,
-                      max_body_bytes=config.server.max_body_bytes, move_chat=runtime.move_chat)
+                      move_chat=runtime.move_chat)
         runtime.webview_checks["telegram"] = InitDataCheck(token, cfg.init_data_max_age)
         return channel
 
@@ -254,8 +266,16 @@ class TelegramChannel:
             raise errors.Forbidden("bad_secret", f"The {SECRET_HEADER} header is missing or "
                                    "wrong; only Telegram, told our secret by setWebhook, may "
                                    "post here.")
-        body = await read_body(request, self._max_body)
-        await self.handle_update(self._parse(body))
+        # Past the secret, the sender is Telegram: whatever we answer but 2xx, it sends
+        # the same update again for a day. An update we cannot use is logged and dropped.
+        try:
+            update = self._parse(await read_body(request, self._max_update))
+        except errors.TooLarge:
+            return _ignored("too_large", f"The update is larger than {self._max_update} "
+                            "bytes, far more than Telegram sends.")
+        except errors.BadRequest as exc:
+            return _ignored(exc.code, exc.message)
+        await self.handle_update(update)
         return web.Response(status=200)  # only after the commit: else Telegram redelivers
 
     def _parse(self, body: bytes) -> Update:

@@ -23,6 +23,7 @@ from twilio.rest import Client
 from bot import jobs
 from bot.channel_config import TWILIO_API, WhatsAppConfig
 from bot.errors import BadRequest, FlowbotError, Forbidden
+from bot.http_api import read_body
 from channels.base import (
     Button,
     Delivery,
@@ -48,6 +49,9 @@ _http_log.setLevel(logging.WARNING)
 EMPTY_TWIML = '<?xml version="1.0" encoding="UTF-8"?><Response/>'
 SEND_TIMEOUT = 15.0  # seconds for one Messages API call; the outbox retries after that
 OUTSIDE_WINDOW = "63016"
+# A Twilio webhook's form, far above what Twilio posts (a 1,600-character Body of emoji is
+# ~20 KB percent-encoded, ten MediaUrls ~2 KB): its own limit, not server.max_body_bytes.
+MAX_FORM_BYTES = 256 * 1024
 # WhatsApp's limits for Content templates sent inside the 24-hour window.
 TEMPLATE_BODY_MAX = 1024
 BODY_MAX = 1600  # characters in one WhatsApp message (Twilio error 21617 beyond)
@@ -194,7 +198,7 @@ class WhatsAppChannel:
         """The form parameters, once X-Twilio-Signature proves Twilio sent them to `url`.
         We check against the configured public URL, never the URL this server sees: behind
         a proxy or TLS terminator those differ."""
-        body = await request.read()
+        body = await read_body(request, MAX_FORM_BYTES)
         form = MultiDict(parse_qsl(body.decode("latin-1"), keep_blank_values=True,
                                    encoding="utf-8", errors="replace"))
         signature = request.headers.get("X-Twilio-Signature")

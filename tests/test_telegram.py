@@ -3,6 +3,7 @@ to our webhook, and the exact Bot API parameters we send back."""
 
 from __future__ import annotations
 
+import json
 import logging
 import re
 from collections.abc import AsyncIterator
@@ -22,7 +23,13 @@ from bot.outbox import Outbox
 from bot.runtime import Runtime
 from bot.server import OUTBOX, RUNTIME, build_app
 from channels.base import Delivery, Link, Message, RateLimit, SendError
-from channels.telegram import _LINK_REFUSED, TelegramChannel, TelegramSetupError, webhook_info
+from channels.telegram import (
+    _LINK_REFUSED,
+    MAX_UPDATE_BYTES,
+    TelegramChannel,
+    TelegramSetupError,
+    webhook_info,
+)
 from storage.store import Store
 from tests.fake_telegram import (  # noqa: F401 - the fixtures `fake` and `no_internet`
     TOKEN,
@@ -304,17 +311,45 @@ async def test_a_redelivered_update_is_handled_once(
         assert tg.runtime.metrics["inbound_duplicates"] == 1
 
 
-async def test_bad_bodies_are_400(tmp_path: Path, fake: FakeTelegram) -> None:
+async def test_updates_we_cannot_use_are_200_and_logged(
+        tmp_path: Path, fake: FakeTelegram, caplog: pytest.LogCaptureFixture) -> None:
+    """Telegram sends an update again for a day unless it gets a 2xx: one we cannot use
+    is answered 200 and logged (a wrong secret still gets 403: that is not Telegram)."""
     async with telegram(tg_config(tmp_path, fake), fake) as tg:
         headers = {"X-Telegram-Bot-Api-Secret-Token": SECRET}
-        resp = await tg.client.post("/telegram", data=b"{not json", headers=headers)
-        assert resp.status == 400
-        assert (await resp.json())["error"] == "bad_json"
-        resp = await tg.client.post("/telegram", json={"message": {}}, headers=headers)
-        assert resp.status == 400
-        assert (await resp.json())["error"] == "not_an_update"
-        resp = await tg.client.post("/telegram", data=b"x" * 70_000, headers=headers)
-        assert resp.status == 413
+        for body, reason in [(b"{not json", "bad_json"),
+                             (json.dumps({"message": {}}).encode(), "not_an_update"),
+                             (b"x" * (MAX_UPDATE_BYTES + 1), "too_large")]:
+            with caplog.at_level(logging.WARNING, logger="channels.telegram"):
+                resp = await tg.client.post("/telegram", data=body, headers=headers)
+            assert resp.status == 200
+            assert (await resp.json())["reason"] == reason
+            assert f"ignored an update ({reason})" in caplog.text
+        assert fake.sent() == []
+        assert await tg.runtime.worker.run(query, "SELECT count(*) FROM conversations") == [(0,)]
+
+
+async def test_a_4096_emoji_reply_to_another_is_an_ordinary_update(
+        tmp_path: Path, fake: FakeTelegram) -> None:
+    """~100 KB of \\u-escaped JSON: above server.max_body_bytes, far below what Telegram
+    may send; it reaches the flow like any message."""
+    long = "😀" * 4096
+    async with telegram(tg_config(tmp_path, fake), fake) as tg:
+        await tg.say("hello", 1)
+        update = payload("text_message")
+        update["update_id"] = 2
+        update["message"]["text"] = long
+        update["message"]["reply_to_message"] = {**payload("text_message")["message"],
+                                                 "message_id": 3, "text": long}
+        body = json.dumps(update).encode()  # ensure_ascii: every emoji as \ud83d\ude00
+        assert 90_000 < len(body) < MAX_UPDATE_BYTES and len(body) > 65536
+        resp = await tg.client.post("/telegram", data=body, headers={
+            "X-Telegram-Bot-Api-Secret-Token": SECRET, "Content-Type": "application/json"})
+        assert resp.status == 200
+        await tg.outbox.drain()
+        conv = await tg.runtime.worker.run(Store.conversation, "telegram", str(CHAT), "k", 0)
+        assert conv.variables["name"] == long
+        assert "".join(p["text"] for p in fake.sent()[1:]).count("😀") == 4096
 
 
 @pytest.mark.parametrize("name", ["photo_message", "edited_message"])
