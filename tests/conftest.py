@@ -1,10 +1,22 @@
+from collections.abc import Generator
+
 import pytest
 
 from tests.fake_twilio import AUTH_TOKEN
+from tests.prereq import fail_in_ci
 
 
 def pytest_addoption(parser: pytest.Parser) -> None:
     parser.addoption("--long", action="store_true", help="run the long reliability forms")
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]) -> Generator[
+        None, pytest.TestReport, pytest.TestReport]:
+    """Under CI a test skipped for a missing prerequisite fails (tests/prereq.py)."""
+    report = yield
+    fail_in_ci(report)
+    return report
 
 
 @pytest.fixture(params=["thread", "process"])

@@ -5,6 +5,7 @@ Screenshots of the key moments land in tests/screenshots/ for a person to look a
 
 from __future__ import annotations
 
+import os
 import re
 import socket
 from collections.abc import AsyncIterator
@@ -22,8 +23,9 @@ from bot.config import load_config
 from bot.flow import WebViewBlock
 from bot.server import OUTBOX, build_app, enabled_channels
 from channels.web import demo_webview_page, static_file
+from tests.prereq import requires
 
-CHROMIUM = "/usr/bin/chromium"
+CHROMIUM = os.environ.get("FLOWBOT_CHROMIUM", "/usr/bin/chromium")
 ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking",
         "--disable-component-update", "--no-first-run", "--disable-sync", "--disable-quic"]
 EXAMPLE = Path(__file__).resolve().parent.parent / "config.example.toml"
@@ -31,8 +33,7 @@ SHOTS = Path(__file__).resolve().parent / "screenshots"
 
 pytestmark = [
     pytest.mark.browser,
-    pytest.mark.skipif(not Path(CHROMIUM).exists(),
-                       reason=f"{CHROMIUM} is missing (apt-get install chromium; .ci/run does)"),
+    requires(Path(CHROMIUM).exists(), f"the browser {CHROMIUM}", "apt-get install chromium; .ci/run does"),
 ]
 
 HELLO = "Hi! I'm the flowbot demo. I can wait for a web page and for a webhook without losing my place."

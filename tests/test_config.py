@@ -13,6 +13,7 @@ import pytest
 from bot.cli import main
 from bot.config import load_config
 from bot.errors import ConfigError
+from tests.prereq import require
 
 ROOT = Path(__file__).resolve().parent.parent
 EXAMPLE = ROOT / "config.example.toml"
@@ -207,8 +208,14 @@ def test_graph_labels_every_edge(capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["graph", "--config", str(EXAMPLE), "--format", "dot"]) == 0
     dot = capsys.readouterr().out
     assert '"pay" -> "payment_expired" [label="expired"];' in dot
-    if shutil.which("dot"):
-        subprocess.run(["dot", "-Tsvg"], input=dot, text=True, check=True, capture_output=True)
+
+
+def test_graphviz_renders_the_dot_graph(capsys: pytest.CaptureFixture[str]) -> None:
+    require(shutil.which("dot"), "graphviz's dot", "apt-get install graphviz; .ci/run does")
+    assert main(["graph", "--config", str(EXAMPLE), "--format", "dot"]) == 0
+    dot = capsys.readouterr().out
+    svg = subprocess.run(["dot", "-Tsvg"], input=dot, text=True, check=True, capture_output=True).stdout
+    assert "<svg" in svg and "payment_expired" in svg
 
 
 def test_graph_shows_condition_rules(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:

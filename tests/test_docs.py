@@ -81,10 +81,10 @@ def test_every_block_type_and_key_is_documented(name: str, cls: type) -> None:
 
 def test_readme_commands_are_what_ci_runs() -> None:
     ci = (ROOT / ".ci" / "run").read_text()
-    test_command = ("python3 -m venv .venv && .venv/bin/pip install -e '.[test]' && "
-                    ".venv/bin/python -m pytest")
-    assert test_command in README
-    assert test_command.replace("pip install -e", "pip install -q -e") in ci
+    install = "pip install -e '.[test]' -c .ci/constraints.txt"
+    assert f"python3 -m venv .venv && .venv/bin/{install} && .venv/bin/python -m pytest" in README
+    assert f".venv/bin/{install.replace('-e', '-q -e')}\n" in ci
+    assert "-m pytest " in ci and ".venv/bin/ruff check .\n" in ci and ".venv/bin/mypy\n" in ci
 
 
 def test_readme_stays_short_and_links_resolve() -> None:
