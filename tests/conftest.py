@@ -1,9 +1,12 @@
-from collections.abc import Generator
+from collections.abc import Callable, Generator, Iterator
+from pathlib import Path
+from typing import Any
 
 import pytest
 
 from tests.fake_twilio import AUTH_TOKEN
 from tests.prereq import fail_in_ci
+from tests.reliability.common import Server
 
 
 def pytest_addoption(parser: pytest.Parser) -> None:
@@ -31,3 +34,20 @@ def both_workers(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch
 def twilio_auth_token(monkeypatch: pytest.MonkeyPatch) -> None:
     """The fake Twilio account's Auth Token, where the config says to find it."""
     monkeypatch.setenv("TWILIO_AUTH_TOKEN", AUTH_TOKEN)
+
+
+@pytest.fixture
+def serve() -> Iterator[Callable[..., Server]]:
+    """`serve(home, **kw)` makes a `flowbot serve` process (tests/reliability/common.Server);
+    every one made is stopped when the test ends, however it ends: none outlives its test."""
+    made: list[Server] = []
+
+    def make(home: Path, **kw: Any) -> Server:
+        made.append(Server(home, **kw))
+        return made[-1]
+
+    try:
+        yield make
+    finally:
+        for server in made:
+            server.stop()

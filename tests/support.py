@@ -141,3 +141,13 @@ def query(store: Store, sql: str, params: Sequence[Any] = ()) -> list[tuple[Any,
 def conversation_key(store: Store, channel: str, user: str) -> str:
     """A database job (it pickles, for the process worker): the user's conversation key."""
     return store.conversation(channel, user, "unused", 0).key
+
+
+def db_rows(store: Store) -> dict[str, list[tuple[Any, ...]]]:
+    """A database job: every row of every table, to show that a refused request changed
+    nothing (compare a snapshot taken before it with one taken after)."""
+    tables = [name for (name,) in store.conn.execute(
+        "SELECT name FROM sqlite_master WHERE type = 'table' AND name NOT LIKE 'sqlite_%' "
+        "ORDER BY name")]
+    return {t: sorted(store.conn.execute(f'SELECT * FROM "{t}"').fetchall(), key=repr)
+            for t in tables}

@@ -10,6 +10,7 @@ import os
 import queue
 import signal
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -134,14 +135,14 @@ async def test_a_database_that_cannot_open_is_a_clear_start_up_error(tmp_path: P
 
 
 def test_serve_exits_1_when_its_database_process_dies_and_ends_it_on_kill_9(
-        tmp_path: Path) -> None:
+        tmp_path: Path, serve: Callable[..., Server]) -> None:
     """What a supervisor sees: `flowbot serve` stops with exit status 1 (so a restart-on-
     failure policy restarts it) when the database process dies, and a `kill -9` of the
     server leaves no database process behind."""
     for kill_server in (False, True):
         home = tmp_path / ("kill-server" if kill_server else "kill-db")
         home.mkdir()
-        server = Server(home)
+        server = serve(home)
         server.start()
         assert server.proc is not None
         children = [int(pid) for task in Path(f"/proc/{server.proc.pid}/task").iterdir()

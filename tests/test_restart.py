@@ -6,7 +6,7 @@ from __future__ import annotations
 import json
 import sqlite3
 import time
-from collections.abc import Iterator
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 from urllib.parse import parse_qs, urlsplit
@@ -67,10 +67,8 @@ def wait_for(server: Server, user: str, text: str, timeout: float = 10) -> dict[
 
 
 @pytest.fixture
-def server(tmp_path: Path) -> Iterator[Server]:
-    srv = Server(tmp_path, flows=FLOWS)
-    yield srv
-    srv.stop()
+def server(tmp_path: Path, serve: Callable[..., Server]) -> Server:
+    return serve(tmp_path, flows=FLOWS)
 
 
 async def seed(config_path: Path, users: list[str]) -> dict[str, str]:

@@ -17,6 +17,7 @@ from storage.store import Store
 from tests.support import (
     RecordingChannel,
     conversation_key,
+    db_rows,
     eventually,
     harness,
     query,
@@ -200,9 +201,15 @@ async def test_overdue_waits_fire_at_start_up(tmp_path: Path) -> None:
 async def test_operator_endpoints(tmp_path: Path, path: str) -> None:
     async with harness(write_config(tmp_path, HELLO)) as h:
         await h.say("hi")
+        before, sent = await h.runtime.worker.run(db_rows), list(h.channel.sent)
         resp = await h.client.get(path)
         assert resp.status == 200
         text = await resp.text()
+        await h.flush()
+        assert h.channel.sent == sent  # an operator's probe says nothing to anyone
+        assert await h.runtime.worker.run(db_rows) == before  # and writes nothing
+        if path == "/healthz":
+            assert (await resp.json())["status"] == "ok"
         if path == "/metrics":
             assert "flowbot_outbox_sent 2" in text
             assert "flowbot_conversations 1" in text

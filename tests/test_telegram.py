@@ -39,7 +39,7 @@ from tests.fake_telegram import (  # noqa: F401 - the fixtures `fake` and `no_in
     payload,
     sign_init_data,
 )
-from tests.support import query, write_config
+from tests.support import db_rows, query, write_config
 
 # channels/telegram.py silences this PTB 22 notice at import; pytest resets filters per test
 pytestmark = pytest.mark.filterwarnings(
@@ -316,6 +316,7 @@ async def test_updates_we_cannot_use_are_200_and_logged(
     """Telegram sends an update again for a day unless it gets a 2xx: one we cannot use
     is answered 200 and logged (a wrong secret still gets 403: that is not Telegram)."""
     async with telegram(tg_config(tmp_path, fake), fake) as tg:
+        empty = await tg.runtime.worker.run(db_rows)
         headers = {"X-Telegram-Bot-Api-Secret-Token": SECRET}
         for body, reason in [(b"{not json", "bad_json"),
                              (json.dumps({"message": {}}).encode(), "not_an_update"),
@@ -326,7 +327,22 @@ async def test_updates_we_cannot_use_are_200_and_logged(
             assert (await resp.json())["reason"] == reason
             assert f"ignored an update ({reason})" in caplog.text
         assert fake.sent() == []
-        assert await tg.runtime.worker.run(query, "SELECT count(*) FROM conversations") == [(0,)]
+        assert await tg.runtime.worker.run(db_rows) == empty  # no event, no conversation
+
+
+async def test_an_oversized_update_during_a_conversation_changes_nothing(
+        tmp_path: Path, fake: FakeTelegram) -> None:
+    async with telegram(tg_config(tmp_path, fake), fake) as tg:
+        await tg.say("hi", 1)
+        before, sent = await tg.runtime.worker.run(db_rows), len(fake.sent())
+        update = payload("text_message")
+        update["update_id"] = 2
+        update["message"]["text"] = "x" * (MAX_UPDATE_BYTES + 1)
+        status, body = await tg.post_update(update)
+        assert status == 200 and body["reason"] == "too_large"  # 200: Telegram stops resending
+        await tg.outbox.drain()
+        assert len(fake.sent()) == sent
+        assert await tg.runtime.worker.run(db_rows) == before
 
 
 async def test_a_4096_emoji_reply_to_another_is_an_ordinary_update(

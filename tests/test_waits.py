@@ -16,7 +16,7 @@ import pytest
 from standardwebhooks.webhooks import Webhook
 
 from storage.store import Store
-from tests.support import Harness, conversation_key, harness, write_config
+from tests.support import Harness, conversation_key, db_rows, harness, write_config
 
 pytestmark = pytest.mark.usefixtures("both_workers")
 
@@ -232,8 +232,13 @@ async def test_cors_preflight_and_headers(h: Harness) -> None:
 async def test_restart_cancels_the_wait_and_callback_gets_410(h: Harness) -> None:
     eid = await open_webview(h)
     await h.say("/start")
+    h.new_messages("u1")
+    before = await h.runtime.worker.run(db_rows)
     status, body = await h.post("/webview/callback", json={"executionId": eid, "success": True})
     assert status == 410 and body["error"] == "cancelled"
+    assert h.new_messages("u1") == []  # no branch ran: nothing said
+    assert await h.runtime.worker.run(db_rows) == before
+    assert await state_of(h, eid) == "cancelled"
 
 
 async def test_non_blocking_webview_saves_late_data(tmp_path: Path) -> None:
@@ -372,20 +377,48 @@ async def test_signed_webhook_without_secret_on_server(no_hook_secret: None, h: 
 
 # -- exactly once -----------------------------------------------------------------------
 
-async def test_callback_and_expiry_race_yields_one_branch(h: Harness) -> None:
-    for i in range(50):
+async def test_at_the_deadline_the_expiry_wins_whichever_runs_first(h: Harness) -> None:
+    """At the deadline the wait is over, whether the callback or the timer's pass reaches the
+    database first: the callback gets 410, the flow says "Expired." once. (The true race,
+    callbacks sent while the clock crosses the deadline, runs 1,000 times in
+    tests/reliability/test_races.py.)"""
+    for i, order in enumerate(["callback first", "timer first", "together"] * 4):
         user = f"r{i}"
         eid = await open_webview(h, user)
         h.new_messages(user)
         h.clock.advance(60)  # exactly at the deadline
-        results = await asyncio.gather(
-            h.client.post("/webview/callback", json={"executionId": eid, "success": True}),
+        callback = h.client.post("/webview/callback", json={"executionId": eid, "success": True})
+        if order == "callback first":
+            resp, fired = await callback, await h.runtime.fire_due()
+        elif order == "timer first":
+            fired, resp = await h.runtime.fire_due(), await callback
+        else:
+            resp, fired = await asyncio.gather(callback, h.runtime.fire_due())
+        await h.flush()
+        assert (resp.status, (await resp.json())["error"]) == (410, "expired"), order
+        assert fired == (0 if order == "callback first" else 1), order  # the 410 expired it
+        assert [m.text for m in h.new_messages(user)] == ["Expired."], order
+        assert await state_of(h, eid) == "expired"
+        h.clock.advance(-60)
+
+
+async def test_a_millisecond_before_the_deadline_the_callback_wins_over_the_timer(h: Harness) -> None:
+    for i in range(10):
+        user = f"r{i}"
+        eid = await open_webview(h, user)
+        h.new_messages(user)
+        h.clock.advance(60 - 0.001)
+        resp, fired = await asyncio.gather(
+            h.client.post("/webview/callback", json={"executionId": eid, "success": True,
+                                                     "data": {"ref": user}}),
             h.runtime.fire_due())
         await h.flush()
-        said = [m.text for m in h.new_messages(user)]
-        assert said in (["Paid: "], ["Expired."]), said
-        resp = results[0]
-        assert resp.status == (200 if said == ["Paid: "] else 410)
+        assert (resp.status, fired) == (200, 0)
+        h.clock.advance(0.001)  # the deadline passes: the resolved wait does not expire
+        assert await h.runtime.fire_due() == 0
+        await h.flush()
+        assert [m.text for m in h.new_messages(user)] == [f"Paid: {user}"]
+        assert await state_of(h, eid) == "success"
         h.clock.advance(-60)
 
 
@@ -398,6 +431,20 @@ async def test_ten_concurrent_copies_of_a_callback(h: Harness) -> None:
     await h.flush()
     assert sorted(r.status for r in responses) == [200] + [409] * 9
     assert [m.text for m in h.new_messages("u1")] == ["Paid: X"]
+
+
+async def test_ten_concurrent_copies_of_a_webhook(h: Harness) -> None:
+    """A provider that delivers the same webhook ten times at once: one transition."""
+    key = await open_webhook(h)
+    h.new_messages("u1")
+    body = {"conversation_key": key, "order": {"status": "shipped"}, "items": [{"id": 42}]}
+    responses = await asyncio.gather(*(h.client.post("/webhook", json=body) for _ in range(10)))
+    await h.flush()
+    assert sorted(r.status for r in responses) == [200] + [409] * 9
+    assert [m.text for m in h.new_messages("u1")] == ["Webhook: shipped 42 []"]
+    for resp in responses:
+        if resp.status == 409:
+            assert (await resp.json())["error"] == "not_waiting"
 
 
 async def test_openapi_document_is_served(h: Harness) -> None:

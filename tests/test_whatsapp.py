@@ -27,6 +27,7 @@ from tests.fake_twilio import (
     whatsapp_config,
     whatsapp_harness,
 )
+from tests.support import db_rows
 
 FLOWS = """
 [flows.main]
@@ -98,7 +99,28 @@ async def test_tampered_body_is_refused(tmp_path: Path) -> None:
     async with whatsapp_harness(tmp_path, FLOWS) as h:
         good = sign(h.channel.inbound_url, payload("inbound_text"))
         tampered = payload("inbound_text").replace("Body=Hi+there", "Body=restart")
-        assert (await h.post("/twilio/whatsapp", tampered, signature=good))[0] == 403
+        assert tampered != payload("inbound_text")
+        status, doc = await h.post("/twilio/whatsapp", tampered, signature=good)
+        assert status == 403 and doc["error"] == "bad_signature"
+        assert await h.sql("SELECT count(*) FROM events") == [(0,)]
+        assert await h.sql("SELECT count(*) FROM conversations") == [(0,)]
+        await h.outbox.drain()
+        assert h.twilio.posts == []
+
+
+async def test_a_tampered_body_mid_conversation_changes_nothing(tmp_path: Path) -> None:
+    async with whatsapp_harness(tmp_path, FLOWS) as h:
+        assert (await h.post("/twilio/whatsapp", payload("inbound_text")))[0] == 200
+        assert h.new_bodies() == [HELLO, MENU]
+        before = await h.runtime.worker.run(db_rows)
+        body = payload("inbound_text").replace("SM2e4f", "SM9e4f")  # another message, not a copy
+        tampered = body.replace("Body=Hi+there", "Body=restart")
+        status, doc = await h.post("/twilio/whatsapp", tampered,
+                                   signature=sign(h.channel.inbound_url, body))
+        assert status == 403 and doc["error"] == "bad_signature"
+        await h.outbox.drain()
+        assert h.new_bodies() == []
+        assert await h.runtime.worker.run(db_rows) == before
 
 
 @pytest.mark.parametrize(("configured", "signed"), [

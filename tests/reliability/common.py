@@ -278,15 +278,19 @@ class Server:
                 stdout=log, stderr=subprocess.STDOUT)
         self.started_at = time.time()
         deadline = time.monotonic() + 30
-        while time.monotonic() < deadline:
-            assert self.proc.poll() is None, self.log.read_text()[-3000:]
-            try:
-                with urllib.request.urlopen(self.base + "/healthz", timeout=1) as resp:
-                    if resp.status == 200:
-                        return
-            except OSError:
-                time.sleep(0.02)
-        raise AssertionError("flowbot serve did not answer /healthz")
+        try:
+            while time.monotonic() < deadline:
+                assert self.proc.poll() is None, self.log.read_text()[-3000:]
+                try:
+                    with urllib.request.urlopen(self.base + "/healthz", timeout=1) as resp:
+                        if resp.status == 200:
+                            return
+                except OSError:
+                    time.sleep(0.02)
+            raise AssertionError("flowbot serve did not answer /healthz")
+        except BaseException:
+            self.stop()  # a server that did not come up is not left running
+            raise
 
     def kill9(self) -> None:
         assert self.proc is not None
