@@ -7,10 +7,26 @@ import pytest
 from tests.fake_twilio import AUTH_TOKEN
 from tests.prereq import fail_in_ci
 from tests.reliability.common import Server
+from tests.seed import RUN_SEED
 
 
 def pytest_addoption(parser: pytest.Parser) -> None:
     parser.addoption("--long", action="store_true", help="run the long reliability forms")
+
+
+@pytest.hookimpl(tryfirst=True)  # before hypothesis's plugin reads its option
+def pytest_configure(config: pytest.Config) -> None:
+    if config.getoption("hypothesis_seed", None) is None:
+        config.option.hypothesis_seed = RUN_SEED
+
+
+def pytest_report_header(config: pytest.Config) -> str:
+    return f"random generation seed: {config.getoption('hypothesis_seed')} (tests/seed.py)"
+
+
+def pytest_terminal_summary(terminalreporter: Any, exitstatus: int, config: pytest.Config) -> None:
+    seed = config.getoption("hypothesis_seed")
+    terminalreporter.write_line(f"random generation seed: {seed}; replay: FLOWBOT_TEST_SEED={seed}")
 
 
 @pytest.hookimpl(wrapper=True)

@@ -19,6 +19,7 @@ from schemathesis import GenerationMode
 import bot
 from bot.errors import NotFound
 from tests.reliability.common import App, Server, load, seed_waits, snapshot, write_config
+from tests.seed import RUN_SEED
 
 LONG = "--long" in sys.argv  # the option is read at import: schemathesis decorates at import
 RANDOM_IDS = 100_000
@@ -27,6 +28,7 @@ SCHEMA = schemathesis.openapi.from_path(Path(bot.__file__).parent / "openapi.jso
     path_regex=r"^/(webview/callback|webhook)$")
 SCHEMA.config.generation.update(modes=[GenerationMode.POSITIVE, GenerationMode.NEGATIVE],
                                 max_examples=1000 if LONG else 150)
+SCHEMA.config.seed = RUN_SEED  # printed by the run: FLOWBOT_TEST_SEED=… replays it
 
 
 @pytest.fixture(scope="module")
