@@ -11,7 +11,7 @@ from collections.abc import Coroutine, Mapping
 from typing import TYPE_CHECKING, Any
 
 from bot import jobs
-from bot.clock import Clock
+from bot.clock import Clock, LoopTime, Monotonic
 from bot.state import OutboxRow
 from channels.base import Channel, RateLimit, SendError
 
@@ -30,29 +30,34 @@ def backoff(attempts: int) -> float:
 
 
 class _Bucket:
-    """Token bucket over the event loop's monotonic clock."""
+    """Token bucket over a monotonic clock (the event loop's unless one is injected)."""
 
-    def __init__(self, rate: float, capacity: float) -> None:
+    def __init__(self, rate: float, capacity: float, pace: Monotonic) -> None:
         self.rate = rate
         self.capacity = capacity
         self.tokens = capacity
-        self.stamp = asyncio.get_running_loop().time()
+        self.pace = pace
+        self.stamp = pace.time()
 
     async def take(self) -> None:
-        loop = asyncio.get_running_loop()
         while True:
-            now = loop.time()
+            now = self.pace.time()
             self.tokens = min(self.capacity, self.tokens + (now - self.stamp) * self.rate)
             self.stamp = now
-            if self.tokens >= 1:
-                self.tokens -= 1
+            if self.tokens >= 1 - 1e-9:  # a token less a rounding error is a token
+                self.tokens = max(0.0, self.tokens - 1)
                 return
-            await asyncio.sleep((1 - self.tokens) / self.rate)
+            await self.pace.sleep((1 - self.tokens) / self.rate)
 
 
 class RateLimiter:
-    def __init__(self, limit: RateLimit) -> None:
+    """A channel's `RateLimit`: a bucket per chat (`burst` at once, then
+    `per_chat_per_second`) and one for the bot (`global_per_second`, a second's worth at
+    once). `acquire` returns when one message may go."""
+
+    def __init__(self, limit: RateLimit, pace: Monotonic | None = None) -> None:
         self.limit = limit
+        self.pace = pace or LoopTime()
         self._global: _Bucket | None = None
         self._chats: dict[str, _Bucket] = {}
 
@@ -63,21 +68,22 @@ class RateLimiter:
                 if len(self._chats) > 10_000:
                     self._chats.clear()
                 bucket = self._chats[chat] = _Bucket(self.limit.per_chat_per_second,
-                                                     self.limit.burst)
+                                                     self.limit.burst, self.pace)
             await bucket.take()
         if self.limit.global_per_second:
             if self._global is None:
                 self._global = _Bucket(self.limit.global_per_second,
-                                       self.limit.global_per_second)
+                                       self.limit.global_per_second, self.pace)
             await self._global.take()
 
 
 class Outbox:
-    def __init__(self, worker: Worker, channels: Mapping[str, Channel], clock: Clock) -> None:
+    def __init__(self, worker: Worker, channels: Mapping[str, Channel], clock: Clock,
+                 pace: Monotonic | None = None) -> None:
         self.worker = worker
         self.channels = channels
         self.clock = clock
-        self._limiters = {name: RateLimiter(ch.rate_limit) for name, ch in channels.items()}
+        self._limiters = {name: RateLimiter(ch.rate_limit, pace) for name, ch in channels.items()}
         self._wake = asyncio.Event()
         self._busy: set[int] = set()
         self._tasks: set[asyncio.Task[None]] = set()

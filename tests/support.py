@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import heapq
 import os
 import textwrap
 from collections.abc import AsyncIterator, Callable, Sequence
@@ -151,3 +152,50 @@ def db_rows(store: Store) -> dict[str, list[tuple[Any, ...]]]:
         "ORDER BY name")]
     return {t: sorted(store.conn.execute(f'SELECT * FROM "{t}"').fetchall(), key=repr)
             for t in tables}
+
+
+class VirtualTime:
+    """Monotonic time for the rate limiters (bot.clock.Monotonic) that moves only when told:
+    `sleep` parks its caller until `advance()` reaches its wake-up time. With every sender
+    parked, `advance()` jumps to the earliest wake-up, so send times come out exact."""
+
+    def __init__(self) -> None:
+        self.now = 0.0
+        self._sleepers: list[tuple[float, int, asyncio.Future[None]]] = []
+        self._n = 0
+
+    def time(self) -> float:
+        return self.now
+
+    async def sleep(self, seconds: float) -> None:
+        fut = asyncio.get_running_loop().create_future()
+        self._n += 1
+        heapq.heappush(self._sleepers, (self.now + seconds, self._n, fut))
+        await fut
+
+    @property
+    def parked(self) -> int:
+        return len(self._sleepers)
+
+    def advance(self) -> float:
+        """Jump to the earliest wake-up and wake everyone due then; returns the new time."""
+        self.now = max(self.now, self._sleepers[0][0])
+        while self._sleepers and self._sleepers[0][0] <= self.now:
+            heapq.heappop(self._sleepers)[2].set_result(None)
+        return self.now
+
+    async def run(self, active: Callable[[], int], done: Callable[[], bool],
+                  timeout: float = 30.0) -> None:
+        """Until `done()`: whenever all `active()` senders are parked here (none is sending,
+        none is in the database), advance. `timeout` (real seconds) is a safety cap."""
+        end = asyncio.get_running_loop().time() + timeout
+        spins = 0
+        while not done():
+            if asyncio.get_running_loop().time() > end:
+                raise AssertionError(f"not done at t={self.now}: {self.parked} of {active()} parked")
+            if self.parked and self.parked >= active():
+                self.advance()
+                spins = 0
+            else:  # woken senders re-parking, or a send or a database job under way
+                spins += 1
+            await asyncio.sleep(0 if spins < 100 else 0.001)
