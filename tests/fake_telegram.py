@@ -73,6 +73,10 @@ class FakeTelegram:
             body["parameters"] = dict(parameters)
         self.failures.setdefault(method, []).append((status, body))
 
+    def hang_up_next(self, method: str = "sendMessage") -> None:
+        """The next call gets no answer: the connection is closed, as a dropped one is."""
+        self.failures.setdefault(method, []).append((0, {}))
+
     def succeed_next(self, method: str = "sendMessage") -> None:
         """The next call is answered normally (to fail the one after it)."""
         self.failures.setdefault(method, []).append(None)
@@ -134,7 +138,9 @@ class FakeTelegram:
         failure = queued.pop(0) if queued else None
         if failure is not None:
             status, body = failure
-            return web.json_response(body, status=status)
+            if status == 0 and request.transport is not None:
+                request.transport.abort()
+            return web.json_response(body, status=status or 500)
         handler = getattr(self, f"_m_{method}", None)
         if handler is None:
             return web.json_response({"ok": False, "error_code": 404,

@@ -634,14 +634,30 @@ async def test_an_unknown_chat_is_a_permanent_error(
         assert str(info.value) == "Chat not found"  # PTB drops the "Bad Request: " prefix
 
 
-async def test_network_errors_are_retried(tmp_path: Path, fake: FakeTelegram) -> None:
-    from channels.base import SendError
-
+@pytest.mark.parametrize("failure", ["502 Bad Gateway", "connection dropped"])
+async def test_network_errors_are_retried(tmp_path: Path, fake: FakeTelegram, failure: str) -> None:
+    """Send, fail, wait the backoff, send again, delivered: through the fake Bot API."""
     async with telegram(tg_config(tmp_path, fake), fake) as tg:
-        fake.fail_next("sendMessage", 502, "Bad Gateway")
-        with pytest.raises(SendError) as info:
-            await tg.channel.send(Delivery(1, 1, "4242", Message("hi")))
-        assert (info.value.permanent, info.value.code) == (False, "network")
+        if failure == "502 Bad Gateway":
+            fake.fail_next("sendMessage", 502, "Bad Gateway")
+        else:
+            fake.hang_up_next("sendMessage")
+        greeting = {"chat_id": "4242", "parse_mode": "HTML",
+                    "text": "Hi Ada Lovelace! What's your name?"}
+        assert await tg.say("hello", 1) == [greeting]  # tried once: it failed
+        [(state, attempts, next_attempt, error, _)] = await tg.outbox_rows()
+        assert (state, attempts) == ("pending", 1) and error.startswith("network: ")
+        assert 0.8 <= next_attempt - tg.clock.now() <= 1.2  # the first backoff: 1 s ± 20 %
+
+        tg.clock.advance(0.75)
+        await tg.outbox.drain()
+        assert fake.sent() == [greeting]  # not before its time
+        tg.clock.advance(next_attempt - tg.clock.now())
+        await tg.outbox.drain()
+        assert fake.sent() == [greeting, greeting]  # the retry, delivered
+        assert [r[:2] for r in await tg.outbox_rows()] == [("sent", 2)]
+        [menu] = await tg.say("Ada", 2)
+        assert menu["text"] == "Nice to meet you, Ada. What would you like to try?"
 
 
 # -- verified WebView callbacks ------------------------------------------------------------
