@@ -195,7 +195,14 @@ class Ledger(Store):
         """The database process's own timer (storage.worker's TimerPass): fire what is
         due, and say when to come back."""
         done = self.fire_due(now)
-        return done, (now if done.more else done.next_deadline)
+        if done.more:
+            return done, now
+        nxt = done.next_deadline
+        if done.errors and nxt is not None and nxt <= now:
+            # a wait whose transition failed is still due: try it again in a second (as the
+            # in-process timer does), not at once, over and over, in a busy loop
+            nxt = now + 1.0
+        return done, nxt
 
     def move_stranded(self, now: float, limit: int = STRANDED_BATCH) -> StrandedPass:
         """Up to `limit` conversations whose block is gone from the config, each moved to
