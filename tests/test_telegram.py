@@ -879,3 +879,81 @@ async def test_an_update_from_the_supergroup_before_the_notice_starts_no_second_
             "Nice to meet you, Ada. What would you like to try?")
         rows = await conversations(tg)
         assert [r[0] for r in rows] == [str(SUPERGROUP), f"{SUPERGROUP}~replaced~2"]
+
+
+# -- recovery: what a user sees when Telegram or our side fails ----------------------------
+
+
+async def test_an_update_that_keeps_failing_is_retried_then_skipped(
+        tmp_path: Path, fake: FakeTelegram, monkeypatch: pytest.MonkeyPatch,
+        caplog: pytest.LogCaptureFixture) -> None:
+    """Polling: an update that cannot be committed (here: its database job fails each time)
+    is fetched again POISON_ATTEMPTS times, then skipped; the next user is not stuck."""
+    from channels.telegram import POISON_ATTEMPTS
+
+    config = tg_config(tmp_path, fake, 'mode = "polling"')
+    async with telegram(config, fake) as tg:
+        real = tg.channel._inbound
+        tries = 0
+
+        async def inbound(event: Any) -> bool:
+            nonlocal tries
+            if event.text == "poison":
+                tries += 1
+                raise RuntimeError("database or disk is full")
+            return await real(event)
+
+        monkeypatch.setattr(tg.channel, "_inbound", inbound)
+        bad, good = payload("text_message"), payload("text_message")
+        bad["message"]["text"] = "poison"
+        good["update_id"] = bad["update_id"] + 1
+        good["message"]["chat"]["id"] = good["message"]["from"]["id"] = 5151
+        with caplog.at_level(logging.WARNING, logger="channels.telegram"):
+            await fake.queue_update(bad)
+            await fake.queue_update(good)
+            await fake.wait_for(lambda f: any(
+                p.get("offset") == str(good["update_id"] + 1) for p in f.sent("getUpdates")))
+            await tg.outbox.drain()
+        assert tries == POISON_ATTEMPTS
+        assert [(p["chat_id"], p["text"]) for p in fake.sent()] == [
+            ("5151", "Hi Ada Lovelace! What's your name?")]  # the next update went through
+        assert f"update {bad['update_id']} failed {POISON_ATTEMPTS} times; skipping it" in caplog.text
+        assert await tg.runtime.worker.run(query, "SELECT user_id FROM conversations") == [
+            ("5151",)]
+
+
+async def test_a_failing_answer_callback_query_does_not_stop_the_flow(
+        tmp_path: Path, fake: FakeTelegram, caplog: pytest.LogCaptureFixture) -> None:
+    async with telegram(tg_config(tmp_path, fake), fake) as tg:
+        [menu] = await to_menu(tg)
+        fake.fail_next("answerCallbackQuery", 400, "Bad Request: query is too old and response "
+                       "timeout expired or query ID is invalid")
+        with caplog.at_level(logging.WARNING, logger="channels.telegram"):
+            [webview] = await tg.press(keyboard(menu)[0][0]["callback_data"], 3)
+            await fake.wait_for(lambda f: bool(f.sent("answerCallbackQuery")))
+            await tg.channel.stop()  # lets the pending answer finish
+        assert webview["text"] == "Press the button to pay."  # the press moved the flow on
+        assert "answerCallbackQuery failed: Query is too old" in caplog.text
+        assert TOKEN not in caplog.text
+
+
+async def test_an_unreachable_bot_api_at_start_says_so_without_the_token(tmp_path: Path) -> None:
+    """`flowbot serve` stops at start with this one line (and exit status 1)."""
+    import socket
+
+    with socket.socket() as s:  # a port nobody listens on
+        s.bind(("127.0.0.1", 0))
+        closed = f"http://127.0.0.1:{s.getsockname()[1]}/bot"
+    broken = write_config(tmp_path, FLOWS.replace("{verify}", ""), f"""
+        [channels.telegram]
+        enabled = true
+        api_base_url = "{closed}"
+    """)
+    app = build_app(broken, channel_factories={"telegram": TelegramChannel.create},
+                    clock=FakeClock(), run_background=False)
+    with pytest.raises(TelegramSetupError) as info:
+        async with TestClient(TestServer(app, host="127.0.0.1")):
+            pass
+    message = str(info.value)
+    assert message.startswith(f"cannot reach the Telegram Bot API at {closed}")
+    assert TOKEN not in message

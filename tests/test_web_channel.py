@@ -21,6 +21,7 @@ from bot.config import Config, load_config
 from bot.outbox import Outbox
 from bot.runtime import Runtime
 from bot.server import OUTBOX, RUNTIME, build_app, enabled_channels
+from channels.base import Message
 from storage.store import Store
 
 EXAMPLE = Path(__file__).resolve().parent.parent / "config.example.toml"
@@ -410,3 +411,47 @@ async def test_server_shutdown_closes_open_sockets(tmp_path: Path) -> None:
         msg = await asyncio.wait_for(ws.receive(), GUARD)
         assert (msg.type, msg.data, msg.extra) == (aiohttp.WSMsgType.CLOSE, 1001,
                                                    "server shutting down")
+
+
+# -- a slow reader ---------------------------------------------------------------------------
+
+
+def add_web_rows(store: Store, session: str, texts: list[str], now: float) -> None:
+    """A database job: due outbox rows for one web chat session (a burst of replies)."""
+    conv = store.conversation("web", session, f"key-{session}", now)
+    store.conn.executemany(
+        "INSERT INTO outbox (conversation_id, channel, user_id, message, next_attempt, created)"
+        " VALUES (?, ?, ?, ?, ?, ?)",
+        [(conv.id, "web", session, Message(t).to_json(), now, now) for t in texts])
+
+
+async def test_a_reader_too_slow_for_its_queue_is_dropped_and_gets_everything_on_reconnect(
+        chat: Chat, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A page that stops reading (a frozen tab, a dead link): the socket's buffers fill,
+    frames queue up to MAX_QUEUED, then the server closes it with 1013 "reconnect". Nothing
+    is lost: the page reconnects with its last id and gets the rest, in order, once each."""
+    import channels.web
+
+    monkeypatch.setattr(channels.web, "MAX_QUEUED", 20)
+    tab = chat.tab()
+    assert await tab.open() == []
+    assert tab.ws is not None
+    big = "x" * 60_000  # big frames fill the TCP buffers quickly
+    sent = [f"{i:04d} {big}" for i in range(200)]  # ~100 fill them here
+    await chat.runtime.worker.run(add_web_rows, SESSION, sent, chat.clock.now())
+    await chat.outbox.drain()  # the page reads nothing meanwhile: aiohttp stops reading for it
+
+    got: list[str] = []
+    while True:  # now the page wakes up: what was in flight, then the close
+        msg = await asyncio.wait_for(tab.ws.receive(), GUARD)
+        if msg.type != aiohttp.WSMsgType.TEXT:
+            break
+        frame = json.loads(msg.data)
+        assert frame["type"] == "message"
+        got.append(frame["text"])
+        tab.last = frame["id"]
+    assert msg.type == aiohttp.WSMsgType.CLOSE
+    assert (msg.data, msg.extra) == (1013, "too many unsent messages; reconnect")
+    assert 0 < len(got) < len(sent)  # it was cut off on the way
+    replayed = [m["text"] for m in await tab.open()]  # the page reconnects
+    assert got + replayed == sent
