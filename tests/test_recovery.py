@@ -8,12 +8,18 @@ from __future__ import annotations
 import asyncio
 import math
 import queue
+import socket
 import sqlite3
 import time
+from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
+from unittest.mock import ANY
 
 import pytest
+from aiohttp import web
+from aiohttp.test_utils import TestServer
 
 import storage.worker as worker_module
 from bot import jobs
@@ -22,7 +28,7 @@ from bot.state import Step, Wait
 from channels.base import Inbound
 from storage.store import Store
 from storage.worker import TIMER, DbWorker
-from tests.support import Harness, RecordingChannel, harness, query, write_config
+from tests.support import Harness, RecordingChannel, db_rows, harness, query, write_config
 
 GUARD = 10.0  # seconds; only a hung test waits this long
 
@@ -260,3 +266,142 @@ async def test_a_failed_mark_as_sent_leaves_the_row_to_send_again(
         texts = [(d.user_id, d.message.text) for d in channel.sent]
         assert set(texts) == {("u1", "Hello"), ("u2", "Hello")}
         assert len(texts) <= 3  # the one whose mark failed may have gone twice, none more
+
+
+# -- the http block: a third party that is down, slow, or answers too late -------------------
+
+
+def http_flow(url: str, timeout: float) -> str:
+    return f"""
+[flows.main]
+start = "call"
+[flows.main.blocks.call]
+type = "http"
+method = "POST"
+url = "{url}"
+timeout = {timeout}
+status_variable = "code"
+on_success = "ok"
+on_failure = "bad"
+[flows.main.blocks.ok]
+type = "end"
+text = "ok {{{{code}}}}"
+[flows.main.blocks.bad]
+type = "end"
+text = "failed [{{{{code}}}}]"
+"""
+
+
+@asynccontextmanager
+async def third_party(handler: Callable[[web.Request], Awaitable[web.StreamResponse]]
+                      ) -> AsyncIterator[str]:
+    """A third-party site on 127.0.0.1 answering with `handler`; yields its URL."""
+    app = web.Application()
+    app.router.add_route("*", "/{tail:.*}", handler)
+    server = TestServer(app, host="127.0.0.1")
+    await server.start_server()
+    try:
+        yield str(server.make_url("/crm"))
+    finally:
+        await server.close()
+
+
+async def settled(h: Harness) -> None:
+    """Until the http block's request task has finished (a safety cap, not a sleep)."""
+    deadline = asyncio.get_running_loop().time() + GUARD
+    while h.runtime._tasks:
+        assert asyncio.get_running_loop().time() < deadline
+        await asyncio.sleep(0.005)
+    await h.flush()
+
+
+async def test_http_block_network_error_takes_the_failure_branch(tmp_path: Path) -> None:
+    with socket.socket() as s:  # a port nobody listens on: connection refused
+        s.bind(("127.0.0.1", 0))
+        closed = f"http://127.0.0.1:{s.getsockname()[1]}/crm"
+    async with harness(write_config(tmp_path, http_flow(closed, 5))) as h:
+        await h.runtime.handle_inbound(Inbound("rec", "u1", "hi"))
+        await settled(h)
+        assert [m.text for m in h.new_messages("u1")] == ["failed [0]"]  # status 0: no answer came
+        assert await h.runtime.worker.run(wait_of, "u1") == (ANY, "failure")
+
+
+async def test_http_block_connection_dropped_mid_answer_takes_the_failure_branch(
+        tmp_path: Path) -> None:
+    async def hang_up(request: web.Request) -> web.StreamResponse:
+        assert request.transport is not None
+        request.transport.abort()
+        return web.Response()
+
+    async with third_party(hang_up) as url, harness(write_config(tmp_path, http_flow(url, 5))) as h:
+        await h.runtime.handle_inbound(Inbound("rec", "u1", "hi"))
+        await settled(h)
+        assert [m.text for m in h.new_messages("u1")] == ["failed [0]"]
+
+
+async def test_http_block_timeout_takes_the_failure_branch(tmp_path: Path) -> None:
+    release = asyncio.Event()
+
+    async def stall(request: web.Request) -> web.StreamResponse:
+        await release.wait()  # never answers within the block's timeout
+        return web.json_response({"late": True})
+
+    async with third_party(stall) as url, harness(write_config(tmp_path, http_flow(url, 0.2))) as h:
+        try:
+            await h.runtime.handle_inbound(Inbound("rec", "u1", "hi"))
+            await settled(h)  # aiohttp's own 0.2 s timeout ends the request
+            assert [m.text for m in h.new_messages("u1")] == ["failed [0]"]
+        finally:
+            release.set()
+
+
+async def test_an_http_answer_after_the_wait_timed_out_is_dropped(tmp_path: Path) -> None:
+    """The block's wait expired first (the timer, at timeout + 5 s): the flow took the failure
+    branch; the answer that comes afterwards changes nothing and says nothing."""
+    release, arrived = asyncio.Event(), asyncio.Event()
+
+    async def slow(request: web.Request) -> web.StreamResponse:
+        arrived.set()
+        await release.wait()
+        return web.json_response({"plan": "gold"}, status=200)
+
+    async with third_party(slow) as url, harness(write_config(tmp_path, http_flow(url, 60))) as h:
+        await h.runtime.handle_inbound(Inbound("rec", "u1", "hi"))
+        await asyncio.wait_for(arrived.wait(), GUARD)
+        assert await h.advance(65) == 1  # the wait's deadline: timeout + 5 s
+        assert [m.text for m in h.new_messages("u1")] == ["failed [0]"]
+        before = await h.runtime.worker.run(db_rows)
+        release.set()  # the answer arrives, late
+        await settled(h)
+        assert h.new_messages("u1") == []
+        assert await h.runtime.worker.run(db_rows) == before
+
+
+async def test_the_outbox_loop_goes_on_after_a_failed_pass(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture) -> None:
+    real = jobs.pending_by_channel
+    calls = 0
+
+    def failing_twice(store: Store, *args: Any) -> Any:
+        nonlocal calls
+        calls += 1
+        if calls <= 2:
+            raise sqlite3.OperationalError("database is locked")
+        return real(store, *args)
+
+    monkeypatch.setattr(jobs, "pending_by_channel", failing_twice)
+    channel = RecordingChannel()
+    async with harness(write_config(tmp_path, HELLO), channel) as h:
+        await h.runtime.handle_inbound(Inbound("rec", "u1", "hi"))  # committed, not yet sent
+        loop_task = asyncio.create_task(h.outbox.run())
+        try:
+            deadline = asyncio.get_running_loop().time() + GUARD
+            while not channel.sent:  # each commit or finished delivery wakes the loop: so do we
+                assert asyncio.get_running_loop().time() < deadline
+                h.outbox.notify()
+                await asyncio.sleep(0.01)
+        finally:
+            loop_task.cancel()
+        assert calls >= 3
+        assert caplog.text.count("outbox pass failed; trying again in 1 s") == 2
+        assert [m.text for m in channel.messages("u1")] == ["Hello"]
