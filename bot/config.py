@@ -62,6 +62,33 @@ class BotConfig:
 
 
 @dataclass(frozen=True)
+class RetentionConfig:
+    """How long finished data is kept before the background pruning deletes it; 0 keeps it
+    forever. See docs/operations.md for why each default is what it is."""
+
+    events_hours: int = 72  # ids of processed platform events (redelivery dedupe)
+    delivered_days: int = 30  # outbox rows sent to Telegram / WhatsApp / file
+    web_history_days: int = 30  # web chat messages sent (what a reloaded page gets back)
+    failed_days: int = 90  # outbox rows that failed for good (and why)
+    ended_waits_days: int = 30  # waits that ended (success, expired, cancelled, removed…)
+    idle_conversations_days: int = 180  # conversations, variables included, idle that long
+    every_seconds: int = 60  # how often a pruning round starts
+    batch: int = 500  # rows one pruning job deletes at most (one short transaction)
+
+    def cutoffs(self, now: float) -> dict[str, float]:
+        """What a pruning round deletes: category → rows older than this time (s since the
+        epoch). Categories kept forever are left out."""
+        ages = {"events": self.events_hours * 3600.0,
+                "delivered": self.delivered_days * 86400.0,
+                "web_history": self.web_history_days * 86400.0,
+                "failed": self.failed_days * 86400.0,
+                "ended_waits": self.ended_waits_days * 86400.0,
+                "idle_conversations": self.idle_conversations_days * 86400.0}
+        ages["early_statuses"] = 86400.0  # Twilio statuses for unknown ids: not a setting
+        return {name: now - age for name, age in ages.items() if age > 0}
+
+
+@dataclass(frozen=True)
 class Config:
     server: ServerConfig
     storage: StorageConfig
@@ -69,6 +96,7 @@ class Config:
     channels: ChannelsConfig
     flows: Mapping[str, Flow]
     warnings: tuple[str, ...] = field(default=())
+    retention: RetentionConfig = field(default_factory=RetentionConfig)
 
 
 def default_public_url(port: int) -> str:
@@ -100,6 +128,37 @@ def _storage(r: Reader, base: Path) -> StorageConfig:
     worker = r.text("worker", "process", choices=WORKERS)
     r.done()
     return StorageConfig(path if path.is_absolute() else base / path, worker)
+
+
+# Telegram keeps an undelivered update 24 h and redelivers it; Standard Webhooks senders
+# retry for about a day too. An event id forgotten sooner could be handled twice.
+MIN_EVENTS_HOURS = 25
+# a pending wait lasts at most 30 days (delay, non-blocking WebView): an idle conversation
+# deleted sooner could still be owed a callback
+MIN_IDLE_DAYS = 31
+
+
+def _retention(r: Reader) -> RetentionConfig:
+    d = RetentionConfig()
+    cfg = RetentionConfig(
+        events_hours=r.integer("events_hours", d.events_hours, lo=0, hi=24 * 3650),
+        delivered_days=r.integer("delivered_days", d.delivered_days, lo=0, hi=3650),
+        web_history_days=r.integer("web_history_days", d.web_history_days, lo=0, hi=3650),
+        failed_days=r.integer("failed_days", d.failed_days, lo=0, hi=3650),
+        ended_waits_days=r.integer("ended_waits_days", d.ended_waits_days, lo=0, hi=3650),
+        idle_conversations_days=r.integer("idle_conversations_days",
+                                          d.idle_conversations_days, lo=0, hi=3650),
+        every_seconds=r.integer("every_seconds", d.every_seconds, lo=1, hi=86400),
+        batch=r.integer("batch", d.batch, lo=10, hi=10000),
+    )
+    if 0 < cfg.events_hours < MIN_EVENTS_HOURS:
+        r.problems.error(r.at("events_hours"), f"must be 0 (keep) or at least "
+                         f"{MIN_EVENTS_HOURS}: Telegram redelivers an update for 24 hours")
+    if 0 < cfg.idle_conversations_days < MIN_IDLE_DAYS:
+        r.problems.error(r.at("idle_conversations_days"), f"must be 0 (keep) or at least "
+                         f"{MIN_IDLE_DAYS}: a wait can stay open 30 days")
+    r.done()
+    return cfg
 
 
 def _bot(r: Reader) -> BotConfig:
@@ -147,6 +206,7 @@ def parse_config(doc: dict[str, Any], base: Path, problems: Problems) -> Config:
     r = Reader(doc, "", problems)
     server = _server(Reader(r.table_("server"), "server", problems))
     storage = _storage(Reader(r.table_("storage"), "storage", problems), base)
+    retention = _retention(Reader(r.table_("retention"), "retention", problems))
     bot = _bot(Reader(r.table_("bot"), "bot", problems))
     channels = parse_channels(r.table_("channels"), problems, base)
     raw_flows = r.table_("flows")
@@ -174,7 +234,7 @@ def parse_config(doc: dict[str, Any], base: Path, problems: Problems) -> Config:
             "bot.stranded_flow",
             f"no flow named {bot.stranded_flow!r}{did_you_mean(bot.stranded_flow, raw_flows)}",
         )
-    return Config(server, storage, bot, channels, flows, tuple(problems.warnings))
+    return Config(server, storage, bot, channels, flows, tuple(problems.warnings), retention)
 
 
 def load_config(path: str | Path) -> Config:

@@ -74,3 +74,8 @@ def web_history(store: Store, user_id: str, after_id: int, limit: int = 200,
 
 def counts(store: Store) -> dict[str, int]:
     return store.counts()
+
+
+def prune(store: Store, category: str, cutoff: float, limit: int,
+          cursor: int = 0) -> tuple[int, int]:
+    return store.prune(category, cutoff, limit, cursor)

@@ -168,6 +168,40 @@ class Runtime:
             self.metrics["stranded_moved"] += len(found)
         return found
 
+    async def prune(self) -> dict[str, int]:
+        """One pruning round (retention): every category older than its `[retention]` age,
+        deleted in jobs of at most `retention.batch` rows, each its own short transaction
+        queued behind the others, so callbacks and timers wait for one batch at most.
+        Returns rows deleted per category. On several nodes only the leader runs it."""
+        retention = self.config.retention
+        deleted: dict[str, int] = {}
+        for category, cutoff in retention.cutoffs(self.clock.now()).items():
+            cursor, total = 0, 0
+            while True:
+                n, cursor = await self.worker.run(jobs.prune, category, cutoff,
+                                                  retention.batch, cursor)
+                total += n
+                if cursor == 0 and n < retention.batch:
+                    break
+            if total:
+                deleted[category] = total
+                self.metrics[f"pruned_{category}"] += total
+        return deleted
+
+    async def run_pruning(self) -> None:
+        """Forever: a pruning round every `retention.every_seconds` (the first one after
+        that long too, so start-up is not slowed)."""
+        while True:
+            await asyncio.sleep(self.config.retention.every_seconds)
+            try:
+                deleted = await self.prune()
+            except Exception:
+                log.exception("pruning round failed; trying again next round")
+                continue
+            if deleted:
+                log.info("retention: deleted %s", ", ".join(
+                    f"{n} {category}" for category, n in deleted.items()))
+
     def timer_pass_done(self, ok: bool, value: Any) -> None:
         """A pass of the database process's own timer committed (value: a FirePass), or
         failed (value: the exception; it tries again in a second)."""

@@ -185,7 +185,8 @@ def build_app(
                 await channel.start()
                 started.append(channel)
             if run_background:
-                loops = [asyncio.create_task(outbox.run(), name="outbox")]
+                loops = [asyncio.create_task(outbox.run(), name="outbox"),
+                         asyncio.create_task(runtime.run_pruning(), name="retention")]
                 if not db_timer:
                     loops.append(asyncio.create_task(timer.run(), name="timer"))
             yield

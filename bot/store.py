@@ -58,6 +58,11 @@ PER_CONVERSATION = 50
 """Rows of one conversation an outbox pass reads: the rest wait for a later pass."""
 
 
+PRUNE_CATEGORIES = ("events", "delivered", "web_history", "failed", "ended_waits",
+                    "early_statuses", "idle_conversations")
+"""What retention deletes, in the order a pruning round visits them."""
+
+
 class Store(Protocol):
     """One backend's view of the database, inside the current transaction. Explicitly
     subclassed by the backends and by `bot.ledger.Ledger` (a mixin over it)."""
@@ -156,6 +161,17 @@ class Store(Protocol):
 
     def has_removed_webhook(self, conversation_id: int) -> bool:
         """Whether a Webhook wait of this conversation ended as `removed`."""
+        ...
+
+    # -- retention --------------------------------------------------------------------
+
+    def prune(self, category: str, cutoff: float, limit: int, cursor: int = 0
+              ) -> tuple[int, int]:
+        """Delete at most `limit` rows of one category (`PRUNE_CATEGORIES`) older than
+        `cutoff`: (how many it deleted, the cursor to pass next; 0 when a pass over the
+        table is complete). Only finished data: never a pending wait, a pending outbox row,
+        or a conversation that waits or has messages to send. A leader-only singleton on a
+        backend with several nodes."""
         ...
 
     # -- outbox -----------------------------------------------------------------------

@@ -124,3 +124,16 @@ def m007_removed_waits(db: Database) -> None:
     such a conversation is answered 410 (not 409), found through this small index."""
     db.executescript(
         "CREATE INDEX waits_removed ON waits (conversation_id) WHERE state = 'removed';")
+
+
+@migrations()
+def m008_retention(db: Database) -> None:
+    """Pruning finds old rows through these: each column is written once, in increasing
+    order, so an insert only appends to its index and updates never touch it."""
+    db.executescript(
+        """
+        CREATE INDEX events_at ON events (at);
+        CREATE INDEX outbox_created ON outbox (created);
+        CREATE INDEX waits_created ON waits (created);
+        """
+    )

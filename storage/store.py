@@ -34,6 +34,21 @@ __all__ = ["FINAL_STATES", "OutboxRow", "SQLiteLedger", "SQLiteStore", "Store", 
 
 EARLY_STATUS_TTL = 86400.0  # s a status for an unknown message id is kept
 
+_PRUNE = {  # (cutoff, limit) → rows deleted; each found through an index on its time
+    "events": "DELETE FROM events WHERE id IN (SELECT id FROM events WHERE at < ? LIMIT ?)",
+    "delivered": "DELETE FROM outbox WHERE id IN (SELECT id FROM outbox WHERE created < ? "
+                 "AND state = 'sent' AND channel != 'web' LIMIT ?)",
+    "web_history": "DELETE FROM outbox WHERE id IN (SELECT id FROM outbox WHERE created < ? "
+                   "AND state = 'sent' AND channel = 'web' LIMIT ?)",
+    "failed": "DELETE FROM outbox WHERE id IN (SELECT id FROM outbox WHERE created < ? "
+              "AND state = 'failed' LIMIT ?)",
+    "ended_waits": "DELETE FROM waits WHERE id IN (SELECT id FROM waits INDEXED BY "
+                   "waits_created WHERE created < ? AND state != 'pending' LIMIT ?)",
+    "early_statuses": "DELETE FROM early_statuses WHERE platform_id IN (SELECT platform_id "
+                      "FROM early_statuses WHERE at < ? LIMIT ?)",
+}
+
+
 def _dumps(value: Any) -> str:
     return json.dumps(value, ensure_ascii=False, separators=(",", ":"))
 
@@ -239,6 +254,35 @@ class SQLiteStore(contract.Store):
             # the literal state: the partial index waits_removed covers only those rows
             "SELECT 1 FROM waits WHERE conversation_id = ? AND state = 'removed' "
             "AND kind = 'webhook' LIMIT 1", (conversation_id,)).fetchone() is not None
+
+    # -- retention --------------------------------------------------------------------
+
+    def prune(self, category: str, cutoff: float, limit: int, cursor: int = 0
+              ) -> tuple[int, int]:
+        if category == "idle_conversations":
+            return self._prune_idle(cutoff, limit, cursor)
+        sql = _PRUNE[category]
+        return self.conn.execute(sql, (cutoff, limit)).rowcount, 0
+
+    def _prune_idle(self, cutoff: float, limit: int, cursor: int) -> tuple[int, int]:
+        """Walks the conversations by id, ten times `limit` rows a job (`updated` changes with
+        every step, so it has no index: one would cost every transition a write)."""
+        window = self.conn.execute(
+            "SELECT id, updated, wait_id FROM conversations WHERE id > ? ORDER BY id LIMIT ?",
+            (cursor, limit * 10)).fetchall()
+        if not window:
+            return 0, 0
+        idle = [cid for cid, updated, wait_id in window
+                if updated < cutoff and wait_id is None][:limit]
+        deleted = 0
+        for cid in idle:
+            # messages still to send keep it (a channel switched off holds them pending)
+            deleted += self.conn.execute(
+                "DELETE FROM conversations WHERE id = ? AND NOT EXISTS (SELECT 1 FROM outbox "
+                "WHERE conversation_id = ? AND state = 'pending')", (cid, cid)).rowcount
+        if len(idle) == limit:  # more may be idle in this window, after the last one
+            return deleted, idle[-1]
+        return deleted, (window[-1][0] if len(window) == limit * 10 else 0)
 
     # -- outbox -----------------------------------------------------------------------
 
