@@ -83,7 +83,8 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
-def write_config(workdir: Path, db: Path, port: int, name: str = "bench") -> Path:
+def write_config(workdir: Path, db: Path, port: int, name: str = "bench",
+                 extra: str = "") -> Path:
     """A server config on `db` whose file channel starts empty: the database is a fresh
     copy, so its outbox ids start over, and the channel would take them for re-sends."""
     path = workdir / f"{name}.toml"
@@ -103,7 +104,7 @@ enabled = false
 [channels.file]
 enabled = true
 path = "{outbox_file(workdir, name)}"
-""" + BENCH_FLOWS)
+""" + extra + BENCH_FLOWS)
     return path
 
 

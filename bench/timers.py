@@ -42,8 +42,12 @@ def run(args: argparse.Namespace) -> dict[str, object]:
     log(f"timers: {n:,} waits falling due over {window:g} s, load c={args.timer_load}")
     seed(db, n, kind="webview", ids_file=workdir / "timers.ids",
          deadlines=deadlines, user_prefix="t")
+    prune = getattr(args, "prune", 0)
+    if prune:
+        seed_old(db, prune)
     port = free_port()
-    config = write_config(workdir, db, port, "timers")
+    config = write_config(workdir, db, port, "timers",
+                          "\n[retention]\nevery_seconds = 1\n" if prune else "")
     load: list[LoadResult] = []
     with flowbot_server(config, port, workdir / "timers-server.log") as srv:
         if time.time() > start:
@@ -80,7 +84,8 @@ def run(args: argparse.Namespace) -> dict[str, object]:
     worst = lateness[-1] if lateness else float("nan")
     rps = load[0].rps if load else 0.0
     print(f"\n### timers: {n:,} expiries due over {window:g} s, "
-          f"callback load c={args.timer_load} on {args.waits:,} pending waits\n")
+          f"callback load c={args.timer_load} on {args.waits:,} pending waits"
+          + (f", pruning {prune:,} old rows of each kind meanwhile" if prune else "") + "\n")
     print(table(["expired", "lateness p50 ms", "p99 ms", "max ms", "callbacks/s meanwhile",
                  "callback p99 ms"],
                 [[len(lateness), p50, p99, worst, rps, load[0].p99_ms if load else "-"]]))
@@ -93,5 +98,32 @@ def run(args: argparse.Namespace) -> dict[str, object]:
         print(f"{len(over)} expiries 20 ms or more late, due at {len(stalls)} moments "
               f"(s into the window): {', '.join(f'{t:g}' for t in stalls[:12])}"
               f"{' …' if len(stalls) > 12 else ''}.")
+    if prune:
+        con = sqlite3.connect(f"file:{db}?mode=ro", uri=True)
+        left = con.execute("SELECT count(*) FROM events WHERE at < ?",
+                           (time.time() - 50 * 86400,)).fetchone()[0]
+        con.close()
+        print(f"Pruning: {3 * prune - 3 * left:,} of {3 * prune:,} old rows deleted "
+              "during the run (events, outbox, ended waits; "
+              f"{left:,} old events left).")
     return {"expired": len(lateness), "p50": p50, "p99": p99, "max": worst, "rps": rps}
+
+
+def seed_old(db: Path, n: int) -> None:
+    """`n` processed event ids, `n` delivered outbox rows and `n` ended waits, 100 days old:
+    work for the pruning that runs meanwhile."""
+    old = time.time() - 100 * 86400
+    con = sqlite3.connect(db)
+    with con:
+        con.executemany("INSERT INTO events (id, at) VALUES (?, ?)",
+                        ((f"old:{i}", old) for i in range(n)))
+        con.executemany(
+            "INSERT INTO outbox (conversation_id, channel, user_id, message, state, "
+            "next_attempt, created, sent_at) VALUES (0, 'file', 'old', '{\"text\":\"x\"}', "
+            "'sent', ?, ?, ?)", ((old, old, old) for _ in range(n)))
+        con.executemany(
+            "INSERT INTO waits (id, conversation_id, kind, flow, block, deadline, blocking, "
+            "state, created, resolved_at) VALUES (?, 0, 'webview', 'main', 'pay', ?, 1, "
+            "'expired', ?, ?)", ((f"old{i}", old, old, old) for i in range(n)))
+    con.close()
 
