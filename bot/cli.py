@@ -164,6 +164,10 @@ def parser() -> argparse.ArgumentParser:
                        help="show the traceback of a start-up failure")
     serve.set_defaults(func=cmd_serve)
 
+    from bot.cli_data import add_commands
+
+    add_commands(sub, _load)
+
     tg = sub.add_parser("telegram", help="Telegram helpers")
     tg_sub = tg.add_subparsers(dest="telegram_command", required=True)
     info = tg_sub.add_parser("webhook-info", help="show what Telegram has as our webhook")
