@@ -61,7 +61,7 @@ def keys_of(cls: type) -> list[str]:
 
 
 @pytest.mark.parametrize("cls", [
-    config.ServerConfig, config.StorageConfig, config.BotConfig,
+    config.ServerConfig, config.StorageConfig, config.BotConfig, config.RetentionConfig,
     channel_config.WebChannelConfig, channel_config.FileChannelConfig,
     channel_config.TelegramConfig, channel_config.WhatsAppConfig,
 ])
