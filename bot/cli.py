@@ -16,6 +16,7 @@ from bot import heap, startup
 from bot.config import Config, default_public_url, load_config, read_config
 from bot.errors import ConfigError, DatabaseInUse, FlowbotError
 from bot.graph import dot, mermaid
+from bot.webhook_config import missing_secrets
 
 
 def _count(items: Sequence[str], word: str) -> str:
@@ -43,8 +44,21 @@ def _load(path: str) -> Config:
     return config
 
 
+def _secrets_set(path: str, config: Config) -> bool:
+    """Every secret variable the webhooks need is set; else print which and where (`serve`
+    refuses to start then too: bot/startup.py)."""
+    missing = missing_secrets(config.webhooks, config.flows)
+    if missing:
+        print(f"{path}: {len(missing)} problem(s):", file=sys.stderr)
+        for line in missing:
+            print(f"  error: {line}", file=sys.stderr)
+    return not missing
+
+
 def cmd_check(args: argparse.Namespace) -> int:
     config = _load(args.config)
+    if not _secrets_set(args.config, config):
+        return 2
     blocks = sum(len(f.blocks) for f in config.flows.values())
     print(f"{args.config}: ok ({len(config.flows)} flow(s), {blocks} block(s))")
     from bot.cli_data import stranded_report

@@ -14,6 +14,7 @@ from bot.errors import ConfigError
 from bot.flow import Flow
 from bot.flow_parse import check_references, parse_flow
 from bot.toml_reader import Problems, Reader, did_you_mean
+from bot.webhook_config import WebhooksConfig, check_providers, parse_webhooks
 
 # A Telegram bot token (123456:ABC…) or a Twilio auth token pasted where it must not be.
 _LITERAL_SECRET = re.compile(r"\b\d{6,12}:[A-Za-z0-9_-]{30,}\b")
@@ -97,6 +98,7 @@ class Config:
     flows: Mapping[str, Flow]
     warnings: tuple[str, ...] = field(default=())
     retention: RetentionConfig = field(default_factory=RetentionConfig)
+    webhooks: WebhooksConfig = field(default_factory=WebhooksConfig)
 
 
 def default_public_url(port: int) -> str:
@@ -209,6 +211,7 @@ def parse_config(doc: dict[str, Any], base: Path, problems: Problems) -> Config:
     retention = _retention(Reader(r.table_("retention"), "retention", problems))
     bot = _bot(Reader(r.table_("bot"), "bot", problems))
     channels = parse_channels(r.table_("channels"), problems, base)
+    webhooks = parse_webhooks(r.table_("webhooks"), problems)
     raw_flows = r.table_("flows")
     r.done()
     _report_literal_secrets(doc, problems)
@@ -220,6 +223,7 @@ def parse_config(doc: dict[str, Any], base: Path, problems: Problems) -> Config:
             flows[name] = flow
     for flow in flows.values():
         check_references(flow, flows, problems)
+    check_providers(webhooks, flows, problems)
     check_telegram_webviews(channels.telegram, server.public_url + server.path_prefix, flows,
                             problems)
     if not raw_flows:
@@ -234,7 +238,8 @@ def parse_config(doc: dict[str, Any], base: Path, problems: Problems) -> Config:
             "bot.stranded_flow",
             f"no flow named {bot.stranded_flow!r}{did_you_mean(bot.stranded_flow, raw_flows)}",
         )
-    return Config(server, storage, bot, channels, flows, tuple(problems.warnings), retention)
+    return Config(server, storage, bot, channels, flows, tuple(problems.warnings), retention,
+                  webhooks)
 
 
 def load_config(path: str | Path) -> Config:

@@ -40,7 +40,7 @@ class Links:
     """Public URLs the engine puts into messages and variables."""
 
     public_url: str  # base for relative WebView URLs, e.g. "http://127.0.0.1:8080"
-    webhook_url: str
+    webhook_url: str  # `POST /webhook`; a conversation's own URL is this + "/" + its key
 
 
 _EMAIL = re.compile(r"^[^@\s]+@[^@\s]+\.[^@\s]+$")
@@ -86,7 +86,7 @@ class Engine:
         v = conv.variables
         v.update(event.variables)
         v.update(channel=conv.channel, user_id=conv.user_id, conversation_key=conv.key,
-                 webhook_url=self.links.webhook_url)
+                 webhook_url=f"{self.links.webhook_url}/{conv.key}")
         if event.user_name:
             v["user_name"] = event.user_name
         v.setdefault("user_name", "")

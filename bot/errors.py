@@ -69,5 +69,9 @@ class DatabaseInUse(FlowbotError):
     """Another process already serves this database file (one writer per SQLite file)."""
 
 
+class TooMany(ApiError):
+    status = 429
+
+
 class StaleState(FlowbotError):
     """A conversation changed under us (optimistic concurrency); the caller retries."""

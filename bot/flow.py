@@ -163,7 +163,8 @@ class WebhookBlock(Block):
     map: tuple[tuple[str, str], ...] = ()
     save_payload_to: str = ""
     pending_message: str = ""
-    secret_env: str = ""
+    secret_env: str = ""  # a Standard Webhooks secret's variable
+    provider: str = ""  # or a [webhooks.providers.NAME] profile: how the calls are signed
     on_success: str | None = None
     on_failure: str | None = None
 

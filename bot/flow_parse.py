@@ -244,6 +244,13 @@ def _webview(r: Reader, bid: str) -> Block:
 
 
 def _webhook(r: Reader, bid: str) -> Block:
+    secret_env, provider = r.text("secret_env", ""), r.text("provider", "")
+    if secret_env and provider:
+        r.problems.error(r.at("secret_env"), "give either `secret_env` (a Standard Webhooks "
+                         "secret) or `provider` (a profile with its own secret_env), not both")
+    if secret_env and not secret_env.replace("_", "").isalnum():
+        r.problems.error(r.at("secret_env"), f"must name an environment variable, not "
+                         f"{secret_env!r}")
     return WebhookBlock(
         bid,
         text=r.text("text", ""),
@@ -251,7 +258,8 @@ def _webhook(r: Reader, bid: str) -> Block:
         map=_field_map(r, "map"),
         save_payload_to=_variable(r, "save_payload_to", required=False),
         pending_message=r.text("pending_message", ""),
-        secret_env=r.text("secret_env", ""),
+        secret_env=secret_env,
+        provider=provider,
         on_success=_target(r, "on_success", required=True),
         on_failure=_target(r, "on_failure", required=True),
     )

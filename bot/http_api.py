@@ -1,20 +1,19 @@
-"""The public wait endpoints: `POST /webview/callback` and `POST /webhook`."""
+"""The public wait endpoints: `POST /webview/callback`, `POST /webhook` and
+`POST /webhook/{conversation_key}`."""
 
 from __future__ import annotations
 
 import json
-import os
 from collections.abc import Mapping
-from dataclasses import dataclass
 from typing import Any
 from urllib.parse import parse_qsl
 
 from aiohttp import web
-from standardwebhooks.webhooks import Webhook, WebhookVerificationError
 
-from bot.errors import BadRequest, TooLarge, Unauthorized
-from bot.flow import WebhookBlock
+from bot.errors import BadRequest, TooLarge
 from bot.runtime import Runtime
+from bot.signatures import SignedBody
+from bot.template import lookup
 
 MAX_DEPTH = 32
 
@@ -108,61 +107,92 @@ def _ok(body: bytes) -> web.Response:
     return web.Response(body=body, content_type="application/json")
 
 
-def _webhook_payload(body: bytes, content_type: str) -> Any:
+_JSON_TYPES = ("application/json", "text/json")
+
+
+def _is_json_type(content_type: str) -> bool:
+    return content_type in _JSON_TYPES or content_type.endswith("+json")
+
+
+def webhook_payload(body: bytes, content_type: str) -> dict[str, Any]:
+    """A webhook body by what it holds, not by its label: empty → {}; a JSON object
+    whatever the Content-Type says (`curl -d '{…}'` labels JSON as a form); else a form
+    (name=value&…). 400 when it is neither, saying what arrived."""
     if not body.strip():
         return {}
-    if content_type == "application/x-www-form-urlencoded":
-        try:
-            return dict(parse_qsl(body.decode(), keep_blank_values=True))
-        except UnicodeDecodeError:
-            raise BadRequest("bad_body", "The form body is not valid UTF-8.") from None
-    return parse_json(body)
+    if _is_json_type(content_type):
+        doc = parse_json(body)
+        if not isinstance(doc, dict):
+            raise BadRequest("not_an_object", f"The body is JSON but a {_json_kind(doc)}, "
+                             "not an object; send an object like {\"order\": {…}}.")
+        return doc
+    stripped = body.lstrip()
+    if stripped[:1] in (b"{", b"["):
+        doc = parse_json(body)  # it looks like JSON: its errors say more than a form's
+        if isinstance(doc, dict):
+            return doc
+        raise BadRequest("not_an_object", f"The body is JSON but a {_json_kind(doc)}, not an "
+                         "object; send an object, or a form (name=value&…).")
+    form = _form(body)
+    if form is None:
+        shown = content_type or "no Content-Type"
+        raise BadRequest("bad_body", f"Received {len(body)} bytes ({shown}) that are neither "
+                         "a JSON object nor a form (name=value&…); send one of those, or "
+                         "an empty body.")
+    return form
 
 
-@dataclass(frozen=True)
-class SignedBody:
-    """A webhook's body and Standard Webhooks headers, checked inside the database job once
-    the block (and so its secret) is known. Plain data: it may cross to the database process."""
-
-    body: bytes
-    headers: Mapping[str, str]
-
-    @classmethod
-    def of(cls, body: bytes, headers: Mapping[str, str]) -> SignedBody:
-        return cls(body, {k.lower(): v for k, v in headers.items()
-                          if k.lower() in ("webhook-id", "webhook-timestamp", "webhook-signature")})
-
-    def verify(self, block: WebhookBlock) -> str | None:
-        """The webhook-id (None: the block takes unsigned calls). Raises 401."""
-        return verify_signature(block, self.body, self.headers) if block.secret_env else None
+def _json_kind(doc: Any) -> str:
+    return {list: "list", str: "string", bool: "boolean"}.get(type(doc), "number") \
+        if doc is not None else "null"
 
 
-def verify_signature(block: WebhookBlock, body: bytes, headers: Mapping[str, str]) -> str:
-    """Check a Standard Webhooks signature; returns the webhook-id. Raises 401."""
-    secret = os.environ.get(block.secret_env, "")
-    if not secret:
-        raise Unauthorized("secret_unset", "This Webhook block requires a signature, but its "
-                           f"secret variable {block.secret_env} is not set on the server.")
-    hdrs = {k.lower(): v for k, v in headers.items()}
+def _form(body: bytes) -> dict[str, Any] | None:
+    """name=value pairs (UTF-8, percent-encoded), or None when the body is not a form."""
     try:
-        Webhook(secret).verify(body, hdrs, json_parse=False)
-    except (WebhookVerificationError, ValueError) as exc:
-        raise Unauthorized("bad_signature", f"The webhook signature is missing or wrong "
-                           f"({exc}). Sign with the block's secret as Standard Webhooks "
-                           "describes (webhook-id, webhook-timestamp, webhook-signature).")\
-            from None
-    return hdrs["webhook-id"]
+        text = body.decode()
+        pairs = parse_qsl(text, keep_blank_values=True, strict_parsing=True,
+                          errors="strict")
+    except (UnicodeDecodeError, ValueError):
+        return None
+    if any(c < " " and c not in "\t\r\n" for c in text):
+        return None
+    return dict(pairs)
 
 
-async def webhook(request: web.Request, runtime: Runtime) -> web.Response:
+def find_key(payload: Mapping[str, Any], query: Mapping[str, str],
+             key_paths: tuple[str, ...]) -> str:
+    """The conversation key of a `POST /webhook`: the query string, then a top-level
+    `conversation_key`, then each configured `webhooks.key_paths` in order."""
+    key: Any = query.get("conversation_key")
+    if isinstance(key, str) and key:
+        return key
+    for path in ("conversation_key", *key_paths):
+        key = lookup(payload, path)
+        if isinstance(key, str) and key:
+            return key
+    where = ", ".join(("the query (?conversation_key=…)", "the body's conversation_key",
+                       *key_paths))
+    raise BadRequest("missing_conversation_key", f"No conversation key found (looked in: "
+                     f"{where}). Post to the conversation's own URL {{{{webhook_url}}}} "
+                     "instead, or put {{conversation_key}} in one of those places.")
+
+
+async def webhook(request: web.Request, runtime: Runtime, headers: frozenset[str]) -> web.Response:
+    """`POST /webhook` (the key in the query or the body) and `POST /webhook/{key}` (the
+    conversation's own URL: whatever arrives completes its wait). `headers`: the ones a
+    signature scheme may read (bot.signatures.signature_headers)."""
     body = await read_body(request, runtime.config.server.max_body_bytes)
-    payload = _webhook_payload(body, request.content_type)
-    key = request.query.get("conversation_key")
-    if key is None and isinstance(payload, dict):
-        key = payload.get("conversation_key")
-    if not isinstance(key, str) or not key:
-        raise BadRequest("missing_conversation_key", "conversation_key is missing: put it in "
-                         "the body or in the URL as ?conversation_key=….")
+    payload = webhook_payload(body, request.content_type)
+    key = request.match_info.get("conversation_key")
+    if key is None:
+        key = find_key(payload, request.query, runtime.config.webhooks.key_paths)
+    status = await runtime.webhook(key, payload, SignedBody.of(body, request.headers, headers))
+    if status == "accepted":
+        return web.Response(body=_ACCEPTED, status=202, content_type="application/json")
+    return _ok(_DUPLICATE if status == "duplicate" else _APPLIED)
 
-    fresh = await runtime.webhook(key, payload, SignedBody.of(body, request.headers))
-    return _ok(b'{"status": "ok"}' if fresh else b'{"status": "ok", "duplicate": true}')
+
+_APPLIED = b'{"status": "ok"}'
+_DUPLICATE = b'{"status": "ok", "duplicate": true}'
+_ACCEPTED = b'{"status": "accepted"}'

@@ -9,18 +9,19 @@ caller, so the database side needs no clock of its own."""
 from __future__ import annotations
 
 import secrets
-from collections.abc import Mapping
-from dataclasses import dataclass, field
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field, replace
 from typing import Any, Protocol
 
 from bot.config import Config
 from bot.engine import Engine, Links
-from bot.errors import Conflict, Gone, NotFound
+from bot.errors import Conflict, Gone, NotFound, TooMany
 from bot.flow import Block, WebhookBlock, WebViewBlock, live_blocks, wait_kind
 from bot.messages import Inbound
-from bot.state import TIMEOUT_OUTCOME, Conversation, Step, Wait
+from bot.state import TIMEOUT_OUTCOME, Conversation, EarlyWebhook, Step, Wait
 from bot.store import Store
 from bot.stranded import REMOVED, Stranded
+from bot.webhook_config import SignatureScheme, block_scheme, webhook_blocks
 
 FIRE_BATCH = 500
 STRANDED_BATCH = 200
@@ -42,10 +43,17 @@ class WebViewCheck(Protocol):
 
 
 class Signature(Protocol):
-    """Checks a webhook's signature once the block (and so its secret) is known: returns
-    the message id (None: the block takes unsigned calls) or raises 401. Must pickle."""
+    """Checks a webhook's signature once the block (and so its scheme) is known: returns
+    the message id (None: none, or the block takes unsigned calls) or raises 401. Must
+    pickle: the database process runs it (bot.signatures.SignedBody)."""
 
-    def verify(self, block: WebhookBlock) -> str | None: ...
+    def verify(self, scheme: SignatureScheme | None, now: float) -> str | None: ...
+
+    def verify_any(self, schemes: Sequence[SignatureScheme | None], now: float
+                   ) -> tuple[list[str], str | None]:
+        """For an early call: the names of the schemes it passes ("" for an unsigned
+        block) and its message id; raises 401 when it passes none."""
+        ...
 
 
 @dataclass
@@ -57,10 +65,12 @@ class Outcome:
     won: bool  # this caller made the transition
     messages: int = 0  # outbox rows the transition wrote
     waits: list[Wait] = field(default_factory=list)  # new waits: the timer, http requests
+    wake_at: float | None = None  # an early webhook kept until then: the timer drops it
+    early_applied: int = 0  # early webhooks a Webhook block took as it started
 
     @classmethod
     def of(cls, state: str, step: Step) -> Outcome:
-        return cls(state, True, len(step.messages), step.waits)
+        return cls(state, True, len(step.messages), list(step.waits))
 
 
 @dataclass(frozen=True)
@@ -71,6 +81,7 @@ class FirePass:
     more: bool
     errors: list[Exception]
     next_deadline: float | None
+    dropped: list[EarlyWebhook] = field(default_factory=list)  # early webhooks past window
 
 
 @dataclass(frozen=True)
@@ -98,6 +109,11 @@ class Ledger(Store):
                   webhook_url=server.url("/webhook")),
             new_token,
         )
+        # what an early call may have to satisfy: the scheme of every Webhook block
+        # (None: some block takes unsigned calls)
+        schemes = {(s.name if s else None): s for s in
+                   (block_scheme(config.webhooks, b) for _, b in webhook_blocks(config.flows))}
+        self.early_schemes: list[SignatureScheme | None] = list(schemes.values())
 
     # -- jobs ---------------------------------------------------------------------------
 
@@ -111,8 +127,7 @@ class Ledger(Store):
             step = self._relocate(conv, now)
             return Outcome.of(REMOVED, step)
         step = self.engine.on_message(conv, event, now)
-        self.save(conv, step, now)
-        return Outcome.of("", step)
+        return self._save(conv, step, "", now)
 
     def webview_callback(self, execution_id: str, success: bool, data: Any,
                          proof: Mapping[str, Any] | None, now: float) -> Outcome | None:
@@ -138,31 +153,61 @@ class Ledger(Store):
 
     def webhook(self, key: str, payload: Any, signature: Signature,
                 now: float) -> Outcome | None:
-        """The Webhook wait of the conversation with this key, resolved; None for a replayed
-        message id. Raises 401/404/409 (the job's savepoint undoes anything it did)."""
+        """The Webhook wait of the conversation with this key, resolved; or, when the
+        conversation is not at a Webhook block yet, the call kept for the next one
+        (state "accepted"). None for a replayed message id. Raises 401/404/409/429 (the
+        job's savepoint undoes anything it did)."""
         now = self.transaction_time(now)
         conv = self.conversation_by_key(key)
         if conv is None:
             raise NotFound("unknown_conversation",
                            "No conversation has this conversation_key. Use the value of the "
-                           "flow variable {{conversation_key}} unchanged.")
+                           "flow variable {{conversation_key}} (or the URL {{webhook_url}}) "
+                           "unchanged.")
         wait = self.wait(conv.wait_id) if conv.wait_id else None
         block = self._block(wait) if wait else None
         if (wait is not None and wait.state == "pending" and wait.kind == "webhook"
                 and self._live_block(wait) is None):
             self._strand_wait(wait, conv, now)  # committed; the caller hears 410
             return Outcome(REMOVED, False)
-        if (wait is None or wait.state != "pending" or not isinstance(block, WebhookBlock)
-                or wait.deadline <= now):
-            if self.has_removed_webhook(conv.id):
-                raise Gone("gone", GONE_WEBHOOK)
-            raise Conflict("not_waiting",
-                           "This conversation is not waiting at a Webhook block (it has not "
-                           "reached one yet, already got its call, or timed out).")
-        message_id = signature.verify(block)
+        if wait is None or wait.state != "pending" or not isinstance(block, WebhookBlock):
+            return self._early(conv, payload, signature, now)
+        message_id = signature.verify(block_scheme(self.config.webhooks, block), now)
         if message_id is not None and not self.record_event(f"webhook:{message_id}", now):
             return None
+        # past the deadline (the timer has not run yet) this fires the timeout instead
         return self._resolve(wait, conv, "success", payload, now)
+
+    def _early(self, conv: Conversation, payload: Any, signature: Signature,
+               now: float) -> Outcome | None:
+        """A call for a conversation that is not at a Webhook block: kept for the next one
+        to start within `webhooks.early_window`, unless it is a late call for the last one."""
+        hooks = self.config.webhooks
+        ended = self.webhook_ended(conv.id)
+        keeps = hooks.early_window > 0 and bool(self.early_schemes)
+        # a Webhook wait of this conversation ended as removed (bot/stranded.py) lately:
+        # the call was meant for it
+        if self.has_removed_webhook(conv.id, now - hooks.early_window if keeps else None):
+            raise Gone("gone", GONE_WEBHOOK)
+        if not keeps:
+            raise Conflict("not_waiting",
+                           "This conversation is not waiting at a Webhook block, and this "
+                           "server keeps no early calls; nothing was kept.")
+        if ended is not None and now - ended < hooks.early_window:
+            raise Conflict("not_waiting",
+                           "This conversation is no longer waiting at its Webhook block (it "
+                           "already got its call, or timed out); nothing was kept.")
+        schemes, message_id = signature.verify_any(self.early_schemes, now)
+        if message_id is not None and not self.record_event(f"webhook:{message_id}", now):
+            return None
+        if self.early_webhook_count(conv.id, now) >= hooks.early_max:
+            raise TooMany("too_many_early",
+                          f"This conversation already has {hooks.early_max} calls waiting "
+                          "for its next Webhook block; nothing more is kept. Try again "
+                          "after it has reached that block.")
+        expires = now + hooks.early_window
+        self.keep_early_webhook(conv.id, payload, schemes, now, expires)
+        return Outcome("accepted", True, wake_at=expires)
 
     def http_answer(self, wait_id: str, outcome: str, data: Any, now: float) -> Outcome | None:
         """An `http` block's request came back (or failed)."""
@@ -177,6 +222,7 @@ class Ledger(Store):
         """Up to FIRE_BATCH waits whose deadline has passed, each moved to its timeout
         outcome in its own savepoint (a failing transition is undone alone)."""
         now = self.transaction_time(now)
+        dropped = self.drop_expired_early_webhooks(now, FIRE_BATCH)
         due = self.due_waits(now, FIRE_BATCH)
         results: list[Outcome] = []
         errors: list[Exception] = []
@@ -189,7 +235,8 @@ class Ledger(Store):
                 continue
             if result is not None:
                 results.append(result)
-        return FirePass(results, len(due) == FIRE_BATCH, errors, self.next_deadline())
+        return FirePass(results, FIRE_BATCH in (len(due), len(dropped)), errors,
+                        self.next_deadline(), dropped)
 
     def timer_pass(self, now: float) -> tuple[FirePass, float | None]:
         """The database process's own timer (storage.worker's TimerPass): fire what is
@@ -243,9 +290,33 @@ class Ledger(Store):
         """Run the engine on a wait this job has just claimed; `conv` was locked before."""
         if conv is None:
             return Outcome(outcome, True)
+        if wait.kind == "webhook":
+            self.mark_webhook_ended(conv.id, now)
         step = self.engine.on_wait(conv, wait, outcome, data, now)
+        return self._save(conv, step, outcome, now)
+
+    def _save(self, conv: Conversation, step: Step, state: str, now: float) -> Outcome:
+        """Persist a step; if it started a Webhook wait and a call for it came early, the
+        wait takes that call at once (and the flow goes on through on_success)."""
         self.save(conv, step, now)
-        return Outcome.of(outcome, step)
+        result = Outcome.of(state, step)
+        waiting = next((w for w in step.waits
+                        if w.kind == "webhook" and w.id == conv.wait_id), None)
+        if waiting is None or self.config.webhooks.early_window <= 0:
+            return result
+        block = self._block(waiting)
+        if not isinstance(block, WebhookBlock):
+            return result
+        scheme = block_scheme(self.config.webhooks, block)
+        early = self.take_early_webhook(conv.id, scheme.name if scheme else None, now)
+        if early is None:
+            return result
+        applied = self._resolve(replace(waiting, conversation_id=conv.id), conv, "success",
+                                early.payload, now)
+        result.messages += applied.messages
+        result.waits = [w for w in result.waits if w.id != waiting.id] + applied.waits
+        result.early_applied += 1 + applied.early_applied
+        return result
 
     def _resolve(self, wait: Wait, conv: Conversation | None, outcome: str, data: Any,
                  now: float) -> Outcome:

@@ -109,25 +109,30 @@ class Runtime:
                        f"This WebView was already completed with outcome '{result.state}'; "
                        "a callback is accepted once.", outcome=result.state)
 
-    async def webhook(self, key: str, payload: Any, signature: Signature) -> bool:
+    async def webhook(self, key: str, payload: Any, signature: Signature) -> str:
         """Resolve the Webhook wait of the conversation with this key, in one job (one
         round trip to the database). `signature` is checked once the block is known; it
-        raises 401. Returns False for a replayed message id. Raises 404/409."""
+        raises 401. Returns "ok" (applied), "duplicate" (a replayed message id) or
+        "accepted" (kept for the conversation's next Webhook block). Raises 404/409/429."""
         result = await self.worker.run(Ledger.webhook, key, payload, signature,
                                        self.clock.now())
         if result is None:
             self.metrics["webhooks_replayed"] += 1
-            return False
+            return "duplicate"
         self._after_commit(result)
         if not result.won and result.state == REMOVED:
             self.metrics["webhooks_410"] += 1
             raise Gone("gone", GONE_WEBHOOK)
+        if result.state == "accepted":
+            self.metrics["webhooks_early_kept"] += 1
+            return "accepted"
         if not result.won:
             self.metrics["webhooks_409"] += 1
             raise Conflict("not_waiting", "This conversation is no longer waiting at the "
-                           f"Webhook block (it ended with '{result.state}').")
+                           f"Webhook block (it ended with '{result.state}'); nothing was "
+                           "kept.")
         self.metrics["webhooks_ok"] += 1
-        return True
+        return "ok"
 
     async def fire_due(self) -> int:
         """Fire every wait whose deadline has passed; returns how many transitions ran.
@@ -214,6 +219,15 @@ class Runtime:
 
     def _fired(self, done: FirePass) -> int:
         self.next_deadline = done.next_deadline
+        if done.dropped:
+            now = self.clock.now()
+            window = self.config.webhooks.early_window
+            for early in done.dropped:
+                log.warning("dropped a webhook call kept for conversation %d: no Webhook "
+                            "block started within webhooks.early_window (%g s) of its "
+                            "arrival %.0f s ago", early.conversation_id, window,
+                            now - early.received)
+            self.metrics["webhooks_early_dropped"] += len(done.dropped)
         for result in done.results:
             self.metrics[f"timer_{result.state}"] += 1
             self._after_commit(result)
@@ -224,6 +238,10 @@ class Runtime:
     def _after_commit(self, result: Outcome) -> None:
         if result.messages:
             self.on_messages()
+        if result.wake_at is not None:
+            self.on_deadline(result.wake_at)
+        if result.early_applied:
+            self.metrics["webhooks_early_applied"] += result.early_applied
         for wait in result.waits:
             self.on_deadline(wait.deadline)
             if wait.kind == "http" and wait.request is not None:

@@ -12,14 +12,15 @@ from importlib import resources
 import aiohttp
 from aiohttp import web
 
-from bot import http_api
+from bot import http_api, signatures
 from bot.clock import Clock, SystemClock
 from bot.config import Config
-from bot.errors import ApiError
+from bot.errors import ApiError, FlowbotError
 from bot.ledger import WebViewCheck
 from bot.outbox import Outbox
 from bot.runtime import Runtime, Worker
 from bot.timers import Timer
+from bot.webhook_config import missing_secrets
 from channels.base import Channel
 from storage import backends
 from storage.process import ProcessWorker
@@ -101,6 +102,9 @@ async def _metrics(request: web.Request) -> web.Response:
     counts = await backends.counts(runtime.config)
     lines = [f"flowbot_{name} {value}" for name, value in sorted(counts.items())]
     lines += [f'flowbot_events_total{{kind="{k}"}} {v}' for k, v in sorted(runtime.metrics.items())]
+    for name in ("kept", "applied", "dropped"):  # webhooks that came before their block
+        lines.append(f"flowbot_webhooks_early_{name}_total "
+                     f"{runtime.metrics[f'webhooks_early_{name}']}")
     lines.append(f"flowbot_db_commits_total {runtime.worker.commits}")
     lines.append(f"flowbot_db_jobs_total {runtime.worker.jobs}")
     return web.Response(text="\n".join(lines) + "\n", content_type="text/plain")
@@ -161,8 +165,10 @@ def build_app(
     async def preflight(request: web.Request) -> web.Response:
         return web.Response(status=204)
 
+    signature_headers = signatures.signature_headers(config.webhooks)
+
     async def webhook(request: web.Request) -> web.Response:
-        return await http_api.webhook(request, runtime)
+        return await http_api.webhook(request, runtime, signature_headers)
 
     app.router.add_get(f"{prefix}/healthz", _healthz)
     app.router.add_get(f"{prefix}/metrics", _metrics)
@@ -170,11 +176,15 @@ def build_app(
     app.router.add_post(f"{prefix}/webview/callback", callback)
     app.router.add_route("OPTIONS", f"{prefix}/webview/callback", preflight)
     app.router.add_post(f"{prefix}/webhook", webhook)
+    app.router.add_post(f"{prefix}/webhook/{{conversation_key}}", webhook)
     for channel in channels.values():
         for route in channel.routes():
             app.router.add_route(route.method, f"{prefix}{route.path}", route.handler)
 
     async def lifecycle(app: web.Application) -> AsyncIterator[None]:
+        missing = missing_secrets(config.webhooks, config.flows)
+        if missing:  # as a channel without its token: refuse to start rather than 401 all
+            raise FlowbotError("webhook secrets are missing: " + "; ".join(missing))
         await worker.open()
         runtime.http = aiohttp.ClientSession()
         await runtime.move_stranded()  # before any channel can bring a message for them

@@ -16,7 +16,7 @@ from pathlib import Path
 
 from bot.config import Config
 from bot.errors import FlowbotError
-from bot.flow import WebhookBlock
+from bot.webhook_config import secret_places
 
 CONFIG = 2
 ENVIRONMENT = 1
@@ -43,10 +43,7 @@ def missing_secrets(config: Config, environ: dict[str, str] | None = None) -> li
     wa = config.channels.whatsapp
     if wa.enabled:
         wanted.append(("channels.whatsapp.auth_token_env", wa.auth_token_env))
-    for flow in config.flows.values():
-        for bid, block in flow.blocks.items():
-            if isinstance(block, WebhookBlock) and block.secret_env:
-                wanted.append((f"flows.{flow.name}.blocks.{bid}.secret_env", block.secret_env))
+    wanted += secret_places(config.webhooks, config.flows)  # Webhook blocks, providers
     return [f"{name} (named by {place})" for place, name in wanted if not env.get(name)]
 
 

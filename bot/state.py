@@ -52,6 +52,16 @@ class Step:
 
 
 @dataclass(frozen=True)
+class EarlyWebhook:
+    """A webhook call kept because its conversation was not at a Webhook block yet
+    (`payload` is None where only the fact is wanted: a call dropped past its window)."""
+
+    conversation_id: int
+    payload: Any
+    received: float
+
+
+@dataclass(frozen=True)
 class OutboxRow:
     """A committed message not yet delivered, as the outbox reads it back."""
 

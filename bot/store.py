@@ -24,13 +24,13 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from contextlib import AbstractContextManager
-from typing import Protocol
+from typing import Any, Protocol
 
 from bot.messages import Delivery
-from bot.state import Conversation, OutboxRow, Step, Wait
+from bot.state import Conversation, EarlyWebhook, OutboxRow, Step, Wait
 from bot.stranded import Stranded
 
-__all__ = ["Conversation", "Delivery", "OutboxRow", "Step", "Store", "Wait"]
+__all__ = ["Conversation", "Delivery", "EarlyWebhook", "OutboxRow", "Step", "Store", "Wait"]
 
 FINAL_STATES = ("success", "error", "expired", "failure", "done", "cancelled", "removed")
 """The states a wait ends in; `pending` is the only other one."""
@@ -139,12 +139,46 @@ class Store(Protocol):
         ...
 
     def next_deadline(self) -> float | None:
-        """The earliest deadline of a pending wait; None when nothing waits."""
+        """The earliest deadline of a pending wait or end of an early webhook's window
+        (`keep_early_webhook`); None when there is neither."""
         ...
 
     def pending_http_waits(self) -> list[Wait]:
         """Pending `http` waits (their requests are sent again after a restart)."""
         ...
+
+    # -- webhooks that came before their block ----------------------------------------
+
+    def keep_early_webhook(self, conversation_id: int, payload: Any, schemes: list[str],
+                           now: float, expires: float) -> None:
+        """Keep a webhook call for a conversation not (yet) at a Webhook block, until
+        `expires`. `schemes`: names of the signature schemes it passed ("" when an unsigned
+        block would take it)."""
+        ...
+
+    def early_webhook_count(self, conversation_id: int, now: float) -> int:
+        """Calls kept for this conversation whose window has not passed."""
+        ...
+
+    def take_early_webhook(self, conversation_id: int, scheme: str | None,
+                           now: float) -> EarlyWebhook | None:
+        """The oldest unexpired call kept for this conversation that a block requiring
+        `scheme` (None: unsigned) accepts, removed; None when there is none."""
+        ...
+
+    def drop_expired_early_webhooks(self, now: float, limit: int) -> list[EarlyWebhook]:
+        """Remove up to `limit` kept calls whose window has passed (`payload` None)."""
+        ...
+
+    def mark_webhook_ended(self, conversation_id: int, now: float) -> None:
+        """The conversation left a Webhook wait (answered or timed out) at `now`."""
+        ...
+
+    def webhook_ended(self, conversation_id: int) -> float | None:
+        """When the conversation last left a Webhook wait; None if never."""
+        ...
+
+    # -- outbox -----------------------------------------------------------------------
 
     # -- config changes (bot/stranded.py) ---------------------------------------------
 
@@ -159,8 +193,9 @@ class Store(Protocol):
         """End a pending wait as `removed` (its block is gone)."""
         ...
 
-    def has_removed_webhook(self, conversation_id: int) -> bool:
-        """Whether a Webhook wait of this conversation ended as `removed`."""
+    def has_removed_webhook(self, conversation_id: int, since: float | None = None) -> bool:
+        """Whether a Webhook wait of this conversation ended as `removed` (at or after
+        `since`, when given)."""
         ...
 
     # -- retention --------------------------------------------------------------------

@@ -137,3 +137,26 @@ def m008_retention(db: Database) -> None:
         CREATE INDEX waits_created ON waits (created);
         """
     )
+
+
+@migrations()
+def m009_early_webhooks(db: Database) -> None:
+    """A provider may call a conversation's webhook before the conversation reaches its
+    Webhook block (it answers the `http` block's request after calling back). Such a call
+    waits here, up to `webhooks.early_window` seconds, for the block; `webhook_ended` says
+    when the conversation last left a Webhook wait (a call soon after is late, not early)."""
+    db.executescript(
+        """
+        CREATE TABLE early_webhooks (
+            id INTEGER PRIMARY KEY,
+            conversation_id INTEGER NOT NULL REFERENCES conversations(id),
+            payload TEXT NOT NULL,
+            schemes TEXT NOT NULL,
+            received REAL NOT NULL,
+            expires REAL NOT NULL
+        );
+        CREATE INDEX early_webhooks_by_conversation ON early_webhooks (conversation_id, id);
+        CREATE INDEX early_webhooks_expiry ON early_webhooks (expires);
+        ALTER TABLE conversations ADD COLUMN webhook_ended REAL;
+        """
+    )

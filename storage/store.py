@@ -24,7 +24,7 @@ from bot.config import Config
 from bot.errors import StaleState
 from bot.ledger import Ledger, WebViewCheck
 from bot.messages import Delivery, Message
-from bot.state import Conversation, OutboxRow, Step, Wait
+from bot.state import Conversation, EarlyWebhook, OutboxRow, Step, Wait
 from bot.store import FINAL_STATES, PER_CONVERSATION, status_advances
 from bot.stranded import REMOVED, Stranded
 from storage.schema import migrations
@@ -231,8 +231,10 @@ class SQLiteStore(contract.Store):
             "ORDER BY deadline LIMIT ?", (now, limit))]
 
     def next_deadline(self) -> float | None:
+        """The earliest pending wait's deadline, or an early webhook's end of window."""
         row = self.conn.execute(
-            "SELECT min(deadline) FROM waits WHERE state = 'pending'").fetchone()
+            "SELECT min(d) FROM (SELECT min(deadline) AS d FROM waits WHERE state = 'pending' "
+            "UNION ALL SELECT min(expires) FROM early_webhooks)").fetchone()
         return row[0] if row and row[0] is not None else None
 
     def pending_http_waits(self) -> list[Wait]:
@@ -249,11 +251,62 @@ class SQLiteStore(contract.Store):
         self.conn.execute("UPDATE waits SET state = ?, resolved_at = ? "
                           "WHERE id = ? AND state = 'pending'", (REMOVED, now, wait_id))
 
-    def has_removed_webhook(self, conversation_id: int) -> bool:
+    def has_removed_webhook(self, conversation_id: int, since: float | None = None) -> bool:
         return self.conn.execute(
             # the literal state: the partial index waits_removed covers only those rows
             "SELECT 1 FROM waits WHERE conversation_id = ? AND state = 'removed' "
-            "AND kind = 'webhook' LIMIT 1", (conversation_id,)).fetchone() is not None
+            "AND kind = 'webhook' AND (? IS NULL OR resolved_at >= ?) LIMIT 1",
+            (conversation_id, since, since)).fetchone() is not None
+
+    # -- webhooks that came before their block ----------------------------------------
+
+    def keep_early_webhook(self, conversation_id: int, payload: Any, schemes: list[str],
+                           now: float, expires: float) -> None:
+        """Keep a call for a conversation not (yet) at a Webhook block until `expires`.
+        `schemes`: the signature schemes it passed ("" when an unsigned block takes it)."""
+        self.conn.execute(
+            "INSERT INTO early_webhooks (conversation_id, payload, schemes, received, expires) "
+            "VALUES (?, ?, ?, ?, ?)",
+            (conversation_id, _dumps(payload), _dumps(schemes), now, expires))
+        self.new_deadline = min(self.new_deadline, expires)
+
+    def early_webhook_count(self, conversation_id: int, now: float) -> int:
+        row = self.conn.execute(
+            "SELECT count(*) FROM early_webhooks WHERE conversation_id = ? AND expires > ?",
+            (conversation_id, now)).fetchone()
+        return int(row[0])
+
+    def take_early_webhook(self, conversation_id: int, scheme: str | None,
+                           now: float) -> EarlyWebhook | None:
+        """The oldest call kept for this conversation that a block requiring `scheme`
+        (None: unsigned) accepts, removed from the table; None when there is none."""
+        rows = self.conn.execute(
+            "SELECT id, payload, schemes, received FROM early_webhooks "
+            "WHERE conversation_id = ? AND expires > ? ORDER BY id", (conversation_id, now))
+        for row_id, payload, schemes, received in rows.fetchall():
+            if scheme is None or scheme in json.loads(schemes):
+                self.conn.execute("DELETE FROM early_webhooks WHERE id = ?", (row_id,))
+                return EarlyWebhook(conversation_id, json.loads(payload), received)
+        return None
+
+    def drop_expired_early_webhooks(self, now: float, limit: int) -> list[EarlyWebhook]:
+        """Up to `limit` kept calls whose window has passed, removed (the caller logs
+        and counts them; their payloads are not returned)."""
+        rows = self.conn.execute(
+            "DELETE FROM early_webhooks WHERE id IN (SELECT id FROM early_webhooks "
+            "WHERE expires <= ? ORDER BY expires LIMIT ?) RETURNING conversation_id, received",
+            (now, limit)).fetchall()
+        return [EarlyWebhook(cid, None, received) for cid, received in rows]
+
+    def mark_webhook_ended(self, conversation_id: int, now: float) -> None:
+        self.conn.execute("UPDATE conversations SET webhook_ended = ? WHERE id = ?",
+                          (now, conversation_id))
+
+    def webhook_ended(self, conversation_id: int) -> float | None:
+        """When the conversation last left a Webhook wait (answered or timed out)."""
+        row = self.conn.execute("SELECT webhook_ended FROM conversations WHERE id = ?",
+                                (conversation_id,)).fetchone()
+        return row[0] if row else None
 
     # -- retention --------------------------------------------------------------------
 

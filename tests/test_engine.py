@@ -375,7 +375,7 @@ WEBHOOK = """
 
 def test_webhook_maps_fields_and_fails_on_timeout() -> None:
     chat = Chat(WEBHOOK)
-    assert chat.say("go") == ["Send to http://bot.test/webhook with key KEY"]
+    assert chat.say("go") == ["Send to http://bot.test/webhook/KEY with key KEY"]
     payload = {"order": {"status": "paid"}, "items": [{"id": 7}]}
     assert chat.resolve("success", payload) == ["paid 7 []"]
     assert chat.vars["payload"] == payload and chat.vars["missing"] == ""

@@ -117,8 +117,8 @@ async def test_http_block_sends_templated_request_and_maps_the_answer(tmp_path: 
             assert method == "POST"
             assert str(sent_url) == "https://crm.example/users/Ann%20Lee?q=a%26b"
             key = await h.runtime.worker.run(conversation_key, "rec", "u1")
-            assert request.kwargs["json"] == {"key": key, "hook": "http://bot.test/webhook",
-                                              "n": 3}
+            assert request.kwargs["json"] == {"key": key, "n": 3,
+                                              "hook": f"http://bot.test/webhook/{key}"}
             assert request.kwargs["headers"] == {"Authorization": "Bearer u1"}
         assert [m.text for m in h.new_messages("u1")] == ["201 gold []"]
 

@@ -15,6 +15,7 @@ from urllib.parse import parse_qs, urlsplit
 import pytest
 from standardwebhooks.webhooks import Webhook
 
+from bot.errors import FlowbotError
 from storage.store import Store
 from tests.support import Harness, conversation_key, db_rows, harness, write_config
 
@@ -85,7 +86,10 @@ SECRET = "whsec_" + base64.b64encode(b"0123456789abcdef0123456789abcdef").decode
 
 
 @pytest.fixture
-async def h(tmp_path: Path) -> Any:
+async def h(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Any:
+    # set before the server starts: a database process, like any process, reads the
+    # environment it was started with (and `serve` refuses a signed block without it)
+    monkeypatch.setenv("HOOK_SECRET", SECRET)
     async with harness(write_config(tmp_path, FLOWS)) as h:
         yield h
 
@@ -313,10 +317,14 @@ async def test_webhook_errors(h: Harness) -> None:
     assert status == 404 and body["error"] == "unknown_conversation"
     await h.say("hi")  # at the buttons block, not at a Webhook block
     key = await h.runtime.worker.run(conversation_key, "rec", "u1")
-    status, body = await h.post("/webhook", json={"conversation_key": key})
-    assert status == 409 and body["error"] == "not_waiting"
     status, body = await h.post("/webhook", json={"conversation_key": key, "x": "a" * 70_000})
     assert status == 413
+    # too early: kept (202), and taken by the Webhook block as soon as it starts
+    status, body = await h.post("/webhook", json={"conversation_key": key,
+                                                  "order": {"status": "early"}})
+    assert (status, body) == (202, {"status": "accepted"})
+    assert [m.text for m in await h.say("hook")] == [f"Waiting for {key}",
+                                                     "Webhook: early  []"]
 
 
 def signed(body: bytes, msg_id: str, secret: str = SECRET) -> dict[str, str]:
@@ -326,19 +334,7 @@ def signed(body: bytes, msg_id: str, secret: str = SECRET) -> dict[str, str]:
             "webhook-signature": signature, "Content-Type": "application/json"}
 
 
-@pytest.fixture
-def hook_secret(monkeypatch: pytest.MonkeyPatch) -> None:
-    """Set before the server starts (listed before `h`): a database process, like any
-    process, reads the environment it was started with."""
-    monkeypatch.setenv("HOOK_SECRET", SECRET)
-
-
-@pytest.fixture
-def no_hook_secret(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.delenv("HOOK_SECRET", raising=False)
-
-
-async def test_signed_webhook(hook_secret: None, h: Harness) -> None:
+async def test_signed_webhook(h: Harness) -> None:
     key = await open_webhook(h, which="signed")
     body = json.dumps({"conversation_key": key, "status": "ok"}).encode()
     # missing and forged signatures: 401, nothing changes
@@ -368,11 +364,12 @@ async def test_signed_webhook(hook_secret: None, h: Harness) -> None:
     assert [m.text for m in h.new_messages("u1")] == ["Webhook: ok  []"]
 
 
-async def test_signed_webhook_without_secret_on_server(no_hook_secret: None, h: Harness) -> None:
-    key = await open_webhook(h, which="signed")
-    body = json.dumps({"conversation_key": key}).encode()
-    status, answer = await h.post("/webhook", data=body, headers=signed(body, "m"))
-    assert status == 401 and "HOOK_SECRET" in answer["message"]
+async def test_server_refuses_to_start_without_a_blocks_secret(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("HOOK_SECRET", "")
+    with pytest.raises(FlowbotError, match=r"flows\.main\.blocks\.signed\.secret_env"):
+        async with harness(write_config(tmp_path, FLOWS)):
+            pass
 
 
 # -- exactly once -----------------------------------------------------------------------
