@@ -66,7 +66,8 @@ def main(argv: list[str] | None = None) -> int:
     started = time.monotonic()
     runs = {
         "callback": lambda: paths.run(args, "callback"),
-        "webhook": lambda: paths.run(args, "webhook"),
+        # the key in the body, then the per-conversation URL ({{webhook_url}})
+        "webhook": lambda: [paths.run(args, mode) for mode in paths.WEBHOOK_MODES],
         "timers": lambda: timers.run(args),
         "scale": lambda: scale.run(args),
         "inbound": lambda: inbound.run(args),

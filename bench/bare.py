@@ -32,6 +32,7 @@ def main() -> None:
     app = web.Application()
     app.router.add_post("/webview/callback", callback)
     app.router.add_post("/webhook", callback)
+    app.router.add_post("/webhook/{key}", callback)
     app.router.add_get("/healthz", healthz)
     web.run_app(app, host="127.0.0.1", port=port, print=None, access_log=None,
                 loop=new_event_loop())

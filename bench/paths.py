@@ -1,5 +1,6 @@
-"""Benchmarks 1 and 2: `POST /webview/callback` and `POST /webhook` under load, against the
-two ceilings (a bare aiohttp handler, bare SQLite claims), on a database of pending waits."""
+"""Benchmarks 1 and 2: `POST /webview/callback` and `POST /webhook` (the key in the body, and
+the per-conversation URL `/webhook/<key>`) under load, against the two ceilings (a bare
+aiohttp handler, bare SQLite claims), on a database of pending waits."""
 
 from __future__ import annotations
 
@@ -28,7 +29,8 @@ from bench.common import (
     write_config,
 )
 
-PATHS = {"callback": "/webview/callback", "webhook": "/webhook"}
+PATHS = {"callback": "/webview/callback", "webhook": "/webhook", "webhook_url": "/webhook/"}
+WEBHOOK_MODES = ("webhook", "webhook_url")
 
 
 @dataclass
@@ -47,10 +49,10 @@ def prepare(args: argparse.Namespace, mode: str) -> tuple[Path, Seeded]:
     workdir: Path = args.workdir
     template, ids = template_db(workdir, args.waits)
     db = copy_db(template, workdir / f"{mode}.db")
-    if mode == "webhook":
+    if mode in WEBHOOK_MODES:
         n = args.webhook_waits
         log(f"adding {n:,} pending webhook waits")
-        ids = seed(db, n, kind="webhook", ids_file=workdir / "webhook.ids", user_prefix="h")
+        ids = seed(db, n, kind="webhook", ids_file=workdir / f"{mode}.ids", user_prefix="h")
     return db, ids
 
 
@@ -66,7 +68,7 @@ def run(args: argparse.Namespace, mode: str) -> dict[str, object]:
     with flowbot_server(config, port, workdir / f"{mode}-server.log") as srv, \
             bare_server(bport, workdir / "bare.log") as bare:
         log(f"{mode}: flowbot up in {srv.startup_s:.2f} s with "
-            f"{args.waits + (args.webhook_waits if mode == 'webhook' else 0):,} pending waits")
+            f"{args.waits + (args.webhook_waits if mode in WEBHOOK_MODES else 0):,} pending waits")
         warm = run_wrk(f"http://127.0.0.1:{port}{path}", mode=mode, concurrency=16,
                        seconds=1, ids=ids, first=first, server_pid=srv.pid)
         first += warm.used
@@ -108,8 +110,8 @@ def run(args: argparse.Namespace, mode: str) -> dict[str, object]:
         db_path = transition_rate(config, chunk, 64)
 
     print(f"\n### {mode}: POST {path} — {args.waits:,} pending WebView waits"
-          + (f" + {args.webhook_waits:,} Webhook waits (10 mapped fields)" if mode == "webhook"
-             else "") + f", {args.seconds:g} s per level\n")
+          + (f" + {args.webhook_waits:,} Webhook waits (10 mapped fields)"
+             if mode in WEBHOOK_MODES else "") + f", {args.seconds:g} s per level\n")
     print(table(
         ["c", "flowbot req/s", "p50 ms", "p99 ms", "bare req/s", "bare p50", "bare p99",
          "flowbot/bare", "200s", "committed", "server CPU"],

@@ -1,5 +1,7 @@
 -- wrk script: POST a callback or a webhook, each request with the next unused id.
--- Environment: BENCH_MODE (callback | webhook | bare | telegram | twilio), BENCH_IDS (file
+-- "webhook_url" posts the provider's own payload (no key in it) to /webhook/<key>, the URL
+-- in {{webhook_url}}; the URL wrk is given must end in "/webhook/".
+-- Environment: BENCH_MODE (callback | webhook | webhook_url | bare | telegram | twilio), BENCH_IDS (file
 -- of ids, or for twilio of "signature<TAB>form body", one per fixed-width line), BENCH_FIRST
 -- (first line to use; for telegram the first update_id), BENCH_PER_THREAD (lines per
 -- thread), BENCH_LINE (line width), BENCH_SECRET (telegram's secret token header).
@@ -62,7 +64,11 @@ function request()
                                  ["X-Twilio-Signature"] = sig}, form)
   end
   local body
-  if mode == "webhook" then
+  if mode == "webhook_url" then
+    body = '{"order":{"f0":"A-' .. n .. '","f1":"shipped",' ..
+      '"f2":"x2","f3":"x3","f4":"x4","f5":"x5","f6":"x6","f7":"x7","f8":"x8","f9":"x9"}}'
+    return wrk.format(nil, wrk.path .. id, nil, body)
+  elseif mode == "webhook" then
     body = '{"conversation_key":"' .. id .. '","order":{"f0":"A-' .. n .. '","f1":"shipped",' ..
       '"f2":"x2","f3":"x3","f4":"x4","f5":"x5","f6":"x6","f7":"x7","f8":"x8","f9":"x9"}}'
   else

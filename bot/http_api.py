@@ -47,15 +47,23 @@ def _depth(value: Any) -> int:
     return depth
 
 
-def parse_json(body: bytes) -> Any:
+_CALLBACK_EXAMPLE = 'Send an object like {"executionId": "…", "success": true, "data": {}}.'
+
+
+def parse_json(body: bytes, example: str = _CALLBACK_EXAMPLE) -> Any:
+    """The JSON value of a body; 400 `bad_json` (its position, then `example`) or
+    `too_deep`."""
     try:
         value = json.loads(body)
     except RecursionError:
         raise BadRequest("too_deep", f"The JSON is nested more than {MAX_DEPTH} levels deep.")\
             from None
+    except json.JSONDecodeError as exc:
+        raise BadRequest("bad_json", f"The body is not valid JSON (line {exc.lineno} column "
+                         f"{exc.colno}: {exc.msg}). {example}") from None
     except (ValueError, UnicodeDecodeError):
-        raise BadRequest("bad_json", "The body is not valid JSON. Send an object like "
-                         '{"executionId": "…", "success": true, "data": {}}.') from None
+        raise BadRequest("bad_json", f"The body is not valid JSON (not UTF-8). {example}")\
+            from None
     # a body with fewer brackets than MAX_DEPTH cannot nest deeper: skip the walk (hot path)
     if body.count(b"{") + body.count(b"[") > MAX_DEPTH and _depth(value) > MAX_DEPTH:
         raise BadRequest("too_deep", f"The JSON is nested more than {MAX_DEPTH} levels deep.")
@@ -121,14 +129,14 @@ def webhook_payload(body: bytes, content_type: str) -> dict[str, Any]:
     if not body.strip():
         return {}
     if _is_json_type(content_type):
-        doc = parse_json(body)
+        doc = parse_json(body, _WEBHOOK_EXAMPLE)
         if not isinstance(doc, dict):
             raise BadRequest("not_an_object", f"The body is JSON but a {_json_kind(doc)}, "
                              "not an object; send an object like {\"order\": {…}}.")
         return doc
     stripped = body.lstrip()
     if stripped[:1] in (b"{", b"["):
-        doc = parse_json(body)  # it looks like JSON: its errors say more than a form's
+        doc = parse_json(body, _WEBHOOK_EXAMPLE)  # it looks like JSON: say what is wrong
         if isinstance(doc, dict):
             return doc
         raise BadRequest("not_an_object", f"The body is JSON but a {_json_kind(doc)}, not an "
@@ -140,6 +148,9 @@ def webhook_payload(body: bytes, content_type: str) -> dict[str, Any]:
                          "a JSON object nor a form (name=value&…); send one of those, or "
                          "an empty body.")
     return form
+
+
+_WEBHOOK_EXAMPLE = "Send a JSON object, a form (name=value&…) or an empty body."
 
 
 def _json_kind(doc: Any) -> str:

@@ -451,6 +451,9 @@ async def test_openapi_document_is_served(h: Harness) -> None:
     assert doc["servers"] == [{"url": "http://bot.test"}]
     responses = doc["paths"]["/webview/callback"]["post"]["responses"]
     assert set(responses) >= {"200", "400", "404", "409", "410", "413"}
-    responses = doc["paths"]["/webhook"]["post"]["responses"]
-    assert set(responses) >= {"200", "400", "401", "404", "409", "410", "413"}
-    assert "removed from the flow" in responses["410"]["description"]  # only then: 409 else
+    for path in ("/webhook", "/webhook/{conversation_key}"):
+        responses = doc["paths"][path]["post"]["responses"]
+        assert set(responses) >= {"200", "202", "400", "401", "404", "409", "410", "413", "429"}
+        assert "removed from the flow" in responses["410"]["description"]  # only then: 409 else
+    accepted = doc["paths"]["/webhook/{conversation_key}"]["post"]["responses"]["202"]
+    assert accepted["content"]["application/json"]["schema"]["$ref"].endswith("/WebhookAccepted")
