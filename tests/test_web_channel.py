@@ -276,10 +276,13 @@ async def test_choice_typed_as_a_number_then_the_webhook_completes_it(chat: Chat
     await tab.say("Ada")
     [intro] = await tab.say("2")
     assert intro["text"].startswith("I'm now waiting up to 5 minutes for a webhook.")
-    assert "curl -X POST http://127.0.0.1:8080/webhook" in intro["text"]
-    key = intro["text"].split('"conversation_key": "')[1].split('"')[0]
-    resp = await chat.client.post("/webhook", json={
-        "conversation_key": key, "order": {"id": "A-1001", "status": "shipped"}})
+    # the command as printed: the conversation's own URL, and curl -d's form label on JSON
+    command = next(line for line in intro["text"].splitlines() if line.startswith("curl"))
+    url = command.split()[2]
+    assert url.startswith("http://127.0.0.1:8080/webhook/")
+    body = command.split(" -d ", 1)[1].strip("'")
+    resp = await chat.client.post(url.removeprefix("http://127.0.0.1:8080"), data=body,
+                                  headers={"Content-Type": "application/x-www-form-urlencoded"})
     assert resp.status == 200
     assert texts(await tab.messages()) == ["Webhook received: order A-1001 is shipped.",
                                            "Anything else?"]

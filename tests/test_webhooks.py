@@ -514,7 +514,7 @@ def test_unset_secret_is_a_check_error_and_stops_serve(
            "STRIPE_SECRET is not set or empty" in err
     assert "error: webhooks.providers.shopify.secret_env" in err
     assert main(["serve", "--config", path, "--port", "0"]) == 2
-    assert "STRIPE_SECRET" in capsys.readouterr().err
+    assert "STRIPE_SECRET (named by webhooks.providers.stripe.secret_env)" in capsys.readouterr().err
     assert not (tmp_path / "flowbot.db").exists()  # stopped before anything started
 
 
