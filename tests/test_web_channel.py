@@ -278,7 +278,7 @@ async def test_choice_typed_as_a_number_then_the_webhook_completes_it(chat: Chat
     assert intro["text"].startswith("I'm now waiting up to 5 minutes for a webhook.")
     # the command as printed: the conversation's own URL, and curl -d's form label on JSON
     command = next(line for line in intro["text"].splitlines() if line.startswith("curl"))
-    url = command.split()[2]
+    url = command.split()[3]
     assert url.startswith("http://127.0.0.1:8080/webhook/")
     body = command.split(" -d ", 1)[1].strip("'")
     resp = await chat.client.post(url.removeprefix("http://127.0.0.1:8080"), data=body,

@@ -25,7 +25,7 @@ LONG = "--long" in sys.argv  # the option is read at import: schemathesis decora
 RANDOM_IDS = 100_000
 
 SCHEMA = schemathesis.openapi.from_path(Path(bot.__file__).parent / "openapi.json").include(
-    path_regex=r"^/(webview/callback|webhook)$")
+    path_regex=r"^/(webview/callback|webhook|webhook/\{conversation_key\})$")
 SCHEMA.config.generation.update(modes=[GenerationMode.POSITIVE, GenerationMode.NEGATIVE],
                                 max_examples=1000 if LONG else 150)
 SCHEMA.config.seed = RUN_SEED  # printed by the run: FLOWBOT_TEST_SEED=… replays it
