@@ -329,10 +329,12 @@ class SQLiteStore(contract.Store):
                 if updated < cutoff and wait_id is None][:limit]
         deleted = 0
         for cid in idle:
-            # messages still to send keep it (a channel switched off holds them pending)
+            # messages still to send keep it (a channel switched off holds them pending),
+            # and so does a webhook call kept for its next Webhook block
             deleted += self.conn.execute(
                 "DELETE FROM conversations WHERE id = ? AND NOT EXISTS (SELECT 1 FROM outbox "
-                "WHERE conversation_id = ? AND state = 'pending')", (cid, cid)).rowcount
+                "WHERE conversation_id = ? AND state = 'pending') AND NOT EXISTS (SELECT 1 "
+                "FROM early_webhooks WHERE conversation_id = ?)", (cid, cid, cid)).rowcount
         if len(idle) == limit:  # more may be idle in this window, after the last one
             return deleted, idle[-1]
         return deleted, (window[-1][0] if len(window) == limit * 10 else 0)
