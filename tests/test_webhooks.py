@@ -4,6 +4,7 @@ dropped past their window), and provider signatures (GitHub, Shopify, Stripe).""
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import hashlib
 import hmac
@@ -155,6 +156,19 @@ async def test_key_in_body_and_query_still_work(h: Harness) -> None:
     status, _ = await h.post(f"/webhook?conversation_key={key}", json={"type": "q"})
     assert status == 200
     assert [m.text for m in h.new_messages("u1")] == ["Paid: q "]
+
+
+async def test_ten_concurrent_copies_apply_once_and_none_is_kept(h: Harness) -> None:
+    key = await at_block(h, "hook")
+    h.new_messages("u1")
+    answers = await asyncio.gather(*(h.client.post(f"/webhook/{key}", json={"type": f"c{i}"})
+                                     for i in range(10)))
+    await h.flush()
+    assert sorted(r.status for r in answers) == [200] + [409] * 9
+    said = [m.text for m in h.new_messages("u1")]
+    assert len(said) == 1 and said[0].startswith("Paid: c")
+    # the nine copies were late, not early: nothing waits to hit the next Webhook block
+    assert await kept(h) == 0
 
 
 # -- 2. keys where the provider puts them -----------------------------------------------
