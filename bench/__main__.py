@@ -37,6 +37,9 @@ def parser() -> argparse.ArgumentParser:
                    help="seconds over which they fall due")
     p.add_argument("--timer-load", type=int, default=64,
                    help="callback concurrency during the timer benchmark (0: no load)")
+    p.add_argument("--timer-lead", type=float, default=8.0,
+                   help="timers: seconds from seeding to the first deadline (start-up time; "
+                   "raise it on a loaded machine)")
     p.add_argument("--prune", type=int, default=0,
                    help="timers: also seed this many rows of each prunable kind, 100 days "
                    "old, and prune every second meanwhile (retention's cost; 0: off)")
