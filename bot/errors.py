@@ -61,6 +61,12 @@ class Gone(ApiError):
     status = 410
 
 
+class RequestTimeout(ApiError):
+    """The request (its headers or body) did not arrive in time; the connection is closed."""
+
+    status = 408
+
+
 class TooLarge(ApiError):
     status = 413
 

@@ -10,64 +10,14 @@ from urllib.parse import parse_qsl
 
 from aiohttp import web
 
-from bot.errors import BadRequest, TooLarge
+from bot.body import MAX_DEPTH, parse_json, read_body
+from bot.errors import BadRequest
 from bot.runtime import Runtime
 from bot.signatures import SignedBody
 from bot.template import lookup
 
-MAX_DEPTH = 32
-
-
-async def read_body(request: web.Request, limit: int) -> bytes:
-    """The raw body, refusing more than `limit` bytes whatever Content-Length claims."""
-    if request.content_length is not None and request.content_length > limit:
-        raise _too_large(limit)
-    body = await request.content.read(limit + 1)
-    if len(body) > limit:
-        raise _too_large(limit)
-    return body
-
-
-def _too_large(limit: int) -> TooLarge:
-    return TooLarge("too_large", f"The body is larger than the {limit // 1024} KiB this "
-                    "server accepts; send less data or raise server.max_body_bytes.")
-
-
-def _depth(value: Any) -> int:
-    depth, level = 0, [value]
-    while level:
-        depth += 1
-        nxt: list[Any] = []
-        for v in level:
-            if isinstance(v, dict):
-                nxt.extend(v.values())
-            elif isinstance(v, list):
-                nxt.extend(v)
-        level = nxt
-    return depth
-
-
-_CALLBACK_EXAMPLE = 'Send an object like {"executionId": "…", "success": true, "data": {}}.'
-
-
-def parse_json(body: bytes, example: str = _CALLBACK_EXAMPLE) -> Any:
-    """The JSON value of a body; 400 `bad_json` (its position, then `example`) or
-    `too_deep`."""
-    try:
-        value = json.loads(body)
-    except RecursionError:
-        raise BadRequest("too_deep", f"The JSON is nested more than {MAX_DEPTH} levels deep.")\
-            from None
-    except json.JSONDecodeError as exc:
-        raise BadRequest("bad_json", f"The body is not valid JSON (line {exc.lineno} column "
-                         f"{exc.colno}: {exc.msg}). {example}") from None
-    except (ValueError, UnicodeDecodeError):
-        raise BadRequest("bad_json", f"The body is not valid JSON (not UTF-8). {example}")\
-            from None
-    # a body with fewer brackets than MAX_DEPTH cannot nest deeper: skip the walk (hot path)
-    if body.count(b"{") + body.count(b"[") > MAX_DEPTH and _depth(value) > MAX_DEPTH:
-        raise BadRequest("too_deep", f"The JSON is nested more than {MAX_DEPTH} levels deep.")
-    return value
+# Every endpoint reads and parses its body with these (bot/body.py): whole, bounded, strict.
+__all__ = ["MAX_DEPTH", "parse_json", "read_body", "webhook", "webview_callback"]
 
 
 def parse_callback(body: bytes) -> tuple[str, bool, dict[str, Any] | None, dict[str, Any]]:

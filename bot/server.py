@@ -15,7 +15,7 @@ from aiohttp import web
 from bot import http_api, signatures
 from bot.clock import Clock, SystemClock
 from bot.config import Config
-from bot.errors import ApiError, FlowbotError
+from bot.errors import ApiError, FlowbotError, RequestTimeout
 from bot.ledger import WebViewCheck
 from bot.outbox import Outbox
 from bot.runtime import Runtime, Worker
@@ -78,6 +78,8 @@ def _error_middleware(config: Config) -> Callable[..., Awaitable[web.StreamRespo
             response = await handler(request)
         except ApiError as exc:
             response = web.json_response(exc.body(), status=exc.status)
+            if isinstance(exc, RequestTimeout):
+                response.force_close()  # the rest of a slow body is not worth reading
         except web.HTTPException as exc:
             if exc.status < 400:
                 raise

@@ -7,7 +7,6 @@ import asyncio
 import contextlib
 import hmac
 import html
-import json
 import logging
 import os
 import re
@@ -40,10 +39,10 @@ from telegram.request import HTTPXRequest
 from telegram.warnings import PTBDeprecationWarning
 
 from bot import errors
+from bot.body import parse_json, read_body
 from bot.channel_config import TelegramConfig
 from bot.clock import Clock
 from bot.config import Config
-from bot.http_api import read_body
 from bot.runtime import Runtime
 from channels.base import (
     Delivery,
@@ -279,11 +278,7 @@ class TelegramChannel:
         return web.Response(status=200)  # only after the commit: else Telegram redelivers
 
     def _parse(self, body: bytes) -> Update:
-        try:
-            data = json.loads(body)
-        except (ValueError, UnicodeDecodeError):
-            raise errors.BadRequest("bad_json", "The body is not valid JSON; Telegram sends "
-                                    "an Update object.") from None
+        data = parse_json(body)
         if not isinstance(data, dict) or type(data.get("update_id")) is not int:
             raise errors.BadRequest("not_an_update", "The body is not a Telegram Update (it "
                                     "has no integer update_id).")

@@ -21,9 +21,9 @@ from twilio.request_validator import RequestValidator
 from twilio.rest import Client
 
 from bot import jobs
+from bot.body import read_body
 from bot.channel_config import TWILIO_API, WhatsAppConfig
 from bot.errors import BadRequest, FlowbotError, Forbidden
-from bot.http_api import read_body
 from channels.base import (
     Button,
     Delivery,
