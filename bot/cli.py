@@ -107,7 +107,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
     from aiohttp import web
 
-    from bot.server import RUNTIME, build_app, enabled_channels, new_event_loop
+    from bot.server import RUNTIME, build_app, enabled_channels, new_event_loop, serve
     from storage.process import DatabaseProcessError
 
     sock = startup.bind(host, port)
@@ -123,7 +123,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     app.on_startup.append(announce)
     heap.settle()
     try:
-        web.run_app(app, sock=sock, print=None, access_log=None, loop=new_event_loop())
+        serve(app, sock, new_event_loop())
     except BaseException as exc:
         if fresh_db:  # this run created it and never served: leave no trace
             for suffix in ("", "-wal", "-shm", ".lock"):

@@ -28,6 +28,14 @@ class ServerConfig:
     path_prefix: str = ""
     max_body_bytes: int = 65536
     cors_allow_origin: str = "*"
+    # seconds a connection may take to send a request's headers (also how long an idle
+    # keep-alive connection is kept), and a request's whole body: slow clients are dropped
+    header_timeout: float = 10.0
+    body_timeout: float = 30.0
+    # web chat sockets: in total, from one client address, for one chat session
+    max_websockets: int = 2000
+    max_websockets_per_address: int = 50
+    max_websockets_per_session: int = 8
 
     def url(self, path: str) -> str:
         """The public URL of one of our routes."""
@@ -120,8 +128,21 @@ def _server(r: Reader) -> ServerConfig:
         path_prefix=prefix,
         max_body_bytes=r.integer("max_body_bytes", 65536, lo=1024, hi=16 * 1024 * 1024),
         cors_allow_origin=r.text("cors_allow_origin", "*"),
+        header_timeout=r.number("header_timeout", 10.0, lo=1, hi=600),
+        body_timeout=r.number("body_timeout", 30.0, lo=1, hi=3600),
+        max_websockets=r.integer("max_websockets", 2000, lo=1, hi=1_000_000),
+        max_websockets_per_address=r.integer("max_websockets_per_address", 50, lo=1,
+                                             hi=1_000_000),
+        max_websockets_per_session=r.integer("max_websockets_per_session", 8, lo=1,
+                                             hi=1000),
     )
     r.done()
+    if cfg.max_websockets_per_address > cfg.max_websockets:
+        r.problems.error(r.at("max_websockets_per_address"),
+                         f"must not exceed server.max_websockets ({cfg.max_websockets})")
+    if cfg.max_websockets_per_session > cfg.max_websockets_per_address:
+        r.problems.error(r.at("max_websockets_per_session"), "must not exceed "
+                         f"server.max_websockets_per_address ({cfg.max_websockets_per_address})")
     return cfg
 
 

@@ -79,5 +79,13 @@ class TooMany(ApiError):
     status = 429
 
 
+class StorageUnavailable(ApiError):
+    """The database cannot take the request now (disk full, locked past its timeout,
+    read-only, its process gone): 503 with Retry-After; the client should retry."""
+
+    status = 503
+    retry_after = 5
+
+
 class StaleState(FlowbotError):
     """A conversation changed under us (optimistic concurrency); the caller retries."""

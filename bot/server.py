@@ -6,17 +6,21 @@ import asyncio
 import contextlib
 import json
 import logging
-from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
+import socket
+from collections.abc import AsyncIterator, Callable, Mapping
 from importlib import resources
 
 import aiohttp
 from aiohttp import web
 
 from bot import http_api, signatures
+from bot.body import BODY_TIMEOUT
 from bot.clock import Clock, SystemClock
 from bot.config import Config
-from bot.errors import ApiError, FlowbotError, RequestTimeout
+from bot.errors import FlowbotError, StorageUnavailable
 from bot.ledger import WebViewCheck
+from bot.limits import ConnectionGuard
+from bot.middleware import StorageHealth, error_middleware
 from bot.outbox import Outbox
 from bot.runtime import Runtime, Worker
 from bot.timers import Timer
@@ -30,6 +34,8 @@ log = logging.getLogger(__name__)
 RUNTIME = web.AppKey("runtime", Runtime)
 OUTBOX = web.AppKey("outbox", Outbox)
 TIMER = web.AppKey("timer", Timer)
+CONNECTIONS = web.AppKey("connections", ConnectionGuard)
+HEALTH = web.AppKey("health", StorageHealth)
 
 ChannelFactory = Callable[[Config, Runtime], Channel]
 
@@ -66,37 +72,16 @@ def _cors_headers(config: Config) -> dict[str, str]:
     }
 
 
-def _error_middleware(config: Config) -> Callable[..., Awaitable[web.StreamResponse]]:
-    cors = _cors_headers(config)
-
-    @web.middleware
-    async def middleware(request: web.Request,
-                         handler: Callable[[web.Request], Awaitable[web.StreamResponse]]
-                         ) -> web.StreamResponse:
-        is_callback = request.path.endswith("/webview/callback")
-        try:
-            response = await handler(request)
-        except ApiError as exc:
-            response = web.json_response(exc.body(), status=exc.status)
-            if isinstance(exc, RequestTimeout):
-                response.force_close()  # the rest of a slow body is not worth reading
-        except web.HTTPException as exc:
-            if exc.status < 400:
-                raise
-            response = web.json_response(
-                {"error": exc.reason.lower().replace(" ", "_"),
-                 "message": f"{exc.reason}: {request.method} {request.path}"},
-                status=exc.status,
-                headers={"Allow": exc.headers["Allow"]} if "Allow" in exc.headers else None)
-        if is_callback:
-            response.headers.update(cors)
-        return response
-
-    return middleware
-
-
 async def _healthz(request: web.Request) -> web.Response:
-    return web.json_response({"status": "ok"})
+    runtime = request.app[RUNTIME]
+    reason = await request.app[HEALTH].check(
+        lambda: backends.probe(runtime.worker, runtime.config))
+    if reason is None:
+        return web.json_response({"status": "ok"})
+    return web.json_response(
+        {"status": "unavailable", "error": "storage_unavailable",
+         "message": f"The database is unavailable: {reason}."},
+        status=503, headers={"Retry-After": str(StorageUnavailable.retry_after)})
 
 
 async def _metrics(request: web.Request) -> web.Response:
@@ -154,9 +139,14 @@ def build_app(
     runtime.on_messages = outbox.notify
     timer = Timer(runtime, clock)
 
-    app = web.Application(middlewares=[_error_middleware(config)],
+    guard = ConnectionGuard(config.server)
+    health = StorageHealth()
+    app = web.Application(middlewares=[error_middleware(_cors_headers(config), guard, health)],
                           client_max_size=config.server.max_body_bytes + 1024)
     app[RUNTIME] = runtime
+    app[CONNECTIONS] = guard
+    app[HEALTH] = health
+    app[BODY_TIMEOUT] = config.server.body_timeout
     app[OUTBOX] = outbox
     app[TIMER] = timer
     prefix = config.server.path_prefix
@@ -208,6 +198,7 @@ def build_app(
             for task in loops:
                 with contextlib.suppress(asyncio.CancelledError):
                     await task
+            await guard.stop()
             await outbox.close()
             await runtime.close()
             for channel in reversed(started):
@@ -227,3 +218,45 @@ def build_app(
 
     app.on_shutdown.append(end_long_requests)
     return app
+
+
+class GuardedRunner(web.AppRunner):
+    """An AppRunner whose server's connections are watched by the app's `ConnectionGuard`
+    (slow clients dropped). aiohttp has no deadline for a request's headers of its own."""
+
+    async def _make_server(self) -> web.Server:
+        server = await super()._make_server()
+        self.app[CONNECTIONS].watch(server)
+        return server
+
+
+def serve(app: web.Application, sock: socket.socket, loop: asyncio.AbstractEventLoop) -> None:
+    """Run `app` on the bound `sock` until SIGINT/SIGTERM, as `web.run_app` does, with its
+    connections watched (see `GuardedRunner`). Start-up errors propagate."""
+
+    async def main() -> None:
+        runner = GuardedRunner(app, access_log=None, handle_signals=True,
+                               keepalive_timeout=75.0, shutdown_timeout=60.0)
+        await runner.setup()
+        try:
+            await web.SockSite(runner, sock).start()
+            await asyncio.Event().wait()  # until a signal raises GracefulExit
+        finally:
+            await runner.cleanup()
+
+    asyncio.set_event_loop(loop)
+    task = loop.create_task(main())
+    try:
+        loop.run_until_complete(task)
+    except (web.GracefulExit, KeyboardInterrupt):
+        pass
+    finally:
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError, web.GracefulExit):
+            loop.run_until_complete(task)
+        rest = asyncio.all_tasks(loop)
+        for t in rest:
+            t.cancel()
+        loop.run_until_complete(asyncio.gather(*rest, return_exceptions=True))
+        loop.run_until_complete(loop.shutdown_asyncgens())
+        loop.close()

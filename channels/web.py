@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import functools
 import html
 import json
 import logging
@@ -15,7 +16,10 @@ from typing import TYPE_CHECKING, Any
 from aiohttp import WSCloseCode, WSMsgType, web
 
 from bot import jobs
-from bot.errors import BadRequest, NotFound
+from bot.body import parse_json_text
+from bot.errorlog import ErrorLog
+from bot.errorlog import kind as kind_of
+from bot.errors import ApiError, BadRequest, NotFound, StorageUnavailable
 from channels.base import Delivery, Inbound, Message, RateLimit, Route
 
 if TYPE_CHECKING:
@@ -23,6 +27,7 @@ if TYPE_CHECKING:
     from bot.runtime import Runtime
 
 log = logging.getLogger(__name__)
+_errors = ErrorLog(log)
 
 SESSION = re.compile(r"[A-Za-z0-9_-]{16,64}")  # made by the page: 32 hex digits
 CLIENT_ID = re.compile(r"[A-Za-z0-9_-]{1,64}")
@@ -41,6 +46,13 @@ _CSP_CHAT = ("default-src 'none'; script-src 'self'; style-src 'self'; img-src '
 _CSP_DEMO = ("default-src 'none'; script-src 'self'; style-src 'self'; img-src 'self' data:; "
              "connect-src *; base-uri 'none'; form-action 'none'")
 _CONTENT_TYPES = {".js": "text/javascript", ".css": "text/css", ".svg": "image/svg+xml"}
+
+
+@functools.cache
+def _shipped() -> frozenset[str]:
+    """The names of the files in channels/static."""
+    return frozenset(p.name for p in resources.files("channels").joinpath("static").iterdir()
+                     if p.is_file())
 
 
 def _static(name: str) -> bytes:
@@ -63,12 +75,12 @@ async def static_file(request: web.Request) -> web.Response:
     """`GET /static/{name}`: one of the shipped scripts or stylesheets, nothing else."""
     name = request.match_info["name"]
     suffix = name[name.rfind("."):] if "." in name else ""
-    if "/" in name or name.startswith(".") or suffix not in _CONTENT_TYPES:
-        raise NotFound("no_such_file", f"There is no static file named {name!r}.")
-    try:
-        body = _static(name)
-    except (FileNotFoundError, IsADirectoryError):
-        raise NotFound("no_such_file", f"There is no static file named {name!r}.") from None
+    # only names from the shipped list reach the file system: a NUL, a 300-character name
+    # or a path is "no such file" (404), not an OSError
+    if name not in _shipped() or suffix not in _CONTENT_TYPES:
+        shown = name if len(name) <= 64 else name[:64] + "…"
+        raise NotFound("no_such_file", f"There is no static file named {shown!r}.")
+    body = _static(name)
     return web.Response(body=body, content_type=_CONTENT_TYPES[suffix],
                         headers={"X-Content-Type-Options": "nosniff", "Cache-Control": "no-cache"})
 
@@ -240,22 +252,56 @@ class WebChannel:
         async for msg in sock.ws:
             if msg.type != WSMsgType.TEXT:
                 continue  # close and error frames end the loop by themselves
-            error = await self._receive(sock, session, msg.data)
-            if error:
-                sock.push({"type": "error", "message": error})
+            try:
+                await self._receive(sock, session, msg.data)
+            except _Refused as exc:
+                # the page drops a refused frame for good; "retry": it keeps it and sends it
+                # again later (the server could not store it just now)
+                frame: dict[str, Any] = {"type": "error", "message": exc.message}
+                if exc.cid is not None:
+                    frame["id"] = exc.cid
+                if exc.retry:
+                    frame["retry"] = True
+                sock.push(frame)
 
-    async def _receive(self, sock: _Socket, session: str, data: str) -> str | None:
-        """Handle one frame from the page; returns an error sentence for a bad one."""
+    async def _receive(self, sock: _Socket, session: str, data: str) -> None:
+        """Handle one frame from the page; raises `_Refused` (an error frame, the socket
+        stays open) for one we cannot take."""
         try:
-            doc = json.loads(data)
-        except ValueError:
-            return "That frame is not JSON."
+            doc = parse_json_text(data)
+        except BadRequest as exc:
+            why = ("That frame is not JSON." if exc.code == "bad_json"
+                   else f"That frame was refused: {exc.message}")
+            raise _Refused(why, _frame_id(data)) from None
         if not isinstance(doc, dict):
-            return "A frame must be a JSON object."
+            raise _Refused("A frame must be a JSON object.")
         kind, cid = doc.get("type"), doc.get("id")
         if not isinstance(cid, str) or not CLIENT_ID.fullmatch(cid):
-            return "'id' must be 1-64 characters of A-Z a-z 0-9 _ -."
-        payload: str | None = None
+            raise _Refused("'id' must be 1-64 characters of A-Z a-z 0-9 _ -.")
+        error = self._check(doc, kind)
+        if error:
+            raise _Refused(error, cid)
+        text = str(doc.get("text") if kind == "text" else doc.get("label", ""))
+        payload = doc.get("payload") if kind == "button" else None
+        try:
+            fresh = await self.runtime.handle_inbound(Inbound(
+                self.name, session, text=text, payload=payload,
+                event_id=f"web:{session}:{cid}"))
+        except StorageUnavailable as exc:
+            _errors.error(kind_of(exc), f"web chat: {exc.message}")
+            raise _Refused("The server cannot store messages right now; this one will be "
+                           "sent again in a moment.", cid, retry=True) from None
+        except ApiError as exc:
+            raise _Refused(exc.message, cid) from None
+        except Exception as exc:
+            _errors.error(kind_of(exc), "web chat: a message could not be handled", exc)
+            raise _Refused("The server failed to handle this message (a bug, logged); "
+                           "it was not stored.", cid) from None
+        sock.push({"type": "ack", "id": cid, "duplicate": not fresh})
+
+    @staticmethod
+    def _check(doc: dict[str, Any], kind: object) -> str | None:
+        """The error sentence for a frame's fields, or None."""
         if kind == "text":
             text = doc.get("text")
             if not isinstance(text, str) or not text.strip() or len(text) > MAX_TEXT:
@@ -266,10 +312,27 @@ class WebChannel:
                 return "'payload' must be the button's payload, as the message gave it."
             if not isinstance(label, str) or len(label) > 256:
                 return "'label' must be a string of at most 256 characters."
-            text = label
         else:
             return "'type' must be 'text' or 'button'."
-        fresh = await self.runtime.handle_inbound(Inbound(
-            self.name, session, text=text, payload=payload, event_id=f"web:{session}:{cid}"))
-        sock.push({"type": "ack", "id": cid, "duplicate": not fresh})
         return None
+
+
+class _Refused(Exception):
+    """A frame the server will not take: answered with an error frame naming its id."""
+
+    def __init__(self, message: str, cid: str | None = None, *, retry: bool = False) -> None:
+        super().__init__(message)
+        self.message = message
+        self.cid = cid
+        self.retry = retry
+
+
+def _frame_id(data: str) -> str | None:
+    """The id of a frame the strict parser refused, if a lenient one can find it, so the
+    page learns which of its messages was refused."""
+    try:
+        doc = json.loads(data)
+    except (ValueError, RecursionError):
+        return None
+    cid = doc.get("id") if isinstance(doc, dict) else None
+    return cid if isinstance(cid, str) and CLIENT_ID.fullmatch(cid) else None

@@ -5,14 +5,20 @@ from __future__ import annotations
 
 import asyncio
 import functools
+import shutil
 from collections.abc import Mapping
+from typing import Any
 
 from bot.config import Config
+from bot.errors import StorageUnavailable
 from bot.ledger import Ledger, WebViewCheck
 from bot.runtime import Worker
 from storage.process import ProcessWorker
 from storage.store import SQLiteLedger, read_counts
 from storage.worker import DbWorker
+
+MIN_FREE_BYTES = 1 << 20  # less than this under the database: "the disk is full"
+PROBE_TIMEOUT = 10.0  # seconds for /healthz's write probe
 
 
 def open_worker(config: Config, checks: Mapping[str, WebViewCheck], *,
@@ -39,3 +45,38 @@ async def counts(config: Config) -> dict[str, int]:
     """Waits and outbox rows by state, and conversations, without going through the
     worker: the scans take 0.3 s at 1M waits and would hold up every callback."""
     return await asyncio.to_thread(read_counts, config.storage.path)
+
+
+def _probe_write(store: Any) -> None:
+    """A database job: take the write lock and allocate a page, then undo it (a real
+    write that leaves nothing behind). Fails while the database is locked, read-only
+    or full."""
+    conn = store.conn
+    conn.execute("SAVEPOINT probe")
+    try:
+        conn.execute("CREATE TABLE flowbot_probe (x)")
+    finally:
+        conn.execute("ROLLBACK TO probe")
+        conn.execute("RELEASE probe")
+
+
+async def probe(worker: Worker, config: Config) -> None:
+    """Raise `StorageUnavailable` if the storage cannot take a write now: the disk under
+    the database has no room, or a write job fails (locked past its timeout, read-only,
+    full, its process gone). For /healthz while storage is in trouble."""
+    folder = config.storage.path.parent
+    try:
+        free = shutil.disk_usage(folder).free
+    except OSError as exc:
+        raise StorageUnavailable("storage_unavailable", f"The database folder {folder} "
+                                 f"cannot be read ({exc.strerror}).",
+                                 reason="the database folder cannot be read") from None
+    if free < MIN_FREE_BYTES:
+        raise StorageUnavailable("storage_unavailable", f"The disk under {folder} has "
+                                 f"{free} bytes free.", reason="the disk is full")
+    try:
+        await asyncio.wait_for(worker.run(_probe_write), PROBE_TIMEOUT)
+    except TimeoutError:
+        raise StorageUnavailable("storage_unavailable", "The database did not answer a "
+                                 f"write within {PROBE_TIMEOUT:g} s.",
+                                 reason="the database does not answer") from None

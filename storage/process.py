@@ -32,6 +32,7 @@ from pathlib import Path
 from typing import IO, Any, TypeVar
 
 from bot import heap
+from bot.errors import StorageUnavailable
 from storage.lock import WriterLock
 from storage.store import Store
 from storage.worker import TIMER, DbWorker, TimerPass
@@ -47,13 +48,19 @@ def _frame(value: Any) -> bytes:
     return _HEADER.pack(len(data)) + data
 
 
-class DatabaseProcessError(RuntimeError):
-    """The database process could not start, or exited under us. `reason`: why, in words
-    (the database's own error when it could not be opened)."""
+class DatabaseProcessError(StorageUnavailable, RuntimeError):
+    """The database process could not start, or exited under us (a request meanwhile is
+    answered 503). `reason`: why, in words (the database's own error when it could not
+    be opened)."""
 
     def __init__(self, message: str, reason: str = "") -> None:
-        super().__init__(message)
+        super().__init__("storage_unavailable", f"The database is unavailable ({message}); "
+                         "retry in a few seconds.")
+        self.detail = message
         self.reason = reason or message
+
+    def __reduce__(self) -> tuple[object, ...]:
+        return (type(self), (self.detail, self.reason))
 
 
 class ProcessWorker:

@@ -23,6 +23,7 @@ import asyncio
 import logging
 import math
 import queue
+import sqlite3
 import threading
 import time
 from collections import deque
@@ -30,11 +31,14 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any, TypeVar
 
+from bot.errorlog import ErrorLog, kind
+from bot.errors import StorageUnavailable
 from storage.checkpoint import Checkpointer
 from storage.lock import WriterLock
 from storage.store import Store
 
 log = logging.getLogger(__name__)
+_errors = ErrorLog(log)  # a full disk fails every commit: one traceback a minute, counted
 T = TypeVar("T")
 _Job = tuple[Callable[..., Any], tuple[Any, ...], Any]  # fn, args, where the answer goes
 _Ran = tuple[_Job, bool, Any]  # the job, ok, its value or exception
@@ -42,6 +46,36 @@ _WAKE = "wake"  # queued with each urgent job, so a sleeping worker wakes up for
 TIMER = 0  # the reply of the worker's own timer passes (see DbWorker's `timer`)
 TimerPass = Callable[[Any, float], tuple[Any, float | None]]  # (the store, now)
 """Fires what is due at `now` (a job); returns (its answer, when to come back or None)."""
+
+
+# What SQLite says when the database, not the request, is at fault (sqlite3 error text;
+# SQLITE_FULL, SQLITE_BUSY/LOCKED, SQLITE_READONLY, SQLITE_IOERR, SQLITE_CANTOPEN).
+_UNAVAILABLE = {
+    "database or disk is full": "the disk is full",
+    "database is locked": "the database is locked by another program",
+    "database table is locked": "the database is locked by another program",
+    "attempt to write a readonly database": "the database file is read-only",
+    "disk i/o error": "the disk reports an I/O error",
+    "unable to open database file": "the database file cannot be opened",
+}
+
+
+def unavailable(exc: BaseException) -> BaseException:
+    """`exc`, or a `StorageUnavailable` (503, Retry-After) when it means the database
+    cannot work now (see _UNAVAILABLE) rather than that the job is wrong."""
+    # SQLite may roll back the whole transaction on SQLITE_FULL, so what reaches us is the
+    # "no such savepoint" of our ROLLBACK TO, with the real cause as its context
+    seen: BaseException | None = exc
+    while seen is not None:
+        if isinstance(seen, sqlite3.DatabaseError):
+            text = str(seen).lower()
+            for needle, reason in _UNAVAILABLE.items():
+                if needle in text:
+                    return StorageUnavailable("storage_unavailable", "The database is "
+                                              f"unavailable: {reason}. Retry in a few "
+                                              "seconds.", reason=reason)
+        seen = seen.__cause__ or seen.__context__
+    return exc
 
 
 def _settle(fut: asyncio.Future[Any], ok: bool, value: Any) -> None:
@@ -252,7 +286,7 @@ class DbWorker:
                     value = job[0](self.store, *job[1])
                 except Exception as exc:  # the job's own failure: undo it alone
                     conn.execute("ROLLBACK TO job")
-                    ran[-1] = (job, False, exc)
+                    ran[-1] = (job, False, unavailable(exc))
                 else:
                     ran[-1] = (job, True, value)
                 conn.execute("RELEASE job")
@@ -271,9 +305,11 @@ class DbWorker:
                     ran.append((self._urgent.popleft(), False, None))
                 ran += [(job, False, None) for job in batch[i:]]
                 i = len(batch)
-            log.exception("database commit failed; %d job(s) rolled back", len(ran))
+            _errors.error(kind(exc), f"database commit failed; {len(ran)} job(s) rolled "
+                          "back", exc)
             self.store.rollback()
             if self._timer is not None:  # a rolled-back pass's waits are due again
                 self._due = min(self._due, time.time() + 1.0)
-            ran = [(job, False, exc) for job, _, _ in ran]
+            failed = unavailable(exc)
+            ran = [(job, False, failed) for job, _, _ in ran]
         return i, ran

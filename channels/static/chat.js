@@ -76,6 +76,7 @@
       const m = mine[shownMine++];
       const li = el("li", "msg me");
       li.append(el("div", "bubble", m.frame.type === "button" ? m.frame.label : m.frame.text));
+      if (m.refused) li.classList.add("refused");
       if (!m.acked) {
         li.classList.add("sending");
         sending.set(m.id, li);
@@ -158,6 +159,10 @@
   // its id makes the server handle it once however often it arrives.
   function submit(frame) {
     frame.id = randomHex(8);
+    // a lone UTF-16 surrogate (pasted from broken text) is not Unicode: the server refuses it
+    for (const key of ["text", "label"]) {
+      if (typeof frame[key] === "string" && frame[key].toWellFormed) frame[key] = frame[key].toWellFormed();
+    }
     mine.push({ id: frame.id, after: lastId, frame, acked: false });
     save("mine", mine);
     showMine(Infinity);
@@ -177,6 +182,30 @@
       li.classList.remove("sending");
       sending.delete(id);
     }
+  }
+
+  // The server refused one of our frames: never send it again (it would be refused again,
+  // on every reconnect). With `retry` it could not store it just now: send it once more later.
+  function refused(doc) {
+    const m = typeof doc.id === "string" ? mine.find((x) => x.id === doc.id) : undefined;
+    if (m && doc.retry) {
+      setTimeout(() => {
+        if (!m.acked && ws && ws.readyState === WebSocket.OPEN) ws.send(JSON.stringify(m.frame));
+      }, 5000);
+      return;
+    }
+    if (m) {
+      m.acked = true;
+      m.refused = true;
+      save("mine", mine);
+      const li = sending.get(m.id);
+      if (li) {
+        li.classList.remove("sending");
+        li.classList.add("refused");
+        sending.delete(m.id);
+      }
+    }
+    notice(doc.message);
   }
 
   function connect() {
@@ -206,7 +235,7 @@
         live = true;
         setStatus("online", "online");
       } else if (doc.type === "ack") acknowledged(doc.id);
-      else if (doc.type === "error") notice(doc.message);
+      else if (doc.type === "error") refused(doc);
     };
     sock.onclose = (event) => {
       if (ws !== sock) return;
