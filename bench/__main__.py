@@ -1,4 +1,4 @@
-"""`python -m bench callback|webhook|timers|scale|inbound|loadgen|profile|all`: figures.
+"""`python -m bench callback|webhook|timers|scale|inbound|loadgen|profile|flood|all`: figures.
 
 Everything runs on 127.0.0.1, each run bounded in time. Tables go to stdout (Markdown),
 progress to stderr. See bench/README.md for the figures and what limits each.
@@ -20,7 +20,7 @@ def _ints(text: str) -> list[int]:
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m bench", description=__doc__)
     p.add_argument("which", choices=("callback", "webhook", "timers", "scale", "inbound",
-                                     "loadgen", "profile", "all"))
+                                     "loadgen", "profile", "flood", "all"))
     p.add_argument("--quick", action="store_true",
                    help="small and short: 200k waits, 3 s per level, 20k timers in 20 s")
     p.add_argument("--waits", type=int, default=1_000_000,
@@ -44,6 +44,20 @@ def parser() -> argparse.ArgumentParser:
                    help="timers: also seed this many rows of each prunable kind, 100 days "
                    "old, and prune every second meanwhile (retention's cost; 0: off)")
     p.add_argument("--inbound-seconds", type=float, default=10.0)
+    p.add_argument("--ws-attempts", type=int, default=20_000,
+                   help="flood: WebSocket attempts from one client address")
+    p.add_argument("--ws-parallel", type=int, default=500,
+                   help="flood: WebSocket attempts under way at once")
+    p.add_argument("--slowloris", type=int, default=1000,
+                   help="flood: connections that send one header line at a time, forever")
+    p.add_argument("--slow-interval", type=float, default=10.0,
+                   help="flood: seconds between a slowloris client's header lines")
+    p.add_argument("--flood-seconds", type=float, default=20.0,
+                   help="flood: length of the baseline and of the flood")
+    p.add_argument("--callback-concurrency", type=int, default=16,
+                   help="flood: callbacks in flight during the baseline and the flood")
+    p.add_argument("--flood-waits", type=int, default=200_000,
+                   help="flood: pending waits seeded (the callbacks resolve them)")
     p.add_argument("--workdir", type=Path, default=None,
                    help="where databases and logs go (default: a new temporary directory; "
                    "seeded templates are reused when the same directory is given again)")
@@ -64,7 +78,7 @@ def main(argv: list[str] | None = None) -> int:
         args.workdir = Path(tempfile.mkdtemp(prefix="flowbot-bench-"))
     args.workdir.mkdir(parents=True, exist_ok=True)
     print(f"# workdir {args.workdir}", file=sys.stderr)
-    from bench import inbound, loadgen, paths, profile, scale, timers
+    from bench import flood, inbound, loadgen, paths, profile, scale, timers
 
     started = time.monotonic()
     runs = {
@@ -76,6 +90,7 @@ def main(argv: list[str] | None = None) -> int:
         "inbound": lambda: inbound.run(args),
         "loadgen": lambda: loadgen.run(args),
         "profile": lambda: profile.run(args),
+        "flood": lambda: flood.run(args),
     }
     chosen = ["callback", "webhook", "timers", "scale", "inbound"] if args.which == "all" \
         else [args.which]

@@ -99,7 +99,12 @@ def error_middleware(cors: Mapping[str, str], guard: ConnectionGuard, health: St
         except ApiError as exc:
             response = web.json_response(exc.body(), status=exc.status)
             if isinstance(exc, RequestTimeout):
-                response.force_close()  # the rest of a slow body is not worth reading
+                # answer, then close at once: aiohttp would otherwise linger reading the
+                # rest of the slow body for up to 10 s
+                response.force_close()
+                await response.prepare(request)
+                await response.write_eof()
+                protocol.force_close()
         except web.HTTPException as exc:
             if exc.status < 400:
                 raise

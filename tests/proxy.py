@@ -54,6 +54,7 @@ class SegmentingProxy:
 
     def _run(self) -> None:
         loop = self._loop = asyncio.new_event_loop()
+        asyncio.set_event_loop(loop)
         self._server = loop.run_until_complete(
             asyncio.start_server(self._client, "127.0.0.1", 0))
         self.port = self._server.sockets[0].getsockname()[1]
@@ -62,9 +63,10 @@ class SegmentingProxy:
             loop.run_forever()
         finally:
             self._server.close()
-            for task in asyncio.all_tasks(loop):
+            tasks = asyncio.all_tasks(loop)
+            for task in tasks:
                 task.cancel()
-            loop.run_until_complete(asyncio.sleep(0))
+            loop.run_until_complete(asyncio.gather(*tasks, return_exceptions=True))
             loop.close()
 
     async def _client(self, down_r: asyncio.StreamReader, down_w: asyncio.StreamWriter) -> None:
@@ -126,9 +128,10 @@ class SegmentingProxy:
 
 @contextlib.contextmanager
 def segmenting_proxy(target: int, *, cut_after: tuple[bytes, ...] = (),
-                     sizes: tuple[int, int] = (7, 1448)) -> Iterator[SegmentingProxy]:
+                     sizes: tuple[int, int] = (7, 1448),
+                     pause: float = 0.05) -> Iterator[SegmentingProxy]:
     """A started `SegmentingProxy` to 127.0.0.1:`target`, stopped afterwards."""
-    proxy = SegmentingProxy(target, cut_after=cut_after, sizes=sizes)
+    proxy = SegmentingProxy(target, cut_after=cut_after, sizes=sizes, pause=pause)
     proxy.start()
     try:
         yield proxy
