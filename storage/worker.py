@@ -71,9 +71,11 @@ def unavailable(exc: BaseException) -> BaseException:
             text = str(seen).lower()
             for needle, reason in _UNAVAILABLE.items():
                 if needle in text:
-                    return StorageUnavailable("storage_unavailable", "The database is "
-                                              f"unavailable: {reason}. Retry in a few "
-                                              "seconds.", reason=reason)
+                    failed = StorageUnavailable("storage_unavailable", "The database is "
+                                                f"unavailable: {reason}. Retry in a few "
+                                                "seconds.", reason=reason)
+                    failed.__cause__ = seen
+                    return failed
         seen = seen.__cause__ or seen.__context__
     return exc
 

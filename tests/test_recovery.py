@@ -23,6 +23,7 @@ from aiohttp.test_utils import TestServer
 
 import storage.worker as worker_module
 from bot import jobs
+from bot.errors import StorageUnavailable
 from bot.ledger import Ledger
 from bot.state import Step, Wait
 from channels.base import Inbound
@@ -66,7 +67,9 @@ async def test_a_failed_commit_fails_its_batch_rolls_back_and_the_worker_goes_on
         assert failed and failed[0] == "a"  # at least the first batch: its COMMIT failed
         for r in results:
             if isinstance(r, Exception):
-                assert isinstance(r, sqlite3.OperationalError) and "disk is full" in str(r)
+                # answered 503 at the edge (storage unavailable), the cause kept
+                assert isinstance(r, StorageUnavailable) and "disk is full" in str(r)
+                assert isinstance(r.__cause__, sqlite3.OperationalError)
         # the next job commits: nothing of the failed batch is in the file, the rest is
         assert await worker.run(add_conversation, "d") > 0
         assert await worker.run(users) == sorted({*"abcd"} - set(failed))

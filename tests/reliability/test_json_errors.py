@@ -16,8 +16,17 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from tests.fake_telegram import (  # noqa: F401 - the fixtures `fake` and `no_internet`
+    FakeTelegram,
+    fake_telegram_fixture,
+    no_internet_fixture,
+)
+from tests.fake_telegram import payload as tg_payload
+from tests.fake_twilio import payload as tw_payload
+from tests.fake_twilio import sign, whatsapp_harness
 from tests.reliability.common import snapshot
 from tests.support import Harness, harness, write_config
+from tests.test_telegram import SECRET, env, telegram, tg_config  # noqa: F401 - env: autouse
 from tests.test_web_channel import Chat, chat_app, example_config
 
 FLOWS = """
@@ -199,3 +208,58 @@ async def test_full_database_is_503_then_recovers(h: Harness) -> None:
     assert (await h.client.get("/healthz")).status == 503
     await h.runtime.worker.run(_pragma, f"PRAGMA max_page_count = {pages * 1000}")
     await _expect_recovered(h, eid)
+
+
+# -- the platforms: a storage outage is 503, so they send the update again -----------------
+
+TG_FLOWS = """
+[flows.main]
+start = "hello"
+[flows.main.blocks.hello]
+type = "end"
+text = "Hello {{last_message}}"
+"""
+
+
+async def test_telegram_update_during_an_outage_is_503_and_its_redelivery_is_handled_once(
+        tmp_path: Path, fake: FakeTelegram) -> None:
+    async with telegram(tg_config(tmp_path, fake, flows=TG_FLOWS), fake) as tg:
+        store = getattr(tg.runtime.worker, "store", None)
+        assert store is not None, "runs with the thread worker"
+        update = tg_payload("text_message")
+        update["update_id"] = 77
+        update["message"]["text"] = "during the outage"
+        store.conn.execute("PRAGMA query_only = 1")
+        resp = await tg.client.post("/telegram", json=update,
+                                    headers={"X-Telegram-Bot-Api-Secret-Token": SECRET})
+        status, doc = await _json(resp)
+        assert (status, doc["error"]) == (503, "storage_unavailable")
+        assert resp.headers["Retry-After"]
+        assert fake.sent() == []
+        store.conn.execute("PRAGMA query_only = 0")
+        for _ in range(2):  # Telegram retries; a duplicate delivery changes nothing
+            assert (await tg.post_update(update))[0] == 200
+        assert [c["text"] for c in fake.sent()] == ["Hello during the outage"]
+
+
+@pytest.mark.usefixtures("twilio_auth_token")
+async def test_twilio_message_during_an_outage_is_503_then_handled_once(tmp_path: Path) -> None:
+    flows = 'start = "hello"\n'.join(["[flows.main]\n", """
+[flows.main.blocks.hello]
+type = "end"
+text = "Hello {{last_message}}"
+"""])
+    async with whatsapp_harness(tmp_path, flows) as h:
+        store = getattr(h.runtime.worker, "store", None)
+        assert store is not None, "runs with the thread worker"
+        store.conn.execute("PRAGMA query_only = 1")
+        body = tw_payload("inbound_text")
+        resp = await h.client.post("/twilio/whatsapp", data=body.encode(), headers={
+            "Content-Type": "application/x-www-form-urlencoded",
+            "X-Twilio-Signature": sign(h.channel.inbound_url, body)})
+        status, doc = await _json(resp)
+        assert (status, doc["error"]) == (503, "storage_unavailable")
+        store.conn.execute("PRAGMA query_only = 0")
+        for _ in range(2):  # a retry (rp=5xx or the fallback URL) is handled once
+            assert (await h.post("/twilio/whatsapp", tw_payload("inbound_text")))[0] == 200
+        assert h.new_bodies() == ["Hello Hi there"]
