@@ -59,6 +59,19 @@ class StorageHealth:
         return None
 
 
+def client_address(request: web.Request) -> str:
+    """The client's address for the per-address cap: the peer's, or, when the peer is a
+    reverse proxy on this host (loopback), the last X-Forwarded-For entry, which the proxy
+    appended (nginx's $proxy_add_x_forwarded_for, Caddy's default)."""
+    peer = request.remote or ""
+    forwarded = request.headers.get("X-Forwarded-For")
+    if forwarded and (peer.startswith("127.") or peer == "::1"):
+        last = forwarded.rsplit(",", 1)[-1].strip()
+        if last:
+            return last
+    return peer
+
+
 def _error_json(code: str, message: str, status: int,
                 headers: Mapping[str, str] | None = None) -> web.Response:
     return web.json_response({"error": code, "message": message}, status=status,
@@ -82,7 +95,7 @@ def error_middleware(cors: Mapping[str, str], guard: ConnectionGuard, health: St
         guard.busy(protocol, True)
         try:
             if request.headers.get("Upgrade", "").lower() == "websocket":
-                socket = (request.remote or "", request.query.get("session", ""))
+                socket = (client_address(request), request.query.get("session", ""))
                 guard.admit(*socket)
             response = await handler(request)
         except TooManyConnections as exc:

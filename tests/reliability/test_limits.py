@@ -184,3 +184,24 @@ def test_defaults_are_sane() -> None:
     assert (cfg.header_timeout, cfg.body_timeout) == (10.0, 30.0)
     assert cfg.max_websockets_per_session <= cfg.max_websockets_per_address <= cfg.max_websockets
     assert replace(cfg, max_websockets=1).max_websockets == 1
+
+
+def test_client_address_behind_a_local_proxy_is_the_forwarded_one() -> None:
+    from unittest import mock
+
+    from aiohttp.test_utils import make_mocked_request
+
+    from bot.middleware import client_address
+
+    def request(peer: str, xff: str | None) -> Any:
+        headers = {"X-Forwarded-For": xff} if xff else {}
+        transport = mock.Mock()
+        transport.get_extra_info.return_value = (peer, 1234)
+        return make_mocked_request("GET", "/ws", headers=headers, transport=transport)
+
+    assert client_address(request("127.0.0.1", "203.0.113.9")) == "203.0.113.9"
+    assert client_address(request("127.0.0.1", "6.6.6.6, 203.0.113.9")) == "203.0.113.9"
+    assert client_address(request("::1", "2001:db8::1")) == "2001:db8::1"
+    # a client that is not a local proxy cannot pick its own address
+    assert client_address(request("198.51.100.7", "203.0.113.9")) == "198.51.100.7"
+    assert client_address(request("127.0.0.1", None)) == "127.0.0.1"
