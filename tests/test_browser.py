@@ -307,3 +307,36 @@ async def test_a_reload_shows_the_newest_messages_of_a_long_conversation(
         await expect(log).to_have_text(["Earlier messages are not shown.", *before[since:]])
         await expect(page.get_by_role("link", name="Pay 9.99 EUR")).to_be_visible()
         await page.screenshot(path=SHOTS / "reload-3-newest-only.png", animations="disabled")
+
+
+async def test_a_refused_message_is_shown_struck_through_and_never_sent_again(
+        browser: Browser, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    # the server refuses one message (as it refuses a lone surrogate or a NaN); it used to
+    # close the socket and the page sent the frame again on every reconnect, forever
+    from channels.web import WebChannel
+
+    check = WebChannel._check
+    frames: list[str] = []
+
+    def refuse_forbidden(doc: dict[str, Any], kind: object) -> str | None:
+        frames.append(str(doc.get("text")))
+        return "That word is refused." if doc.get("text") == "forbidden" else check(doc, kind)
+
+    monkeypatch.setattr(WebChannel, "_check", staticmethod(refuse_forbidden))
+    async with serve_example(tmp_path) as served, chat_tab(browser, served.url) as page:
+        await say(page, "hi")
+        await expect(bot_bubbles(page)).to_have_text([HELLO, "What's your name?"])
+        await say(page, "forbidden")
+        await expect(page.get_by_text("That word is refused.")).to_be_visible()
+        await expect(page.locator(".msg.me.refused .bubble")).to_have_text(["forbidden"])
+        for _ in range(3):  # reconnects: the refused frame stays unsent
+            await served.app[OUTBOX].channels["web"].close_connections()  # type: ignore[attr-defined]
+            await expect(page.locator("#status")).not_to_have_text("online")
+            await expect(page.locator("#status")).to_have_text("online", timeout=15_000)
+        await say(page, "Dee")
+        await expect(bot_bubbles(page).last).to_have_text(MENU.format("Dee"))
+        assert frames.count("forbidden") == 1, frames
+        await page.reload()  # and not after a reload either
+        await expect(page.locator("#status")).to_have_text("online")
+        await expect(page.locator(".msg.me.refused .bubble")).to_have_text(["forbidden"])
+        assert frames.count("forbidden") == 1, frames
