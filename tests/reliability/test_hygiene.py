@@ -86,7 +86,7 @@ def _key_of(store: Any, user: str) -> str:
 async def test_form_with_invalid_utf8_escape_is_400(app: App) -> None:
     status, _, doc = await _raw(app, "/webhook?conversation_key=k", b"amount=%FF%FE",
                                 "application/x-www-form-urlencoded")
-    assert (status, doc["error"]) == (400, "bad_text")
+    assert (status, doc["error"]) == (400, "bad_body")  # neither JSON nor a UTF-8 form
 
 
 # -- the web chat's WebSocket -----------------------------------------------------------

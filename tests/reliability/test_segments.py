@@ -137,11 +137,12 @@ async def test_callback_of_3_kb_in_segments(h: Harness, proxy: SegmentingProxy,
 
 
 @pytest.mark.parametrize("framing", FRAMINGS)
-@pytest.mark.parametrize("path", ["/webview/callback", "/webhook"])
+@pytest.mark.parametrize("path", ["/webview/callback", "/webhook", "/webhook/{key}"])
 async def test_limit_holds_in_segments(h: Harness, proxy: SegmentingProxy, framing: str,
                                        path: str) -> None:
     eid = await _execution_id(h, "u1")
     key = await _hook_key(h, "u2")
+    path = path.format(key=key)
     before = snapshot(_db(h))
     limit = h.runtime.config.server.max_body_bytes
     pad = "x" * (limit + 1 - 120)
@@ -154,16 +155,17 @@ async def test_limit_holds_in_segments(h: Harness, proxy: SegmentingProxy, frami
     # exactly at the limit is not "too large" (it is read whole, then judged)
     fits = body[:limit - 2] + b'"}'
     status, doc = await post(f"{proxy.base}{path}", fits, framing)
-    assert status == 400 and doc["error"] in ("bad_json", "missing_conversation_key")
+    assert status == 400 and doc["error"] in ("bad_json", "missing_conversation_key"), doc
 
 
 @pytest.mark.parametrize("framing", FRAMINGS)
+@pytest.mark.parametrize("url", ["/webhook?conversation_key={key}", "/webhook/{key}"])
 async def test_form_webhook_split_after_amount_15_stores_1500(
-        h: Harness, proxy: SegmentingProxy, framing: str) -> None:
+        h: Harness, proxy: SegmentingProxy, framing: str, url: str) -> None:
     key = await _hook_key(h, "u1")
     h.new_messages("u1")
     body = urlencode({"amount": "1500", "note": "n" * 2000}).encode()
-    status, doc = await post(f"{proxy.base}/webhook?conversation_key={key}", body, framing,
+    status, doc = await post(proxy.base + url.format(key=key), body, framing,
                              "application/x-www-form-urlencoded")
     assert (status, doc) == (200, {"status": "ok"})
     await h.flush()
