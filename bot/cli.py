@@ -4,7 +4,10 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import importlib.metadata
 import logging
+import os
+import platform
 import sqlite3
 import sys
 import traceback
@@ -12,11 +15,13 @@ from collections.abc import Sequence
 from dataclasses import replace
 from pathlib import Path
 
-from bot import heap, startup
+from bot import heap, logs, startup
 from bot.config import Config, default_public_url, load_config, read_config
 from bot.errors import ConfigError, DatabaseInUse, FlowbotError
 from bot.graph import dot, mermaid
 from bot.webhook_config import missing_secrets
+
+log = logging.getLogger("flowbot")
 
 
 def _count(items: Sequence[str], word: str) -> str:
@@ -91,6 +96,10 @@ def cmd_graph(args: argparse.Namespace) -> int:
 
 def cmd_serve(args: argparse.Namespace) -> int:
     config = _load(args.config)
+    # the database process reads these too
+    os.environ["FLOWBOT_LOG_LEVEL"] = args.log_level
+    os.environ["FLOWBOT_LOG_FORMAT"] = args.log_format
+    logs.setup(args.log_level, args.log_format, secrets=_secret_values(config))
     host = args.host or config.server.host
     port = args.port if args.port is not None else config.server.port
     if port != config.server.port and config.server.public_url == default_public_url(
@@ -105,6 +114,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     startup.check_database(db_path)
     startup.check_single_writer(db_path)  # before the slow imports: refused in ~1 s
 
+    import aiohttp
     from aiohttp import web
 
     from bot.server import RUNTIME, build_app, enabled_channels, new_event_loop, serve
@@ -116,11 +126,23 @@ def cmd_serve(args: argparse.Namespace) -> int:
     shown = "127.0.0.1" if host in ("0.0.0.0", "::") else host  # noqa: S104 - display only
     where = f"http://{shown}:{port}{config.server.path_prefix}/"
 
+    version = _version()
+    config_path = Path(args.config).resolve()
+
     async def announce(app: web.Application) -> None:
         # after the database and the channels started; the port is already ours
+        log.info("flowbot %s started: config %s, listening on %s:%d, database %s (%s), "
+                 "channels %s; Python %s, aiohttp %s, SQLite %s", version,
+                 config_path, host, port, db_path, config.storage.worker,
+                 ", ".join(enabled_channels(config)) or "none", platform.python_version(),
+                 aiohttp.__version__, sqlite3.sqlite_version)
         print(f"flowbot: serving {args.config} — open {where} to chat", flush=True)
 
+    async def stopping(app: web.Application) -> None:
+        log.info("flowbot %s stopping", version)
+
     app.on_startup.append(announce)
+    app.on_shutdown.append(stopping)
     heap.settle()
     try:
         serve(app, sock, new_event_loop())
@@ -145,6 +167,20 @@ def cmd_serve(args: argparse.Namespace) -> int:
               file=sys.stderr)
         return 1  # a supervisor's Restart=on-failure restarts both
     return 0
+
+
+def _version() -> str:
+    try:
+        return importlib.metadata.version("flowbot")
+    except importlib.metadata.PackageNotFoundError:
+        return "(not installed)"
+
+
+def _secret_values(config: Config) -> list[str]:
+    """The values of the secret variables the config names, for the log's redaction."""
+    from bot.startup import secret_names
+
+    return [v for name in secret_names(config) if (v := os.environ.get(name, ""))]
 
 
 def cmd_telegram(args: argparse.Namespace) -> int:
@@ -176,6 +212,10 @@ def parser() -> argparse.ArgumentParser:
     serve.add_argument("--port", type=int, help="override server.port")
     serve.add_argument("--debug", action="store_true",
                        help="show the traceback of a start-up failure")
+    serve.add_argument("--log-level", choices=logs.LEVELS, default="info",
+                       help="info (default): a line per event; warning: problems only")
+    serve.add_argument("--log-format", choices=logs.FORMATS, default="text",
+                       help="text (default) or json: one object per line, for log shippers")
     serve.set_defaults(func=cmd_serve)
 
     from bot.cli_data import add_commands
@@ -192,8 +232,9 @@ def parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = parser().parse_args(argv)
-    logging.basicConfig(level=logging.INFO,
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    if args.command != "serve":
+        logging.basicConfig(level=logging.WARNING,
+                            format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
         code: int = args.func(args)
     except FlowbotError as exc:

@@ -67,10 +67,23 @@ class Outcome:
     waits: list[Wait] = field(default_factory=list)  # new waits: the timer, http requests
     wake_at: float | None = None  # an early webhook kept until then: the timer drops it
     early_applied: int = 0  # early webhooks a Webhook block took as it started
+    # for the operator's log and the metrics (bot/logs.py, bot/metrics.py):
+    conversation: int = 0  # the conversation's row id (0: none)
+    channel: str = ""
+    came_from: str | None = None  # the block it stood at before, None at the start
+    went_to: str | None = None  # the block it stands at now, None when the flow ended
+    resolved: Wait | None = None  # the wait this transition ended (kind, block, deadline)
+    cancelled: str = ""  # the kind of a wait a restart word cancelled
 
     @classmethod
-    def of(cls, state: str, step: Step) -> Outcome:
-        return cls(state, True, len(step.messages), list(step.waits))
+    def of(cls, state: str, step: Step, conv: Conversation | None = None,
+           came_from: str | None = None, resolved: Wait | None = None,
+           cancelled: str = "") -> Outcome:
+        if conv is None:
+            return cls(state, True, len(step.messages), list(step.waits), resolved=resolved)
+        return cls(state, True, len(step.messages), list(step.waits), conversation=conv.id,
+                   channel=conv.channel, came_from=came_from, went_to=conv.block,
+                   resolved=resolved, cancelled=cancelled)
 
 
 @dataclass(frozen=True)
@@ -126,8 +139,14 @@ class Ledger(Store):
         if self._is_stranded(conv):  # its block is gone: what it wrote was meant for it
             step = self._relocate(conv, now)
             return Outcome.of(REMOVED, step)
+        came_from, came_from_flow = conv.block, conv.flow
         step = self.engine.on_message(conv, event, now)
-        return self._save(conv, step, "", now)
+        cancelled = ""
+        if step.cancelled_wait:
+            flow = self.config.flows.get(came_from_flow)
+            block = flow.blocks.get(came_from or "") if flow else None
+            cancelled = wait_kind(block) if block is not None else ""
+        return self._save(conv, step, "", now, came_from, cancelled=cancelled)
 
     def webview_callback(self, execution_id: str, success: bool, data: Any,
                          proof: Mapping[str, Any] | None, now: float) -> Outcome | None:
@@ -137,7 +156,7 @@ class Ledger(Store):
         if wait is None or wait.kind != "webview":
             return None
         if wait.state != "pending":
-            return Outcome(wait.state, False)
+            return Outcome(wait.state, False, conversation=wait.conversation_id)
         conv = self.conversation_by_id(wait.conversation_id)  # locks it: before the wait
         block = self._live_block(wait)
         if block is None:
@@ -207,7 +226,8 @@ class Ledger(Store):
                           "after it has reached that block.")
         expires = now + hooks.early_window
         self.keep_early_webhook(conv.id, payload, schemes, now, expires)
-        return Outcome("accepted", True, wake_at=expires)
+        return Outcome("accepted", True, wake_at=expires, conversation=conv.id,
+                       channel=conv.channel)
 
     def http_answer(self, wait_id: str, outcome: str, data: Any, now: float) -> Outcome | None:
         """An `http` block's request came back (or failed)."""
@@ -289,17 +309,21 @@ class Ledger(Store):
                     now: float) -> Outcome:
         """Run the engine on a wait this job has just claimed; `conv` was locked before."""
         if conv is None:
-            return Outcome(outcome, True)
+            return Outcome(outcome, True, resolved=wait)
         if wait.kind == "webhook":
             self.mark_webhook_ended(conv.id, now)
+        came_from = conv.block
         step = self.engine.on_wait(conv, wait, outcome, data, now)
-        return self._save(conv, step, outcome, now)
+        return self._save(conv, step, outcome, now, came_from, resolved=wait)
 
-    def _save(self, conv: Conversation, step: Step, state: str, now: float) -> Outcome:
+    def _save(self, conv: Conversation, step: Step, state: str, now: float,
+              came_from: str | None = None, resolved: Wait | None = None,
+              cancelled: str = "") -> Outcome:
         """Persist a step; if it started a Webhook wait and a call for it came early, the
         wait takes that call at once (and the flow goes on through on_success)."""
         self.save(conv, step, now)
-        result = Outcome.of(state, step)
+        result = Outcome.of(state, step, conv, came_from, resolved=resolved,
+                            cancelled=cancelled)
         waiting = next((w for w in step.waits
                         if w.kind == "webhook" and w.id == conv.wait_id), None)
         if waiting is None or self.config.webhooks.early_window <= 0:
@@ -316,6 +340,7 @@ class Ledger(Store):
         result.messages += applied.messages
         result.waits = [w for w in result.waits if w.id != waiting.id] + applied.waits
         result.early_applied += 1 + applied.early_applied
+        result.went_to = applied.went_to
         return result
 
     def _resolve(self, wait: Wait, conv: Conversation | None, outcome: str, data: Any,
@@ -371,4 +396,5 @@ class Ledger(Store):
             return Outcome(REMOVED, False)
         step = self._relocate(conv, now)
         return Outcome(REMOVED, False, len(step.messages), step.waits)
+
 

@@ -12,6 +12,8 @@ from typing import TYPE_CHECKING, Any
 
 from bot import jobs
 from bot.clock import Clock, LoopTime, Monotonic
+from bot.logs import event
+from bot.metrics import Metrics
 from bot.state import OutboxRow
 from channels.base import Channel, RateLimit, SendError
 
@@ -79,10 +81,13 @@ class RateLimiter:
 
 class Outbox:
     def __init__(self, worker: Worker, channels: Mapping[str, Channel], clock: Clock,
-                 pace: Monotonic | None = None) -> None:
+                 pace: Monotonic | None = None, stats: Metrics | None = None) -> None:
         self.worker = worker
         self.channels = channels
         self.clock = clock
+        self.stats = stats or Metrics()
+        self._sent_count = {name: self.stats.outbox.labels(name, "sent") for name in channels}
+        self._delay = {name: self.stats.delivery_delay.labels(name) for name in channels}
         self._limiters = {name: RateLimiter(ch.rate_limit, pace) for name, ch in channels.items()}
         self._wake = asyncio.Event()
         self._busy: set[int] = set()
@@ -165,7 +170,13 @@ class Outbox:
         except Exception as exc:  # a bug or an unexpected library error: retry, loudly
             log.exception("outbox %d: unexpected error from channel %s", row.id, row.channel)
             return await self._failed(row, SendError(repr(exc), permanent=False))
-        await self._mark_sent(row.id, self.clock.now(), platform_id)
+        now = self.clock.now()
+        await self._mark_sent(row.id, now, platform_id)
+        self._sent_count[row.channel].inc()
+        if row.created:
+            self._delay[row.channel].observe(max(0.0, now - row.created))
+        event("sent", row.conversation_id, row.channel, "message %d%s", row.id,
+              f" on attempt {row.attempts + 1}" if row.attempts else "")
         return True
 
     async def _mark_sent(self, outbox_id: int, now: float, platform_id: str | None) -> None:
@@ -202,11 +213,15 @@ class Outbox:
     async def _failed(self, row: OutboxRow, exc: SendError) -> bool:
         error = f"{exc.code}: {exc}" if exc.code else str(exc)
         if exc.permanent or row.attempts + 1 >= MAX_ATTEMPTS:
-            log.warning("outbox %d to %s failed for good: %s", row.id, row.channel, error)
+            log.warning("conv=%s %s failed: message %d not delivered: %s", row.conversation_id,
+                        row.channel, row.id, error)
+            self.stats.outbox.labels(row.channel, "failed").inc()
             await self.worker.run(jobs.mark_failed, row.id, error)
             return True
         delay = exc.retry_after if exc.retry_after is not None else backoff(row.attempts)
-        log.info("outbox %d to %s: %s; retrying in %.1f s", row.id, row.channel, error, delay)
+        event("retry", row.conversation_id, row.channel, "message %d: %s; again in %.1f s",
+              row.id, error, delay)
+        self.stats.outbox.labels(row.channel, "retried").inc()
         await self.worker.run(jobs.mark_retry, row.id, self.clock.now() + delay, error)
         return False
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from collections import Counter
 from collections.abc import Callable, Mapping
 from typing import Any, Protocol, TypeVar
@@ -15,13 +16,16 @@ import aiohttp
 from bot import jobs
 from bot.clock import Clock
 from bot.config import Config
-from bot.errors import Conflict, Gone, NotFound
+from bot.errors import ApiError, Conflict, Gone, NotFound
 from bot.ledger import GONE_WEBHOOK, FirePass, Ledger, Outcome, Signature, WebViewCheck
+from bot.logs import event, short
 from bot.messages import Inbound
+from bot.metrics import Metrics
 from bot.state import Wait
 from bot.stranded import REMOVED, Stranded, per_block
 
 log = logging.getLogger(__name__)
+refused = logging.getLogger("flowbot.refused")  # rate-limited at every level (bot/logs.py)
 T = TypeVar("T")
 
 
@@ -41,11 +45,13 @@ class Worker(Protocol):
 
 class Runtime:
     def __init__(self, config: Config, worker: Worker, clock: Clock,
-                 webview_checks: dict[str, WebViewCheck] | None = None) -> None:
+                 webview_checks: dict[str, WebViewCheck] | None = None,
+                 stats: Metrics | None = None) -> None:
         self.config = config
         self.worker = worker
         self.clock = clock
         self.metrics: Counter[str] = Counter()
+        self.stats = stats or Metrics()  # what /metrics exposes
         # filled by the channels; the ledger (in whichever process) reads them
         self.webview_checks = webview_checks if webview_checks is not None else {}
         self.on_messages: Callable[[], None] = lambda: None  # wakes the outbox
@@ -56,13 +62,18 @@ class Runtime:
 
     # -- inbound messages ---------------------------------------------------------------
 
-    async def handle_inbound(self, event: Inbound) -> bool:
+    async def handle_inbound(self, inbound: Inbound) -> bool:
         """Commit what a user did; False when the platform redelivered an event we had."""
-        result = await self.worker.run(Ledger.inbound, event, self.clock.now())
+        started = time.perf_counter()
+        result = await self.worker.run(Ledger.inbound, inbound, self.clock.now())
         if result is None:
             self.metrics["inbound_duplicates"] += 1
+            self.stats.inbound.labels(inbound.channel, "deduplicated").inc()
+            event("duplicate", 0, inbound.channel, "a redelivered event, ignored")
             return False
-        self.metrics[f"inbound_{event.channel}"] += 1
+        self.metrics[f"inbound_{inbound.channel}"] += 1
+        self.stats.inbound.labels(inbound.channel, "accepted").inc()
+        self.stats.transition["message"].observe(time.perf_counter() - started)
         self._after_commit(result)
         return True
 
@@ -83,28 +94,39 @@ class Runtime:
                                data: Mapping[str, Any] | None,
                                proof: Mapping[str, Any] | None = None) -> str:
         """Resolve a WebView wait; returns "success" or "error". Raises 404/409/410."""
-        result = await self.worker.run(Ledger.webview_callback, execution_id, success, data,
-                                       proof, self.clock.now())
+        started = time.perf_counter()
+        try:
+            result = await self.worker.run(Ledger.webview_callback, execution_id, success,
+                                           data, proof, self.clock.now())
+        except ApiError as exc:  # 401 verify, 409 verify_unavailable
+            self._refused("callback", exc.code, execution_id)
+            raise
         if result is None:
             self.metrics["callbacks_404"] += 1
+            self._refused("callback", "not_found", execution_id)
             raise NotFound("unknown_execution",
                            "No WebView is waiting for this executionId. Check that the page "
                            "sends the executionId from its URL unchanged.")
         self._after_commit(result)
         if result.won:
             self.metrics["callbacks_ok"] += 1
+            self.stats.callbacks.labels(result.state).inc()
+            self.stats.transition["callback"].observe(time.perf_counter() - started)
             return result.state
         if result.state == REMOVED:
             self.metrics["callbacks_410"] += 1
+            self._refused("callback", "gone", execution_id, result.conversation)
             raise Gone("gone", "This WebView is no longer waiting: its block was removed from "
                        "the flow, and the user was moved on. The data was not applied.")
         if result.state in ("expired", "cancelled"):
             self.metrics["callbacks_410"] += 1
+            self._refused("callback", result.state, execution_id, result.conversation)
             raise Gone(result.state,
                        "This WebView is no longer waiting: it expired before the callback "
                        "arrived." if result.state == "expired" else
                        "This WebView is no longer waiting: the conversation was restarted.")
         self.metrics["callbacks_409"] += 1
+        self._refused("callback", "already_resolved", execution_id, result.conversation)
         raise Conflict("already_resolved",
                        f"This WebView was already completed with outcome '{result.state}'; "
                        "a callback is accepted once.", outcome=result.state)
@@ -114,25 +136,53 @@ class Runtime:
         round trip to the database). `signature` is checked once the block is known; it
         raises 401. Returns "ok" (applied), "duplicate" (a replayed message id) or
         "accepted" (kept for the conversation's next Webhook block). Raises 404/409/429."""
-        result = await self.worker.run(Ledger.webhook, key, payload, signature,
-                                       self.clock.now())
+        started = time.perf_counter()
+        try:
+            result = await self.worker.run(Ledger.webhook, key, payload, signature,
+                                           self.clock.now())
+        except ApiError as exc:  # 401 signature, 404 unknown key, 409 not waiting, 429
+            self._refused("webhook", exc.code)
+            raise
         if result is None:
             self.metrics["webhooks_replayed"] += 1
+            self.stats.webhooks.labels("deduplicated").inc()
+            event("webhook", 0, "-", "a replayed webhook-id, ignored")
             return "duplicate"
         self._after_commit(result)
         if not result.won and result.state == REMOVED:
             self.metrics["webhooks_410"] += 1
+            self._refused("webhook", "gone", conv=result.conversation)
             raise Gone("gone", GONE_WEBHOOK)
         if result.state == "accepted":
             self.metrics["webhooks_early_kept"] += 1
+            self.stats.webhooks.labels("early").inc()
+            event("webhook", result.conversation, result.channel or "-",
+                  "came before its Webhook block; kept for it")
             return "accepted"
         if not result.won:
             self.metrics["webhooks_409"] += 1
+            self._refused("webhook", "not_waiting", conv=result.conversation)
             raise Conflict("not_waiting", "This conversation is no longer waiting at the "
                            f"Webhook block (it ended with '{result.state}'); nothing was "
                            "kept.")
         self.metrics["webhooks_ok"] += 1
+        self.stats.webhooks.labels("accepted").inc()
+        self.stats.transition["webhook"].observe(time.perf_counter() - started)
         return "ok"
+
+    def _refused(self, what: str, code: str, token: str | None = None, conv: int = 0) -> None:
+        """A callback or webhook we answered with an error: counted, and one log line
+        (rate-limited like warnings: a scanner must not flood the log)."""
+        if what == "callback":
+            self.stats.callbacks.labels("not_found" if code == "unknown_execution"
+                                        else code).inc()
+            refused.info("conv=%s callback refused: %s (executionId %s)", conv or "-", code,
+                         short(token))
+            return
+        self.stats.webhooks.labels(
+            code if code in ("not_waiting", "gone") else
+            "not_found" if code == "unknown_conversation" else "refused").inc()
+        refused.info("conv=%s webhook refused: %s", conv or "-", code)
 
     async def fire_due(self) -> int:
         """Fire every wait whose deadline has passed; returns how many transitions ran.
@@ -219,8 +269,8 @@ class Runtime:
 
     def _fired(self, done: FirePass) -> int:
         self.next_deadline = done.next_deadline
+        now = self.clock.now()
         if done.dropped:
-            now = self.clock.now()
             window = self.config.webhooks.early_window
             for early in done.dropped:
                 log.warning("dropped a webhook call kept for conversation %d: no Webhook "
@@ -228,24 +278,51 @@ class Runtime:
                             "arrival %.0f s ago", early.conversation_id, window,
                             now - early.received)
             self.metrics["webhooks_early_dropped"] += len(done.dropped)
+            self.stats.webhooks.labels("dropped").inc(len(done.dropped))
         for result in done.results:
             self.metrics[f"timer_{result.state}"] += 1
-            self._after_commit(result)
+            if result.resolved is not None:
+                self.stats.timer_lateness.observe(max(0.0, now - result.resolved.deadline))
+            self._after_commit(result, timer=True)
         return len(done.results)
 
     # -- after a commit -----------------------------------------------------------------
 
-    def _after_commit(self, result: Outcome) -> None:
+    def _after_commit(self, result: Outcome, timer: bool = False) -> None:
         if result.messages:
             self.on_messages()
         if result.wake_at is not None:
             self.on_deadline(result.wake_at)
         if result.early_applied:
             self.metrics["webhooks_early_applied"] += result.early_applied
+            self.stats.webhooks.labels("early_applied").inc(result.early_applied)
+        self._account(result, timer)
         for wait in result.waits:
             self.on_deadline(wait.deadline)
             if wait.kind == "http" and wait.request is not None:
                 self._spawn(self._http_request(wait))
+
+    def _account(self, result: Outcome, timer: bool) -> None:
+        """The log lines and gauges of a committed transition."""
+        stats, conv, channel = self.stats, result.conversation, result.channel
+        ended = result.resolved
+        if ended is not None:
+            stats.resolved(ended.kind, result.state)
+            # the timer fired it, or a late caller found it due and fired it (won=False)
+            what = "wait expired" if timer or not result.won else "wait resolved"
+            event(what, conv, channel, "%s at %s → %s; %s → %s", ended.kind, ended.block,
+                  result.state, result.came_from or "(start)", result.went_to or "(end)")
+        elif conv and result.won and result.state == "":  # a user's message
+            event("message", conv, channel, "%s → %s (%d message(s) to send)",
+                  result.came_from or "(start)", result.went_to or "(end)", result.messages)
+        if result.cancelled:
+            stats.resolved(result.cancelled, "cancelled")
+            event("wait cancelled", conv, channel, "%s at %s, by a restart",
+                  result.cancelled, result.came_from)
+        for wait in result.waits:
+            stats.opened(wait.kind)
+            event("wait opened", conv, channel, "%s at %s, due in %.0f s (id %s)", wait.kind,
+                  wait.block, wait.deadline - self.clock.now(), short(wait.id))
 
     def _spawn(self, coro: Any) -> None:
         task = asyncio.get_running_loop().create_task(coro)

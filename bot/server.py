@@ -7,6 +7,7 @@ import contextlib
 import json
 import logging
 import socket
+import time
 from collections.abc import AsyncIterator, Callable, Mapping
 from importlib import resources
 
@@ -20,6 +21,7 @@ from bot.config import Config
 from bot.errors import FlowbotError, StorageUnavailable
 from bot.ledger import WebViewCheck
 from bot.limits import ConnectionGuard
+from bot.metrics import Metrics
 from bot.middleware import StorageHealth, error_middleware
 from bot.outbox import Outbox
 from bot.runtime import Runtime, Worker
@@ -86,15 +88,24 @@ async def _healthz(request: web.Request) -> web.Response:
 
 async def _metrics(request: web.Request) -> web.Response:
     runtime = request.app[RUNTIME]
-    counts = await backends.counts(runtime.config)
-    lines = [f"flowbot_{name} {value}" for name, value in sorted(counts.items())]
-    lines += [f'flowbot_events_total{{kind="{k}"}} {v}' for k, v in sorted(runtime.metrics.items())]
-    for name in ("kept", "applied", "dropped"):  # webhooks that came before their block
-        lines.append(f"flowbot_webhooks_early_{name}_total "
-                     f"{runtime.metrics[f'webhooks_early_{name}']}")
-    lines.append(f"flowbot_db_commits_total {runtime.worker.commits}")
-    lines.append(f"flowbot_db_jobs_total {runtime.worker.jobs}")
-    return web.Response(text="\n".join(lines) + "\n", content_type="text/plain")
+    return web.Response(body=runtime.stats.exposition(),
+                        content_type="text/plain", charset="utf-8",
+                        headers={"Cache-Control": "no-store"})
+
+
+async def _start_pending_gauges(runtime: Runtime) -> None:
+    """Count the pending waits once, on a thread with a read-only connection of its own
+    (0.3 s at 1M waits must not hold up the database worker); from then on transitions
+    keep the gauges."""
+    before = runtime.stats.pending_now()
+    try:
+        counts = await backends.pending_waits(runtime.config)
+    except Exception:
+        log.warning("could not count the pending waits; flowbot_pending_waits counts from 0",
+                    exc_info=True)
+        return
+    moved = {k: v - before.get(k, 0.0) for k, v in runtime.stats.pending_now().items()}
+    runtime.stats.set_pending(counts, moved)
 
 
 async def _openapi(request: web.Request) -> web.Response:
@@ -130,12 +141,13 @@ def build_app(
     db_timer = (config.storage.worker == "process" and run_background
                 and isinstance(clock, SystemClock))
     worker: Worker = backends.open_worker(config, checks, db_timer=db_timer)
-    runtime = Runtime(config, worker, clock, checks)
+    stats = Metrics(db_pid=lambda: getattr(worker, "pid", None))
+    runtime = Runtime(config, worker, clock, checks, stats)
     if isinstance(worker, ProcessWorker):
         worker.on_timer = runtime.timer_pass_done
     channels = {name: make(config, runtime)
                 for name, make in (channel_factories or {}).items()}
-    outbox = Outbox(worker, channels, clock)
+    outbox = Outbox(worker, channels, clock, stats=stats)
     runtime.on_messages = outbox.notify
     timer = Timer(runtime, clock)
 
@@ -152,7 +164,11 @@ def build_app(
     prefix = config.server.path_prefix
 
     async def callback(request: web.Request) -> web.Response:
-        return await http_api.webview_callback(request, runtime)
+        started = time.perf_counter()
+        try:
+            return await http_api.webview_callback(request, runtime)
+        finally:
+            stats.callback_seconds.observe(time.perf_counter() - started)
 
     async def preflight(request: web.Request) -> web.Response:
         return web.Response(status=204)
@@ -160,7 +176,11 @@ def build_app(
     signature_headers = signatures.signature_headers(config.webhooks)
 
     async def webhook(request: web.Request) -> web.Response:
-        return await http_api.webhook(request, runtime, signature_headers)
+        started = time.perf_counter()
+        try:
+            return await http_api.webhook(request, runtime, signature_headers)
+        finally:
+            stats.webhook_seconds.observe(time.perf_counter() - started)
 
     app.router.add_get(f"{prefix}/healthz", _healthz)
     app.router.add_get(f"{prefix}/metrics", _metrics)
@@ -182,10 +202,14 @@ def build_app(
         await runtime.move_stranded()  # before any channel can bring a message for them
         started: list[Channel] = []
         loops: list[asyncio.Task[None]] = []
+        # counted while the channels start, done before the first request: only the
+        # database process's own timer can move the gauges meanwhile (kept, see set_pending)
+        gauges = asyncio.create_task(_start_pending_gauges(runtime), name="pending-gauges")
         try:
             for channel in channels.values():
                 await channel.start()
                 started.append(channel)
+            await gauges
             if run_background:
                 loops = [asyncio.create_task(outbox.run(), name="outbox"),
                          asyncio.create_task(runtime.run_pruning(), name="retention")]
@@ -193,6 +217,10 @@ def build_app(
                     loops.append(asyncio.create_task(timer.run(), name="timer"))
             yield
         finally:
+            if not gauges.done():
+                gauges.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await gauges
             for task in loops:
                 task.cancel()
             for task in loops:

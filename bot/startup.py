@@ -30,10 +30,19 @@ class StartupError(FlowbotError):
         self.exit_code = exit_code
 
 
-def missing_secrets(config: Config, environ: dict[str, str] | None = None) -> list[str]:
+def secret_names(config: Config) -> list[str]:
+    """Every environment variable the config names for a secret it uses."""
+    return [name for _, name in _secrets(config)]
+
+
+def missing_secrets(config: Config) -> list[str]:
     """The environment variables the config names for secrets that are empty or unset, each
     with the place that names it (`channels.telegram.token_env`)."""
-    env = os.environ if environ is None else environ
+    return [f"{name} (named by {place})" for place, name in _secrets(config)
+            if not os.environ.get(name)]
+
+
+def _secrets(config: Config) -> list[tuple[str, str]]:
     wanted: list[tuple[str, str]] = []
     tg = config.channels.telegram
     if tg.enabled:
@@ -44,7 +53,7 @@ def missing_secrets(config: Config, environ: dict[str, str] | None = None) -> li
     if wa.enabled:
         wanted.append(("channels.whatsapp.auth_token_env", wa.auth_token_env))
     wanted += secret_places(config.webhooks, config.flows)  # Webhook blocks, providers
-    return [f"{name} (named by {place})" for place, name in wanted if not env.get(name)]
+    return wanted
 
 
 def check_secrets(config: Config) -> None:

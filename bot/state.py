@@ -71,6 +71,7 @@ class OutboxRow:
     user_id: str
     message: Message
     attempts: int
+    created: float = 0.0  # when its transition committed (0: unknown)
 
     def delivery(self) -> Delivery:
         return Delivery(self.id, self.conversation_id, self.user_id, self.message)

@@ -14,7 +14,7 @@ from bot.errors import StorageUnavailable
 from bot.ledger import Ledger, WebViewCheck
 from bot.runtime import Worker
 from storage.process import ProcessWorker
-from storage.store import SQLiteLedger, read_counts
+from storage.store import SQLiteLedger, read_counts, read_pending_waits
 from storage.worker import DbWorker
 
 MIN_FREE_BYTES = 1 << 20  # less than this under the database: "the disk is full"
@@ -80,3 +80,9 @@ async def probe(worker: Worker, config: Config) -> None:
         raise StorageUnavailable("storage_unavailable", "The database did not answer a "
                                  f"write within {PROBE_TIMEOUT:g} s.",
                                  reason="the database does not answer") from None
+
+
+async def pending_waits(config: Config) -> dict[str, int]:
+    """Pending waits by kind, counted once at start-up for the metrics' gauges, without
+    going through the worker (a scan of the pending rows)."""
+    return await asyncio.to_thread(read_pending_waits, config.storage.path)

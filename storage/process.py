@@ -261,8 +261,10 @@ def _answers(ran: list[Any]) -> list[tuple[int, bool, Any]]:
 def main() -> None:
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
-    logging.basicConfig(level=logging.INFO,
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    from bot import logs  # the server's --log-level and --log-format, passed in its env
+
+    logs.setup(os.environ.get("FLOWBOT_LOG_LEVEL", "info"),
+               os.environ.get("FLOWBOT_LOG_FORMAT", "text"))
     sock = socket.socket(fileno=int(sys.argv[1]))
     stream = sock.makefile("rb")
     send_lock = threading.Lock()

@@ -30,7 +30,8 @@ from bot.stranded import REMOVED, Stranded
 from storage.schema import migrations
 from storage.stranded import find_stranded
 
-__all__ = ["FINAL_STATES", "OutboxRow", "SQLiteLedger", "SQLiteStore", "Store", "read_counts"]
+__all__ = ["FINAL_STATES", "OutboxRow", "SQLiteLedger", "SQLiteStore", "Store", "read_counts",
+           "read_pending_waits"]
 
 EARLY_STATUS_TTL = 86400.0  # s a status for an unknown message id is kept
 
@@ -355,19 +356,21 @@ class SQLiteStore(contract.Store):
             "WHERE state = 'pending' AND next_attempt > ? GROUP BY conversation_id",
             (now,)).fetchall())
         cur = self.conn.execute(
-            "SELECT id, channel, conversation_id, user_id, message, attempts FROM outbox "
+            "SELECT id, channel, conversation_id, user_id, message, attempts, created "
+            "FROM outbox "
             "WHERE state = 'pending' AND next_attempt <= ? AND (? IS NULL OR channel = ?) "
             "AND conversation_id NOT IN (SELECT value FROM json_each(?)) ORDER BY id",
             (now, channel, channel, json.dumps(list(skip))))
         taken: dict[int, int] = {}
         out: list[OutboxRow] = []
-        for oid, chan, cid, user_id, message, attempts in cur:
+        for oid, chan, cid, user_id, message, attempts, created in cur:
             n = taken.get(cid, 0)
             # past its share, a later pass takes the rest of this backlog
             if n >= per_conversation or oid > held.get(cid, oid):
                 continue
             taken[cid] = n + 1
-            out.append(OutboxRow(oid, chan, cid, user_id, Message.from_json(message), attempts))
+            out.append(OutboxRow(oid, chan, cid, user_id, Message.from_json(message), attempts,
+                                 created))
             if len(out) >= limit:
                 break
         cur.close()
@@ -483,6 +486,18 @@ def count_rows(conn: sqlite3.Connection) -> dict[str, int]:
             out[f"{table}_{state}"] = n
     out["conversations"] = conn.execute("SELECT count(*) FROM conversations").fetchone()[0]
     return out
+
+
+def read_pending_waits(path: str | Path) -> dict[str, int]:
+    """Pending waits by kind, on a read-only connection of its own (a full scan of the
+    pending rows: run it on a thread, once, to start the metrics' gauges)."""
+    conn = sqlite3.connect(f"file:{Path(path)}?mode=ro", uri=True, timeout=10)
+    try:
+        return dict(conn.execute(
+            "SELECT kind, count(*) FROM waits INDEXED BY waits_due WHERE state = 'pending' "
+            "GROUP BY kind").fetchall())
+    finally:
+        conn.close()
 
 
 def read_counts(path: str | Path) -> dict[str, int]:

@@ -211,11 +211,11 @@ async def test_operator_endpoints(tmp_path: Path, path: str) -> None:
         if path == "/healthz":
             assert (await resp.json())["status"] == "ok"
         if path == "/metrics":
-            assert "flowbot_outbox_sent 2" in text
-            assert "flowbot_conversations 1" in text
+            assert 'flowbot_outbox_messages_total{channel="rec",outcome="sent"} 2.0' in text
+            assert 'flowbot_inbound_events_total{channel="rec",outcome="accepted"} 1.0' in text
             jobs = h.runtime.worker.jobs
             await h.client.get(path)
-            assert h.runtime.worker.jobs == jobs  # the scans never queue behind callbacks
+            assert h.runtime.worker.jobs == jobs  # a scrape never queues behind callbacks
 
 
 async def test_unknown_route_is_a_json_404(tmp_path: Path) -> None:

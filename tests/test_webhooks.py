@@ -304,8 +304,8 @@ async def test_provider_calls_back_before_answering_the_http_block(tmp_path: Pat
                 query, "SELECT state FROM waits WHERE kind = 'webhook'")
             assert rows == [("success",)]
             metrics = await (await h.client.get("/metrics")).text()
-            assert "flowbot_webhooks_early_kept_total 1" in metrics
-            assert "flowbot_webhooks_early_applied_total 1" in metrics
+            assert 'flowbot_webhooks_total{outcome="early"} 1.0' in metrics
+            assert 'flowbot_webhooks_total{outcome="early_applied"} 1.0' in metrics
     finally:
         await provider.server.close()
 
@@ -336,7 +336,7 @@ async def test_early_call_past_its_window_is_dropped_logged_and_counted(
     (record,) = [r for r in caplog.records if "dropped a webhook call" in r.getMessage()]
     assert "early_window (60 s)" in record.getMessage() and key not in record.getMessage()
     metrics = await (await h.client.get("/metrics")).text()
-    assert "flowbot_webhooks_early_dropped_total 1" in metrics
+    assert 'flowbot_webhooks_total{outcome="dropped"} 1.0' in metrics
     # the block that starts later waits for a call of its own
     assert [m.text for m in await h.say("hook")] == [f"Pay at http://bot.test/webhook/{key}"]
     assert await pending_webhook_waits(h) == 1
