@@ -70,10 +70,12 @@ class Outcome:
     # for the operator's log and the metrics (bot/logs.py, bot/metrics.py):
     conversation: int = 0  # the conversation's row id (0: none)
     channel: str = ""
+    user: str = ""  # the user's id on that channel
     came_from: str | None = None  # the block it stood at before, None at the start
     went_to: str | None = None  # the block it stands at now, None when the flow ended
     resolved: Wait | None = None  # the wait this transition ended (kind, block, deadline)
     cancelled: str = ""  # the kind of a wait a restart word cancelled
+    cancelled_id: str = ""  # and its id
 
     @classmethod
     def of(cls, state: str, step: Step, conv: Conversation | None = None,
@@ -82,8 +84,9 @@ class Outcome:
         if conv is None:
             return cls(state, True, len(step.messages), list(step.waits), resolved=resolved)
         return cls(state, True, len(step.messages), list(step.waits), conversation=conv.id,
-                   channel=conv.channel, came_from=came_from, went_to=conv.block,
-                   resolved=resolved, cancelled=cancelled)
+                   channel=conv.channel, user=conv.user_id, came_from=came_from,
+                   went_to=conv.block, resolved=resolved, cancelled=cancelled,
+                   cancelled_id=step.cancelled_wait or "")
 
 
 @dataclass(frozen=True)

@@ -56,6 +56,9 @@ class Runtime:
         self.webview_checks = webview_checks if webview_checks is not None else {}
         self.on_messages: Callable[[], None] = lambda: None  # wakes the outbox
         self.on_deadline: Callable[[float], None] = lambda _t: None  # wakes the timer
+        # channel name → told (user id, executionId, outcome) when a WebView wait of one of
+        # its users ended, so a page can turn the link inactive (the web chat does)
+        self.on_webview_ended: dict[str, Callable[[str, str, str], None]] = {}
         self.http: aiohttp.ClientSession | None = None
         self.next_deadline: float | None = None  # the earliest pending one, after fire_due()
         self._tasks: set[asyncio.Task[None]] = set()
@@ -308,6 +311,9 @@ class Runtime:
         ended = result.resolved
         if ended is not None:
             stats.resolved(ended.kind, result.state)
+            tell = self.on_webview_ended.get(channel) if ended.kind == "webview" else None
+            if tell is not None:
+                tell(result.user, ended.id, result.state)
             # the timer fired it, or a late caller found it due and fired it (won=False)
             what = "wait expired" if timer or not result.won else "wait resolved"
             event(what, conv, channel, "%s at %s → %s; %s → %s", ended.kind, ended.block,
@@ -317,6 +323,9 @@ class Runtime:
                   result.came_from or "(start)", result.went_to or "(end)", result.messages)
         if result.cancelled:
             stats.resolved(result.cancelled, "cancelled")
+            tell = self.on_webview_ended.get(channel) if result.cancelled == "webview" else None
+            if tell is not None and result.cancelled_id:
+                tell(result.user, result.cancelled_id, "cancelled")
             event("wait cancelled", conv, channel, "%s at %s, by a restart",
                   result.cancelled, result.came_from)
         for wait in result.waits:

@@ -137,7 +137,17 @@ class WebChannel:
 
     @classmethod
     def create(cls, config: Config, runtime: Runtime) -> WebChannel:
-        return cls(runtime, config.channels.web.title, config.server.path_prefix)
+        channel = cls(runtime, config.channels.web.title, config.server.path_prefix)
+        runtime.on_webview_ended[cls.name] = channel.webview_ended
+        return channel
+
+    def webview_ended(self, session: str, execution_id: str, outcome: str) -> None:
+        """A WebView wait of this session ended: its open pages turn the link inactive.
+        (A page that is not connected then keeps the link until its user presses it and
+        the WebView page says the wait is over.)"""
+        frame = {"type": "wait_ended", "executionId": execution_id, "outcome": outcome}
+        for sock in self._sockets.get(session, ()):
+            sock.push(frame)
 
     def routes(self) -> Sequence[Route]:
         routes = [

@@ -458,3 +458,32 @@ async def test_a_reader_too_slow_for_its_queue_is_dropped_and_gets_everything_on
     assert 0 < len(got) < len(sent)  # it was cut off on the way
     replayed = [m["text"] for m in await tab.open()]  # the page reconnects
     assert got + replayed == sent
+
+
+async def test_the_page_is_told_when_a_webview_wait_ends(chat: Chat) -> None:
+    """So the page can turn the link inactive: a `wait_ended` frame with the outcome, for a
+    callback, an expiry and a restart alike, to that session only."""
+    async def ended(tab: Tab) -> dict[str, Any]:
+        while (frame := await tab.frame())["type"] != "wait_ended":
+            pass
+        return frame
+
+    paid, late, restarted = (chat.tab(f"session-{n}-0123456789abcdef") for n in range(3))
+    for tab in (paid, late, restarted):
+        await tab.open()
+    eids = [execution_id(await to_payment(tab)) for tab in (paid, late, restarted)]
+
+    resp = await chat.client.post("/webview/callback",
+                                  json={"executionId": eids[0], "success": False})
+    assert resp.status == 200
+    assert await ended(paid) == {"type": "wait_ended", "executionId": eids[0],
+                                 "outcome": "error"}
+    await restarted.send({"type": "text", "id": restarted.next_id(), "text": "restart"})
+    assert await ended(restarted) == {"type": "wait_ended", "executionId": eids[2],
+                                      "outcome": "cancelled"}
+    chat.clock.advance(121)
+    assert await chat.runtime.fire_due() == 1
+    assert await ended(late) == {"type": "wait_ended", "executionId": eids[1],
+                                 "outcome": "expired"}
+    for tab in (paid, late, restarted):  # each heard of its own wait only
+        assert [f for f in tab.buffered if f["type"] == "wait_ended"] == []

@@ -30,6 +30,7 @@
   }
   const mine = load("mine", []); // the user's messages: {id, after, frame, acked}
   const used = load("used", {}); // bot message id -> payload of the button pressed under it
+  const ended = load("ended", {}); // executionId -> outcome of a WebView wait that ended
 
   const $ = (id) => document.getElementById(id);
   const log = $("log");
@@ -79,7 +80,9 @@
       if (m.refused) li.classList.add("refused");
       if (!m.acked) {
         li.classList.add("sending");
+        li.append(el("div", "note"));
         sending.set(m.id, li);
+        markUnsent(li, !(ws && ws.readyState === WebSocket.OPEN));
       }
       append(li);
     }
@@ -91,6 +94,95 @@
     if (typeof last !== "number" || lastId > 0) return;
     while (shownMine < mine.length && mine[shownMine].after < last) shownMine++;
     append(el("li", "system", "Earlier messages are not shown."));
+  }
+
+  // Text that looks like a command or code — a ``` fenced block, lines indented by 4
+  // spaces or a tab, or a line starting with `curl` — is shown monospace, unwrapped
+  // (scrolling sideways) and with a Copy button; the rest stays plain text.
+  const COMMAND = /^\s*(curl|wget|\$) /;
+  const INDENTED = /^( {4}|\t)/;
+
+  function segments(text) {
+    const out = []; // {code: bool, text}
+    const lines = text.split("\n");
+    let plain = [];
+    const flush = () => {
+      if (plain.length) out.push({ code: false, text: plain.join("\n") });
+      plain = [];
+    };
+    for (let i = 0; i < lines.length; i++) {
+      const line = lines[i];
+      if (/^\s*```/.test(line)) {
+        const end = lines.findIndex((l, j) => j > i && /^\s*```\s*$/.test(l));
+        if (end > i) {
+          flush();
+          out.push({ code: true, text: lines.slice(i + 1, end).join("\n") });
+          i = end;
+          continue;
+        }
+      }
+      if ((INDENTED.test(line) && line.trim()) || COMMAND.test(line)) {
+        flush();
+        const block = [];
+        // a command goes on while its lines end with a backslash; indented code while indented
+        while (i < lines.length && (INDENTED.test(lines[i]) || COMMAND.test(lines[i])
+                                    || (block.length && /\\$/.test(block[block.length - 1])))) {
+          block.push(lines[i].replace(INDENTED, ""));
+          i++;
+        }
+        i--;
+        out.push({ code: true, text: block.join("\n") });
+        continue;
+      }
+      plain.push(line);
+    }
+    flush();
+    return out;
+  }
+
+  function copyButton(text) {
+    const btn = el("button", "copy", "Copy");
+    btn.type = "button";
+    btn.title = "Copy to the clipboard";
+    btn.addEventListener("click", async () => {
+      try {
+        await navigator.clipboard.writeText(text);
+        btn.textContent = "Copied";
+      } catch {
+        // no clipboard (plain http on another host): select it for Ctrl-C instead
+        const range = document.createRange();
+        range.selectNodeContents(btn.previousElementSibling);
+        getSelection().removeAllRanges();
+        getSelection().addRange(range);
+        btn.textContent = "Selected";
+      }
+      setTimeout(() => { btn.textContent = "Copy"; }, 2000);
+    });
+    return btn;
+  }
+
+  function bubble(text) {
+    const div = el("div", "bubble");
+    const parts = segments(text);
+    if (!parts.some((part) => part.code)) {
+      div.textContent = text;
+      return div;
+    }
+    div.classList.add("has-code");
+    for (const part of parts) {
+      if (!part.code) {
+        const trimmed = part.text.replace(/^\n+|\n+$/g, "");
+        if (trimmed) div.append(el("p", "plain", trimmed));
+        continue;
+      }
+      const box = el("div", "code");
+      const pre = el("pre");
+      pre.append(el("code", null, part.text));
+      pre.tabIndex = 0; // scrollable by keyboard
+      box.append(pre, copyButton(part.text));
+      div.append(box);
+    }
+    return div;
   }
 
   function webAddress(url) {
@@ -108,7 +200,7 @@
     lastId = doc.id;
     const li = el("li", "msg bot");
     li.dataset.id = String(doc.id);
-    li.append(el("div", "bubble", doc.text));
+    li.append(bubble(doc.text));
     if (Array.isArray(doc.buttons) && doc.buttons.length) {
       const row = el("div", "choices");
       for (const b of doc.buttons) {
@@ -129,6 +221,11 @@
         a.href = href;
         a.target = "_blank";
         a.rel = "noopener noreferrer";
+        const eid = new URL(href).searchParams.get("executionId");
+        if (eid) {
+          a.dataset.execution = eid;
+          if (ended[eid]) closeLink(a, ended[eid]);
+        }
       } else {
         a.classList.add("broken");
         a.title = "This button does not point to a web page.";
@@ -137,6 +234,46 @@
       li.append(row);
     }
     append(li);
+  }
+
+  // The server says when a WebView's wait ended (and how); its button then goes inactive,
+  // here and after a reload of this tab.
+  const OUTCOME = {
+    success: "done", error: "failed", expired: "expired", cancelled: "cancelled", gone: "closed",
+  };
+
+  function closeLink(a, outcome) {
+    if (a.classList.contains("closed")) return;
+    const said = OUTCOME[outcome] || outcome;
+    a.classList.add("closed");
+    a.removeAttribute("href");
+    a.setAttribute("aria-disabled", "true");
+    a.title = `This page is no longer waiting (${said}).`;
+    a.append(el("span", "outcome", ` · ${said}`));
+  }
+
+  function waitEnded(doc) {
+    if (typeof doc.executionId !== "string" || typeof doc.outcome !== "string") return;
+    ended[doc.executionId] = doc.outcome;
+    save("ended", ended);
+    for (const a of log.querySelectorAll("a.open[data-execution]")) {
+      if (a.dataset.execution === doc.executionId) closeLink(a, doc.outcome);
+    }
+  }
+
+  // A button row the user answered by typing instead of pressing goes inactive like a
+  // pressed one, with no choice highlighted (a wrong answer brings a new row anyway).
+  const TYPED = "\u0000typed";
+
+  function markTyped() {
+    for (const li of log.querySelectorAll(".msg.bot[data-id]")) {
+      const row = li.querySelector(".choices:not(.used)");
+      if (row && row.querySelector("button.choice")) {
+        used[li.dataset.id] = TYPED;
+        markUsed(row, TYPED);
+      }
+    }
+    save("used", used);
   }
 
   function markUsed(row, payload) {
@@ -169,6 +306,18 @@
     if (ws && ws.readyState === WebSocket.OPEN) ws.send(JSON.stringify(frame));
   }
 
+  // A message not yet acknowledged says so: "sending…" while connected, "not sent — will
+  // retry" while offline (it is re-sent by itself on reconnect, and handled once).
+  function markUnsent(li, offline) {
+    li.classList.toggle("unsent", offline);
+    const note = li.querySelector(".note");
+    if (note) note.textContent = offline ? "not sent — will retry" : "sending…";
+  }
+
+  function markAllUnsent(offline) {
+    for (const li of sending.values()) markUnsent(li, offline);
+  }
+
   function acknowledged(id) {
     for (let i = mine.length - 1; i >= 0; i--) {
       if (mine[i].id === id) {
@@ -179,7 +328,8 @@
     }
     const li = sending.get(id);
     if (li) {
-      li.classList.remove("sending");
+      li.classList.remove("sending", "unsent");
+      li.querySelector(".note")?.remove();
       sending.delete(id);
     }
   }
@@ -200,7 +350,8 @@
       save("mine", mine);
       const li = sending.get(m.id);
       if (li) {
-        li.classList.remove("sending");
+        li.classList.remove("sending", "unsent");
+        li.querySelector(".note")?.remove();
         li.classList.add("refused");
         sending.delete(m.id);
       }
@@ -219,6 +370,7 @@
     ws = sock;
     sock.onopen = () => {
       for (const m of mine) if (!m.acked) sock.send(JSON.stringify(m.frame));
+      markAllUnsent(false);
     };
     sock.onmessage = (event) => {
       let doc;
@@ -235,11 +387,13 @@
         live = true;
         setStatus("online", "online");
       } else if (doc.type === "ack") acknowledged(doc.id);
+      else if (doc.type === "wait_ended") waitEnded(doc);
       else if (doc.type === "error") refused(doc);
     };
     sock.onclose = (event) => {
       if (ws !== sock) return;
       ws = null;
+      markAllUnsent(true);
       if (event.code === 4400) {
         setStatus("offline", "disconnected");
         notice("The server refused this chat: " + event.reason);
@@ -264,11 +418,12 @@
     const text = input.value.trim();
     if (!text) return;
     input.value = "";
+    markTyped();
     submit({ type: "text", text });
     input.focus();
   });
   $("new-chat").addEventListener("click", () => {
-    for (const key of ["session", "mine", "used"]) sessionStorage.removeItem(PREFIX + key);
+    for (const key of ["session", "mine", "used", "ended"]) sessionStorage.removeItem(PREFIX + key);
     location.reload();
   });
   window.addEventListener("online", retryNow);

@@ -50,7 +50,10 @@
 
   const reference = () => "PAY-" + String(crypto.getRandomValues(new Uint32Array(1))[0] % 1000000).padStart(6, "0");
 
+  let final = false; // the server gave its last word on this executionId
+
   async function report(success) {
+    if (final) return;
     const data = success
       ? { reference: reference(), amount: $("amount").value, card_name: $("card-name").value }
       : { reason: "card declined" };
@@ -68,6 +71,8 @@
       } catch {
         // not JSON: shown by status below
       }
+      // a final answer (accepted, already done, unknown, too late): no second try
+      final = response.ok || [404, 409, 410].includes(response.status);
       if (response.ok) {
         show("ok", success
           ? `Payment done (reference ${data.reference}). You can close this tab and go back to the chat.`
@@ -79,7 +84,7 @@
     } catch (err) {
       show("error", `Could not reach ${callback}: ${err.message}`);
     } finally {
-      for (const b of buttons) b.disabled = !executionId;
+      for (const b of buttons) b.disabled = !executionId || final;
     }
   }
 
