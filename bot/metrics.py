@@ -10,7 +10,7 @@ for the database process). Names and example alerts: docs/operations.md.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterator, Mapping
 
 from prometheus_client import (
     CollectorRegistry,
@@ -21,7 +21,9 @@ from prometheus_client import (
     ProcessCollector,
     disable_created_metrics,
 )
+from prometheus_client.core import CounterMetricFamily
 from prometheus_client.exposition import generate_latest
+from prometheus_client.registry import Collector
 
 # no *_created samples: they double the exposition and no alert uses them
 disable_created_metrics()  # type: ignore[no-untyped-call]
@@ -116,6 +118,28 @@ class Metrics:
     def pending_now(self) -> dict[str, float]:
         return {k: g._value.get() for k, g in self._pending.items()}
 
+    def count_events(self, counts: Mapping[str, int]) -> None:
+        """Expose the runtime's own tallies (retention prunes, stranded conversations moved,
+        …) as `flowbot_events_total{kind}`, read on each scrape."""
+        self.registry.register(_Tallies(counts))
+
     def exposition(self) -> bytes:
         """The text format Prometheus scrapes (version 0.0.4)."""
         return generate_latest(self.registry)
+
+
+class _Tallies(Collector):
+    def __init__(self, counts: Mapping[str, int]) -> None:
+        self.counts = counts
+
+    def collect(self) -> Iterator[CounterMetricFamily]:
+        family = CounterMetricFamily(
+            "flowbot_events", "Other tallies of the runtime by kind: pruned_<category> "
+            "(retention), stranded_moved, chats_moved_<channel>, timer_<state>, ….",
+            labels=["kind"])
+        for kind, value in sorted(self.counts.items()):
+            family.add_metric([kind], value)
+        yield family
+
+    def describe(self) -> Iterator[CounterMetricFamily]:
+        return iter(())

@@ -143,6 +143,7 @@ def build_app(
     worker: Worker = backends.open_worker(config, checks, db_timer=db_timer)
     stats = Metrics(db_pid=lambda: getattr(worker, "pid", None))
     runtime = Runtime(config, worker, clock, checks, stats)
+    stats.count_events(runtime.metrics)
     if isinstance(worker, ProcessWorker):
         worker.on_timer = runtime.timer_pass_done
     channels = {name: make(config, runtime)

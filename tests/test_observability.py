@@ -153,6 +153,7 @@ async def test_metrics_parse_and_count_what_happened(tmp_path: Path) -> None:
     assert m["flowbot_outbox_messages_total{channel=rec,outcome=sent}"] == 6 + 2 + 2
     assert m["flowbot_outbox_delivery_seconds_count{channel=rec}"] == 10
     assert m["process_resident_memory_bytes"] > 0
+    assert m["flowbot_events_total{kind=timer_expired}"] == 2  # the runtime's other tallies
 
 
 async def test_pending_gauges_start_from_the_database(tmp_path: Path) -> None:
