@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import importlib.metadata
 import logging
 import os
 import platform
@@ -170,6 +169,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
 
 def _version() -> str:
+    import importlib.metadata
+
     try:
         return importlib.metadata.version("flowbot")
     except importlib.metadata.PackageNotFoundError:

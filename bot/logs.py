@@ -9,7 +9,6 @@ when it is on. Repeated warnings and errors are rate-limited per message templat
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import json
 import logging
@@ -128,6 +127,13 @@ class JsonFormatter(logging.Formatter):
         return json.dumps(out, ensure_ascii=False)
 
 
+def _running_loop() -> Any:
+    # imported here: `flowbot check` and friends load this module and need no asyncio
+    import asyncio
+
+    return asyncio.get_running_loop()
+
+
 class LoopHandler(logging.StreamHandler):  # type: ignore[type-arg]
     """A StreamHandler that, on an event loop's thread, writes the lines of one loop
     iteration in one write at its end instead of a write and a flush per line. Elsewhere
@@ -148,7 +154,7 @@ class LoopHandler(logging.StreamHandler):  # type: ignore[type-arg]
         if self._scheduled:
             return
         try:
-            loop = asyncio.get_running_loop()
+            loop = _running_loop()
         except RuntimeError:
             self._write()
             return
