@@ -117,8 +117,9 @@ class Outbox:
                 delay = 30.0
             else:
                 delay = min(30.0, max(0.05, nxt - self.clock.now()))
-            try:
-                await asyncio.wait_for(self._wake.wait(), timeout=delay)
+            try:  # not wait_for: on Python 3.11 it swallows a cancel that meets a wake-up
+                async with asyncio.timeout(delay):
+                    await self._wake.wait()
             except TimeoutError:
                 pass
 

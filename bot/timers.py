@@ -42,7 +42,8 @@ class Timer:
             self._target = math.inf if nxt is None else nxt
             delay = MAX_SLEEP if nxt is None else min(MAX_SLEEP, max(0.0, nxt - self.clock.now()))
             if delay > 0:
-                try:
-                    await asyncio.wait_for(self._wake.wait(), timeout=delay)
+                try:  # not wait_for: on Python 3.11 it swallows a cancel that meets a wake-up
+                    async with asyncio.timeout(delay):
+                        await self._wake.wait()
                 except TimeoutError:
                     pass
