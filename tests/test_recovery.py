@@ -26,6 +26,7 @@ from bot import jobs
 from bot.errors import StorageUnavailable
 from bot.ledger import Ledger
 from bot.state import Step, Wait
+from bot.timers import Timer
 from channels.base import Inbound
 from storage.store import Store
 from storage.worker import TIMER, DbWorker
@@ -408,3 +409,24 @@ async def test_the_outbox_loop_goes_on_after_a_failed_pass(
         assert calls >= 3
         assert caplog.text.count("outbox pass failed; trying again in 1 s") == 2
         assert [m.text for m in channel.messages("u1")] == ["Hello"]
+
+
+# -- shutdown: the background loops end when cancelled, even as they are woken ---------------
+
+
+@pytest.mark.parametrize("loop", ["outbox", "timer"])
+async def test_a_loop_cancelled_as_it_is_woken_still_ends(tmp_path: Path, loop: str) -> None:
+    """Python 3.11's asyncio.wait_for returns the result, swallowing the cancellation, when
+    the awaited event is set in the same loop iteration as the cancel: the loop then ran on
+    and shutdown waited for it forever (seen under coverage in test_fairness)."""
+    async with harness(write_config(tmp_path, FLOWS)) as h:
+        runner = Timer(h.runtime, h.clock) if loop == "timer" else h.outbox
+        task = asyncio.create_task(runner.run())
+        deadline = asyncio.get_running_loop().time() + GUARD
+        while not runner._wake._waiters:  # type: ignore[attr-defined]  # asleep until woken
+            assert asyncio.get_running_loop().time() < deadline
+            await asyncio.sleep(0.001)
+        runner._wake.set()  # a commit wakes it...
+        task.cancel()  # ...as the server shuts down
+        done, _ = await asyncio.wait({task}, timeout=GUARD)
+        assert task in done and task.cancelled()
