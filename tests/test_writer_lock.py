@@ -4,6 +4,7 @@ refuses to start, at once, naming the other process; kill -9 frees the file."""
 from __future__ import annotations
 
 import functools
+import os
 import subprocess
 import sys
 import time
@@ -55,7 +56,8 @@ def test_a_second_serve_is_refused_at_once_and_kill_9_frees_the_file(server: Ser
     assert server.proc is not None
     proc, took = second_serve(server)
     assert proc.returncode != 0
-    assert took < 2.0, took
+    # "at once": no lock wait; a start-up under .ci/run's subprocess coverage is slower
+    assert took < (5.0 if "COVERAGE_PROCESS_CONFIG" in os.environ else 2.0), took
     refusal = [x for x in proc.stderr.splitlines() if "already served" in x]
     assert len(refusal) == 1, proc.stderr
     assert f"pid {server.proc.pid}" in refusal[0] and str(server.db) in refusal[0]
