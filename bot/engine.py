@@ -45,6 +45,7 @@ class Links:
 
 _EMAIL = re.compile(r"^[^@\s]+@[^@\s]+\.[^@\s]+$")
 _PHONE = re.compile(r"^\+?\d{6,15}$")
+_LINK = re.compile(r"https?://[^\s/$.?#][^\s]*", re.IGNORECASE)
 
 
 def button_tag(flow: str, block: str) -> str:
@@ -110,7 +111,7 @@ class Engine:
             pending = getattr(block, "pending_message", "") or self.bot.default_pending_message
             step.messages.append(Message(render(pending, v)))
         elif isinstance(block, InputBlock):
-            self._answer_input(conv, block, event.text, step, now)
+            self._answer_input(conv, block, event, step, now)
         elif isinstance(block, ButtonsBlock):
             self._answer_buttons(conv, block, event, step, now)
         else:
@@ -161,11 +162,16 @@ class Engine:
 
     # -- answers to a question ------------------------------------------------------------
 
-    def _answer_input(self, conv: Conversation, block: InputBlock, text: str,
+    def _answer_input(self, conv: Conversation, block: InputBlock, event: Inbound,
                       step: Step, now: float) -> None:
-        value = self._validate(block, text.strip())
+        if block.validation == "media":
+            value = _media_answer(event)
+        else:
+            value = self._validate(block, event.text.strip())
         if value is None:
-            retry = block.retry_message or f"Sorry, that is not a valid {block.validation}."
+            retry = block.retry_message or (
+                "Please send a photo, a file or a link." if block.validation == "media"
+                else f"Sorry, that is not a valid {block.validation}.")
             step.messages.append(Message(render(retry, conv.variables)))
             step.messages.append(Message(render(block.text, conv.variables)))
             return
@@ -343,6 +349,16 @@ class Engine:
         wait = Wait(self.new_id(), kind, conv.flow, block.id, deadline, True, request)
         step.waits.append(wait)
         conv.wait_id = wait.id
+
+
+def _media_answer(event: Inbound) -> str | None:
+    """What an input block with `validation = "media"` keeps: the attachment's id (Telegram
+    file_id, WhatsApp media URL), or a link the user typed (the web chat carries links)."""
+    media_id = event.variables.get("media_id", "")
+    if media_id:
+        return media_id
+    text = event.text.strip()
+    return text if _LINK.fullmatch(text) else None
 
 
 _STAY = "\0stay"  # sentinel next-block id: the conversation waits at this block

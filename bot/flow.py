@@ -33,7 +33,7 @@ class MessageBlock(Block):
 class InputBlock(Block):
     text: str = ""
     variable: str = ""
-    validation: str = "text"  # text | number | email | phone | regex
+    validation: str = "text"  # text | number | email | phone | regex | media
     pattern: str = ""
     retry_message: str = ""
     next: str | None = None

@@ -40,7 +40,7 @@ CONDITION_OPS = (
     "less_than",
     "matches",
 )
-VALIDATIONS = ("text", "number", "email", "phone", "regex")
+VALIDATIONS = ("text", "number", "email", "phone", "regex", "media")
 HTTP_METHODS = ("GET", "POST", "PUT", "PATCH", "DELETE")
 READ_ONLY_VARIABLES = ("channel", "user_id", "conversation_key", "webhook_url")
 _NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")

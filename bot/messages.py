@@ -80,3 +80,21 @@ class Inbound:
     user_name: str = ""
     event_id: str | None = None  # platform id for dedupe, e.g. "telegram:123456"
     variables: Mapping[str, str] = field(default_factory=dict)  # extra flow variables (media)
+
+
+MEDIA_VARIABLES = ("media_type", "media_id", "media_content_type", "media_file_name",
+                   "latitude", "longitude", "contact_phone", "contact_name")
+"""What a channel tells a flow about an attachment, named the same on every channel:
+`media_type` photo | document | voice | audio | video | location | contact (else ""),
+`media_id` the file (Telegram's file_id, Twilio's MediaUrl), `media_content_type` and
+`media_file_name` where the platform says, `latitude` / `longitude` of a location,
+`contact_phone` / `contact_name` of a shared contact. The caption is the message text."""
+
+
+def media_variables(**found: str) -> dict[str, str]:
+    """Every one of MEDIA_VARIABLES, "" where the message has none: one message's
+    attachment never lingers into the next message's variables."""
+    unknown = set(found) - set(MEDIA_VARIABLES)
+    if unknown:
+        raise ValueError(f"not media variables: {sorted(unknown)}")
+    return {name: found.get(name, "") for name in MEDIA_VARIABLES}

@@ -6,14 +6,23 @@ from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Protocol
 
-from bot.messages import Button, Delivery, Inbound, Link, Message
+from bot.messages import (
+    MEDIA_VARIABLES,
+    Button,
+    Delivery,
+    Inbound,
+    Link,
+    Message,
+    media_variables,
+)
 
 if TYPE_CHECKING:
     from aiohttp import web
 
 __all__ = [  # the message types live in bot/ (the engine's side); channels speak them
-    "Button", "Channel", "Delivery", "Handler", "Inbound", "InboundHandler", "Link", "Message",
-    "RateLimit", "Route", "SendError", "SentParts", "split_text",
+    "MEDIA_VARIABLES", "Button", "Channel", "Delivery", "Handler", "Inbound", "InboundHandler",
+    "Link", "Message", "RateLimit", "Route", "SendError", "SentParts", "media_variables",
+    "split_text",
 ]
 
 

@@ -53,6 +53,7 @@ from channels.base import (
     Route,
     SendError,
     SentParts,
+    media_variables,
     split_text,
 )
 from channels.telegram_auth import InitDataCheck
@@ -166,6 +167,34 @@ def _pressed_label(update: Update) -> str:
             if button.callback_data == query.data:
                 return button.text
     return ""
+
+
+_FILE_KINDS = {"document": "document", "voice": "voice", "audio": "audio", "video": "video",
+               "video_note": "video", "animation": "video"}  # Telegram's field → media_type
+
+
+def _media(message: TgMessage) -> dict[str, str]:
+    """The attachment of a message as the flow's media variables (see MEDIA_VARIABLES)."""
+    if message.photo:
+        largest = message.photo[-1]  # Telegram lists the sizes smallest first
+        return media_variables(media_type="photo", media_id=largest.file_id,
+                               media_content_type="image/jpeg")
+    for field, kind in _FILE_KINDS.items():
+        file = getattr(message, field)
+        if file is not None:
+            return media_variables(media_type=kind, media_id=file.file_id,
+                                   media_content_type=getattr(file, "mime_type", None) or "",
+                                   media_file_name=getattr(file, "file_name", None) or "")
+    location = message.location or (message.venue.location if message.venue else None)
+    if location is not None:
+        return media_variables(media_type="location", latitude=str(location.latitude),
+                               longitude=str(location.longitude))
+    if message.contact is not None:
+        contact = message.contact
+        full = " ".join(p for p in (contact.first_name, contact.last_name) if p)
+        return media_variables(media_type="contact", contact_phone=contact.phone_number,
+                               contact_name=full)
+    return media_variables()
 
 
 def _ignored(code: str, message: str) -> web.Response:
@@ -320,10 +349,13 @@ class TelegramChannel:
             data = message.web_app_data.data
             return Inbound(self.name, str(message.chat.id), text=data, user_name=name,
                            event_id=event_id, variables={"web_app_data": data})
-        if message.text is None:  # photos, stickers, service messages: not for flows
+        media = _media(message)
+        if message.text is None and not media["media_type"]:  # stickers, service messages
             return None
-        return Inbound(self.name, str(message.chat.id), text=self._without_mention(message.text),
-                       user_name=name, event_id=event_id)
+        text = self._without_mention(message.text) if message.text is not None \
+            else message.caption or ""
+        return Inbound(self.name, str(message.chat.id), text=text, user_name=name,
+                       event_id=event_id, variables=media)
 
     def _without_mention(self, text: str) -> str:
         """"/start@our_bot" (commands in groups) → "/start", so restart words match."""

@@ -34,6 +34,7 @@ from channels.base import (
     Route,
     SendError,
     SentParts,
+    media_variables,
     split_text,
 )
 
@@ -123,9 +124,34 @@ def inbound_event(form: Mapping[str, str]) -> Inbound:
         "media_content_type": form.get("MediaContentType0", "") if count else "",
         "media_urls": " ".join(u for u in urls if u),
         "wa_id": form.get("WaId", ""),
+        **_media(form, count),
     }
     return Inbound("whatsapp", sender, text, payload, user_name=form.get("ProfileName", ""),
                    event_id=f"twilio:{sid}", variables=variables)
+
+
+def _media(form: Mapping[str, str], count: int) -> dict[str, str]:
+    """The first attachment, a location or a shared contact as the flow's media variables,
+    named as on Telegram (see MEDIA_VARIABLES)."""
+    if form.get("Latitude") and form.get("Longitude"):
+        return media_variables(media_type="location", latitude=form["Latitude"],
+                               longitude=form["Longitude"])
+    if not count:
+        return media_variables()
+    content_type = form.get("MediaContentType0", "")
+    major = content_type.partition("/")[0]
+    if "vcard" in content_type:  # a shared contact arrives as a vCard file
+        kind = "contact"
+    elif major == "image":
+        kind = "photo"
+    elif major == "audio":  # WhatsApp voice notes are Opus in Ogg
+        kind = "voice" if "ogg" in content_type else "audio"
+    elif major == "video":
+        kind = "video"
+    else:
+        kind = "document"
+    return media_variables(media_type=kind, media_id=form.get("MediaUrl0", ""),
+                           media_content_type=content_type)
 
 
 def numbered(text: str, buttons: Sequence[Button]) -> str:

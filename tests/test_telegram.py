@@ -368,7 +368,7 @@ async def test_a_4096_emoji_reply_to_another_is_an_ordinary_update(
         assert "".join(p["text"] for p in fake.sent()[1:]).count("😀") == 4096
 
 
-@pytest.mark.parametrize("name", ["photo_message", "edited_message"])
+@pytest.mark.parametrize("name", ["edited_message"])
 async def test_other_updates_are_acknowledged_and_ignored(
         tmp_path: Path, fake: FakeTelegram, name: str) -> None:
     async with telegram(tg_config(tmp_path, fake), fake) as tg:
@@ -957,3 +957,75 @@ async def test_an_unreachable_bot_api_at_start_says_so_without_the_token(tmp_pat
     message = str(info.value)
     assert message.startswith(f"cannot reach the Telegram Bot API at {closed}")
     assert TOKEN not in message
+
+
+# -- media in ------------------------------------------------------------------------------
+
+MEDIA_FLOWS = """
+[flows.main]
+start = "ask"
+[flows.main.blocks.ask]
+type = "input"
+text = "Send the receipt"
+variable = "receipt"
+validation = "media"
+next = "done"
+[flows.main.blocks.done]
+type = "end"
+text = "{{media_type}} {{receipt}} [{{last_message}}] {{media_content_type}} {{media_file_name}}"
+"""
+SHOW_FLOWS = """
+[flows.main]
+start = "show"
+[flows.main.blocks.show]
+type = "end"
+text = "{{media_type}}|{{media_id}}|{{last_message}}|""" + \
+    """{{latitude}},{{longitude}}|{{contact_name}}/{{contact_phone}}"
+"""
+
+
+def media_update(update_id: int, **fields: Any) -> dict[str, Any]:
+    u = payload("text_message")
+    u["update_id"] = update_id
+    del u["message"]["text"]
+    u["message"].update(fields)
+    return u
+
+
+@pytest.mark.parametrize(("fields", "shown"), [
+    ({"photo": payload("photo_message")["message"]["photo"], "caption": "my receipt"},
+     "photo|AgACAgIAAxkBAAIBZ2V5|my receipt|,|/"),
+    ({"document": {"file_id": "BQACAgIAAxkBAAIB", "file_unique_id": "u1",
+                   "file_name": "invoice.pdf", "mime_type": "application/pdf"}},
+     "document|BQACAgIAAxkBAAIB||,|/"),
+    ({"voice": {"file_id": "AwACAgIAAxkBAAIC", "file_unique_id": "u2", "duration": 3,
+                "mime_type": "audio/ogg"}}, "voice|AwACAgIAAxkBAAIC||,|/"),
+    ({"video": {"file_id": "BAACAgIAAxkBAAID", "file_unique_id": "u3", "width": 640,
+                "height": 480, "duration": 5}, "caption": "look"},
+     "video|BAACAgIAAxkBAAID|look|,|/"),
+    ({"location": {"latitude": 52.520008, "longitude": 13.404954}},
+     "location|||52.520008,13.404954|/"),
+    ({"contact": {"phone_number": "+4915112345678", "first_name": "Grace",
+                  "last_name": "Hopper", "user_id": 77}},
+     "contact|||,|Grace Hopper/+4915112345678"),
+])
+async def test_media_reach_the_flow_as_variables(
+        tmp_path: Path, fake: FakeTelegram, fields: dict[str, Any], shown: str) -> None:
+    async with telegram(tg_config(tmp_path, fake, flows=SHOW_FLOWS), fake) as tg:
+        assert (await tg.post_update(media_update(1, **fields)))[0] == 200
+        assert [p["text"] for p in fake.sent()] == [shown]
+        # the next text message carries none of it
+        await tg.say("plain", 2)
+        assert fake.sent()[-1]["text"] == "||plain|,|/"
+
+
+async def test_an_input_asking_for_media_takes_a_photo_without_caption(
+        tmp_path: Path, fake: FakeTelegram) -> None:
+    async with telegram(tg_config(tmp_path, fake, flows=MEDIA_FLOWS), fake) as tg:
+        await tg.say("hello", 1)
+        assert [p["text"] for p in await tg.say("no photo, sorry", 2)] == [
+            "Please send a photo, a file or a link.", "Send the receipt"]
+        await tg.post_update(media_update(3, document={
+            "file_id": "BQACAgIAAxkBAAIB", "file_unique_id": "u1", "file_name": "r.pdf",
+            "mime_type": "application/pdf"}))
+        assert fake.sent()[-1]["text"] == "document BQACAgIAAxkBAAIB [] application/pdf r.pdf"

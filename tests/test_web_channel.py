@@ -23,6 +23,7 @@ from bot.runtime import Runtime
 from bot.server import OUTBOX, RUNTIME, build_app, enabled_channels
 from channels.base import Message
 from storage.store import Store
+from tests.support import write_config
 
 EXAMPLE = Path(__file__).resolve().parent.parent / "config.example.toml"
 SESSION = "a1b2c3d4e5f6a7b8c9d0e1f2a3b4c5d6"
@@ -487,3 +488,31 @@ async def test_the_page_is_told_when_a_webview_wait_ends(chat: Chat) -> None:
                                  "outcome": "expired"}
     for tab in (paid, late, restarted):  # each heard of its own wait only
         assert [f for f in tab.buffered if f["type"] == "wait_ended"] == []
+
+
+async def test_an_input_asking_for_media_takes_a_link_in_the_web_chat(tmp_path: Path) -> None:
+    """The web chat carries links, not files: a typed http(s) link answers
+    `validation = "media"`, other text is asked again."""
+    config = write_config(tmp_path, """
+        [flows.main]
+        start = "ask"
+        [flows.main.blocks.ask]
+        type = "input"
+        text = "Send the receipt"
+        variable = "receipt"
+        validation = "media"
+        next = "done"
+        [flows.main.blocks.done]
+        type = "end"
+        text = "Got {{receipt}}"
+    """)
+    config = replace(config, channels=replace(
+        config.channels, web=replace(config.channels.web, enabled=True)))
+    async with chat_app(config) as c:
+        tab = c.tab()
+        await tab.open()
+        assert texts(await tab.say("hi")) == ["Send the receipt"]
+        assert texts(await tab.say("it's on my desk")) == [
+            "Please send a photo, a file or a link.", "Send the receipt"]
+        assert texts(await tab.say(" https://files.example/r.pdf ")) == [
+            "Got https://files.example/r.pdf"]

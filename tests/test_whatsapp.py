@@ -7,7 +7,7 @@ import logging
 import re
 from pathlib import Path
 from typing import Any, cast
-from urllib.parse import parse_qsl
+from urllib.parse import parse_qsl, urlencode
 
 import pytest
 from aioresponses import aioresponses
@@ -15,7 +15,15 @@ from aioresponses import aioresponses
 from bot.channel_config import WhatsAppConfig
 from bot.config import ServerConfig
 from bot.errors import BadRequest, ConfigError, FlowbotError
-from channels.base import Button, Delivery, Link, Message, RateLimit, SendError
+from channels.base import (
+    Button,
+    Delivery,
+    Link,
+    Message,
+    RateLimit,
+    SendError,
+    media_variables,
+)
 from channels.whatsapp import EMPTY_TWIML, WhatsAppChannel, inbound_event
 from tests.fake_twilio import (
     ACCOUNT_SID,
@@ -254,7 +262,8 @@ def test_text_message() -> None:
         "whatsapp", "whatsapp:+4915112345678", "Hi there", None, "Ann")
     assert event.event_id == "twilio:SM2e4f6a8b0c1d3e5f7a9b1c3d5e7f9a1b"
     assert event.variables == {"media_count": "0", "media_url": "", "media_content_type": "",
-                               "media_urls": "", "wa_id": "4915112345678"}
+                               "media_urls": "", "wa_id": "4915112345678",
+                               **media_variables()}
 
 
 def test_quick_reply_press() -> None:
@@ -275,7 +284,9 @@ def test_media_message() -> None:
     assert event.text == "my receipt"
     assert event.variables == {"media_count": "1", "media_url": url,
                                "media_content_type": "image/jpeg", "media_urls": url,
-                               "wa_id": "4915112345678"}
+                               "wa_id": "4915112345678",
+                               **media_variables(media_type="photo", media_id=url,
+                                                 media_content_type="image/jpeg")}
 
 
 def test_several_media() -> None:
@@ -283,6 +294,65 @@ def test_several_media() -> None:
                            "MediaContentType1": "application/pdf"})
     assert event.variables["media_count"] == "2"
     assert event.variables["media_urls"].endswith(" https://x/2")
+
+
+MEDIA_FLOWS = """
+[flows.main]
+start = "ask"
+[flows.main.blocks.ask]
+type = "input"
+text = "Send the receipt"
+variable = "receipt"
+validation = "media"
+next = "done"
+[flows.main.blocks.done]
+type = "end"
+text = "{{media_type}} {{receipt}} [{{last_message}}] {{latitude}},{{longitude}}"
+"""
+
+
+def twilio_form(**params: str) -> str:
+    """A signed inbound form as Twilio posts it, blank parameters included."""
+    base = {"MessageSid": "MM" + "1" * 32, "From": USER, "To": SANDBOX, "Body": "",
+            "NumMedia": "0", "ProfileName": "Ann", "WaId": "4915112345678"}
+    return urlencode({**base, **params})
+
+
+async def test_a_media_only_message_answers_an_input_asking_for_media(
+        tmp_path: Path) -> None:
+    """A photo without caption: Body is blank (and signed), NumMedia=1."""
+    url = "https://api.twilio.com/2010-04-01/Accounts/AC1/Messages/MM1/Media/ME1"
+    async with whatsapp_harness(tmp_path, MEDIA_FLOWS) as h:
+        await h.post("/twilio/whatsapp", twilio_form(MessageSid="SM" + "0" * 32, Body="hi"))
+        assert h.new_bodies() == ["Send the receipt"]
+        await h.post("/twilio/whatsapp", twilio_form(MessageSid="SM" + "2" * 32,
+                                                     Body="later"))
+        assert h.new_bodies() == ["Please send a photo, a file or a link.", "Send the receipt"]
+        status, _ = await h.post("/twilio/whatsapp", twilio_form(
+            NumMedia="1", MediaUrl0=url, MediaContentType0="image/jpeg"))
+        assert status == 200
+        assert h.new_bodies() == [f"photo {url} [] ,"]
+
+
+@pytest.mark.parametrize(("params", "shown"), [
+    ({"Latitude": "52.520008", "Longitude": "13.404954", "Address": "Berlin"},
+     "location  [x] 52.520008,13.404954"),
+    ({"NumMedia": "1", "MediaUrl0": "https://x/v.ogg", "MediaContentType0": "audio/ogg"},
+     "voice https://x/v.ogg [x] ,"),
+    ({"NumMedia": "1", "MediaUrl0": "https://x/c.vcf", "MediaContentType0": "text/vcard"},
+     "contact https://x/c.vcf [x] ,"),
+    ({"NumMedia": "1", "MediaUrl0": "https://x/a.pdf", "MediaContentType0":
+      "application/pdf", "Body": "the invoice"}, "document https://x/a.pdf [the invoice] ,"),
+])
+async def test_media_variables_are_named_as_on_telegram(
+        tmp_path: Path, params: dict[str, str], shown: str) -> None:
+    flows = MEDIA_FLOWS.replace('validation = "media"', "").replace(
+        "{{receipt}}", "{{media_id}}")
+    async with whatsapp_harness(tmp_path, flows) as h:
+        await h.post("/twilio/whatsapp", twilio_form(MessageSid="SM" + "0" * 32, Body="hi"))
+        h.new_bodies()
+        await h.post("/twilio/whatsapp", twilio_form(**{"Body": "x", **params}))
+        assert h.new_bodies() == [shown]
 
 
 @pytest.mark.parametrize(("change", "code"), [
