@@ -29,7 +29,7 @@ from bot.flow import (
     WebhookBlock,
     WebViewBlock,
 )
-from bot.messages import Button, Inbound, Link, Message
+from bot.messages import Button, Inbound, Link, Media, Message
 from bot.state import Conversation, Step, Wait
 from bot.template import as_text, lookup, render, render_json, render_url
 
@@ -229,6 +229,7 @@ class Engine:
         return Message(
             render(block.text, conv.variables),
             buttons=tuple(Button(c.label, f"{tag}:{i}") for i, c in enumerate(block.choices)),
+            media=_media(block, conv.variables),
         )
 
     # -- resolved waits -------------------------------------------------------------------
@@ -291,10 +292,10 @@ class Engine:
         v = conv.variables
         say = step.messages.append
         if isinstance(block, MessageBlock):
-            say(Message(render(block.text, v)))
+            say(Message(render(block.text, v), media=_media(block, v)))
             return block.next
         if isinstance(block, InputBlock):
-            say(Message(render(block.text, v)))
+            say(Message(render(block.text, v), media=_media(block, v)))
             return _STAY
         if isinstance(block, ButtonsBlock):
             say(self._buttons_message(conv, block))
@@ -349,6 +350,16 @@ class Engine:
         wait = Wait(self.new_id(), kind, conv.flow, block.id, deadline, True, request)
         step.waits.append(wait)
         conv.wait_id = wait.id
+
+
+def _media(block: MessageBlock | InputBlock | ButtonsBlock,
+           variables: Mapping[str, Any]) -> Media | None:
+    """The file a block sends with its text, its URL rendered; None without one."""
+    if block.image:
+        return Media("image", render_url(block.image, variables))
+    if block.document:
+        return Media("document", render_url(block.document, variables))
+    return None
 
 
 def _media_answer(event: Inbound) -> str | None:

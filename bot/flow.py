@@ -23,6 +23,8 @@ class Block:
 @dataclass(frozen=True)
 class MessageBlock(Block):
     text: str = ""
+    image: str = ""  # URL (a template) of a picture sent with the text as caption
+    document: str = ""  # URL (a template) of a file sent the same way
     next: str | None = None
 
     def edges(self) -> list[tuple[str, str | None]]:
@@ -32,6 +34,8 @@ class MessageBlock(Block):
 @dataclass(frozen=True)
 class InputBlock(Block):
     text: str = ""
+    image: str = ""  # URL (a template) of a picture sent with the text as caption
+    document: str = ""  # URL (a template) of a file sent the same way
     variable: str = ""
     validation: str = "text"  # text | number | email | phone | regex | media
     pattern: str = ""
@@ -52,6 +56,8 @@ class Choice:
 @dataclass(frozen=True)
 class ButtonsBlock(Block):
     text: str = ""
+    image: str = ""  # URL (a template) of a picture sent with the text as caption
+    document: str = ""  # URL (a template) of a file sent the same way
     variable: str = ""
     choices: tuple[Choice, ...] = ()
     retry_message: str = ""

@@ -81,8 +81,23 @@ def _target(r: Reader, key: str, *, required: bool = False) -> str | None:
     return value or None
 
 
+def _media(r: Reader) -> dict[str, str]:
+    """`image` or `document`: the URL of a file sent with the block's text."""
+    found = {key: r.text(key, "") for key in ("image", "document")}
+    for key, url in found.items():
+        if url and not url.startswith(("http://", "https://", "{{")):
+            r.problems.error(r.at(key), "must be an http:// or https:// URL the platform "
+                             "can fetch (Telegram and Twilio download it)")
+        elif url and any(c.isspace() for c in url.strip()):
+            r.problems.error(r.at(key), "must be one URL, without spaces")
+    if found["image"] and found["document"]:
+        r.problems.error(r.at("document"), "a block sends one file: `image` or `document`")
+    return found
+
+
 def _message(r: Reader, bid: str) -> Block:
-    return MessageBlock(bid, text=r.text("text"), next=_target(r, "next"))
+    text = r.text("text", "") if r.has("image") or r.has("document") else r.text("text")
+    return MessageBlock(bid, text=text, next=_target(r, "next"), **_media(r))
 
 
 def _input(r: Reader, bid: str) -> Block:
@@ -96,6 +111,7 @@ def _input(r: Reader, bid: str) -> Block:
         r.problems.error(r.at("pattern"), "is only used with validation = 'regex'")
     return InputBlock(
         bid,
+        **_media(r),
         text=r.text("text"),
         variable=_variable(r, "variable"),
         validation=validation,
@@ -127,6 +143,7 @@ def _buttons(r: Reader, bid: str) -> Block:
         cr.done()
     return ButtonsBlock(
         bid,
+        **_media(r),
         text=r.text("text"),
         variable=_variable(r, "variable", required=False),
         choices=tuple(choices),

@@ -33,12 +33,22 @@ class Link:
 
 
 @dataclass(frozen=True)
+class Media:
+    """A file sent with a message, by URL: `kind` "image" or "document"."""
+
+    kind: str
+    url: str
+
+
+@dataclass(frozen=True)
 class Message:
-    """One outgoing message. `text` is plain text: channels escape it for their markup."""
+    """One outgoing message. `text` is plain text: channels escape it for their markup.
+    With `media`, the text is the file's caption where the platform has captions."""
 
     text: str
     buttons: tuple[Button, ...] = ()
     link: Link | None = None
+    media: Media | None = None
 
     def to_json(self) -> str:
         doc: dict[str, Any] = {"text": self.text}
@@ -46,16 +56,19 @@ class Message:
             doc["buttons"] = [[b.label, b.payload] for b in self.buttons]
         if self.link is not None:
             doc["link"] = [self.link.url, self.link.label, self.link.web_app]
+        if self.media is not None:
+            doc["media"] = [self.media.kind, self.media.url]
         return json.dumps(doc, ensure_ascii=False, separators=(",", ":"))
 
     @classmethod
     def from_json(cls, raw: str) -> Message:
         doc = json.loads(raw)
-        link = doc.get("link")
+        link, media = doc.get("link"), doc.get("media")
         return cls(
             text=doc["text"],
             buttons=tuple(Button(label, payload) for label, payload in doc.get("buttons", ())),
             link=Link(link[0], link[1], bool(link[2])) if link else None,
+            media=Media(media[0], media[1]) if media else None,
         )
 
 

@@ -12,6 +12,7 @@ from bot.messages import (
     Delivery,
     Inbound,
     Link,
+    Media,
     Message,
     media_variables,
 )
@@ -21,7 +22,7 @@ if TYPE_CHECKING:
 
 __all__ = [  # the message types live in bot/ (the engine's side); channels speak them
     "MEDIA_VARIABLES", "Button", "Channel", "Delivery", "Handler", "Inbound", "InboundHandler",
-    "Link", "Message", "RateLimit", "Route", "SendError", "SentParts", "media_variables",
+    "Link", "Media", "Message", "RateLimit", "Route", "SendError", "SentParts", "media_variables",
     "split_text",
 ]
 

@@ -48,6 +48,7 @@ from channels.base import (
     Delivery,
     Inbound,
     InboundHandler,
+    Media,
     Message,
     RateLimit,
     Route,
@@ -80,6 +81,7 @@ SECRET_HEADER = "X-Telegram-Bot-Api-Secret-Token"
 MAX_UPDATE_BYTES = 1024 * 1024
 CALLBACK_DATA_BYTES = 64  # Telegram's limit for callback_data
 TEXT_LIMIT = 4000  # Telegram allows 4096 characters; keep a margin for UTF-16 counting
+CAPTION_LIMIT = 1000  # a photo's or document's caption: 1024, the same margin
 POLL_TIMEOUT = 30  # seconds a getUpdates long poll is held by Telegram
 POLL_MAX_BACKOFF = 60.0
 POISON_ATTEMPTS = 5  # an update that fails to commit this often (polling) is skipped
@@ -469,16 +471,34 @@ class TelegramChannel:
         if m.link is not None and not link_button:
             text = f"{text}\n\n{m.link.label}: {m.link.url}"
         markup = self.keyboard(m, link_button=link_button)
-        parts = split_text(text or (m.link.label if m.link else "…"), TEXT_LIMIT)
+        caption = ""
+        if m.media is not None:  # the file first, the text as its caption, the rest after
+            caption = split_text(text, CAPTION_LIMIT)[0]
+            text = text[len(caption):].lstrip("\n")
+        parts: list[str | None] = [None] if m.media is not None else []
+        if text or m.media is None:
+            parts += split_text(text or (m.link.label if m.link else "…"), TEXT_LIMIT)
         message_id = ""
         for i in range(min(self._parts.first_unsent(delivery_id), len(parts) - 1), len(parts)):
-            sent = await self.bot.send_message(
-                chat_id, html.escape(parts[i], quote=False), parse_mode=ParseMode.HTML,
-                reply_markup=markup if i == len(parts) - 1 else None)
+            part, keys = parts[i], markup if i == len(parts) - 1 else None
+            if part is None:
+                assert m.media is not None
+                sent = await self._send_media(chat_id, m.media, caption, keys)
+            else:
+                sent = await self.bot.send_message(
+                    chat_id, html.escape(part, quote=False), parse_mode=ParseMode.HTML,
+                    reply_markup=keys)
             self._parts.sent(delivery_id, i + 1)
             message_id = str(sent.message_id)
         self._parts.done(delivery_id)
         return message_id
+
+    async def _send_media(self, chat_id: int | str, media: Media, caption: str,
+                          markup: InlineKeyboardMarkup | None) -> TgMessage:
+        """sendPhoto or sendDocument by URL: Telegram fetches the file itself."""
+        send = self.bot.send_photo if media.kind == "image" else self.bot.send_document
+        return await send(chat_id, media.url, caption=html.escape(caption, quote=False) or None,
+                          parse_mode=ParseMode.HTML, reply_markup=markup)
 
     def keyboard(self, m: Message, *, link_button: bool = True) -> InlineKeyboardMarkup | None:
         """Buttons as callback buttons, one per row; the WebView link as a url or web_app button."""

@@ -40,7 +40,9 @@ RELOAD_MESSAGES = 200  # what a reloaded page gets back of its conversation: the
 CLOSE_BAD_REQUEST = 4400  # private-use close code: the page must not reconnect as it is
 
 # Pages load their scripts and styles from files (no inline code), so a strict CSP holds.
-_CSP_CHAT = ("default-src 'none'; script-src 'self'; style-src 'self'; img-src 'self' data:; "
+# Images a flow sends (`image = "https://…"`) load from their own sites.
+_CSP_CHAT = ("default-src 'none'; script-src 'self'; style-src 'self'; "
+             "img-src 'self' data: https:; "
              "connect-src 'self'; base-uri 'none'; form-action 'none'; frame-ancestors 'none'")
 # The demo page may post to a callback on another origin (the different-origin test).
 _CSP_DEMO = ("default-src 'none'; script-src 'self'; style-src 'self'; img-src 'self' data:; "
@@ -94,6 +96,7 @@ def message_frame(delivery: Delivery) -> dict[str, Any]:
         "text": m.text,
         "buttons": [{"label": b.label, "payload": b.payload} for b in m.buttons],
         "link": {"url": m.link.url, "label": m.link.label} if m.link else None,
+        "media": {"kind": m.media.kind, "url": m.media.url} if m.media else None,
     }
 
 

@@ -311,17 +311,26 @@ class WhatsAppChannel:
     async def send(self, delivery: Delivery) -> str | None:
         if self._client is None:
             raise SendError("the WhatsApp channel is not started", permanent=False)
-        params = self.params(delivery.message)
+        media = delivery.message.media
+        # a file goes as MediaUrl with the text as its body: no Content template
+        params = self.params(delivery.message) if media is None \
+            else {"body": plain_text(delivery.message)}
         body = params.pop("body", None)
-        if body == "":
+        if body == "" and media is None:
             log.debug("outbox %d: nothing to say (empty text)", delivery.id)
             return None
         if self.config.status_callback:
             params["status_callback"] = self.status_url
-        # WhatsApp takes 1,600 characters per message: longer texts go in parts, and a
-        # retry after a failed part sends only the parts not sent yet
-        parts = [{**params, "body": part} for part in split_text(body, BODY_MAX)] \
-            if body is not None else [params]  # a Content template: one message
+        # WhatsApp takes 1,600 characters per message: longer texts go in parts (the file
+        # with the first), and a retry after a failed part sends only the parts not sent yet
+        if body is None:
+            parts = [params]  # a Content template: one message
+        elif body:
+            parts = [{**params, "body": part} for part in split_text(body, BODY_MAX)]
+        else:
+            parts = [dict(params)]  # a file alone
+        if media is not None:
+            parts[0]["media_url"] = media.url  # Twilio fetches it (images, PDFs, …)
         sid = ""
         for i in range(self._parts.first_unsent(delivery.id), len(parts)):
             sid = await self._create(delivery.user_id, parts[i])

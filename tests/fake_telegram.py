@@ -178,6 +178,29 @@ class FakeTelegram:
             message["reply_markup"] = params["reply_markup"]
         return message
 
+    async def _m_sendPhoto(self, params: dict[str, Any]) -> Any:
+        return self._file_message(params, "photo")
+
+    async def _m_sendDocument(self, params: dict[str, Any]) -> Any:
+        return self._file_message(params, "document")
+
+    def _file_message(self, params: dict[str, Any], kind: str) -> Any:
+        """Telegram fetches a file given by URL; refuses a caption over 1,024 characters."""
+        caption = html.unescape(re.sub(r"<[^>]+>", "", params.get("caption", "")))
+        if len(caption) > 1024:
+            return web.json_response({"ok": False, "error_code": 400, "description":
+                                      "Bad Request: message caption is too long"}, status=400)
+        self._next_message_id += 1
+        file = {"file_id": f"F{self._next_message_id}", "file_unique_id": "u"}
+        message: dict[str, Any] = {
+            "message_id": self._next_message_id, "date": 1_700_000_000,
+            "chat": {"id": int(params["chat_id"]), "type": "private"},
+            kind: [{**file, "width": 1, "height": 1}] if kind == "photo" else file,
+        }
+        if caption:
+            message["caption"] = caption
+        return message
+
     async def _m_answerCallbackQuery(self, params: dict[str, Any]) -> Any:
         return True
 

@@ -115,6 +115,15 @@ def test_every_problem_is_reported_at_once_with_its_place(tmp_path: Path) -> Non
     ('type = "jump"', "flows.main.blocks.b: needs exactly one of `block`"),
     ('type = "jump"\nflow = "other"', "flows.main.blocks.b.flow: no flow named 'other'"),
     ('type = "delay"\nseconds = -1', "flows.main.blocks.b.seconds: must be 0..2.592e+06"),
+    ('type = "message"\ntext = "t"\nimage = "ftp://cdn/x.png"',
+     "flows.main.blocks.b.image: must be an http:// or https:// URL"),
+    ('type = "message"\nimage = "https://cdn/a b.png"',
+     "flows.main.blocks.b.image: must be one URL, without spaces"),
+    ('type = "input"\ntext = "t"\nvariable = "v"\ndocument = "cdn/terms.pdf"',
+     "flows.main.blocks.b.document: must be an http:// or https:// URL"),
+    ('type = "message"\nimage = "https://cdn/a.png"\ndocument = "https://cdn/a.pdf"',
+     "flows.main.blocks.b.document: a block sends one file"),
+    ('type = "message"', "flows.main.blocks.b.text: is required"),
 ])
 def test_each_kind_of_block_error(tmp_path: Path, block: str, error: str) -> None:
     errors = errors_of(tmp_path, """

@@ -1029,3 +1029,52 @@ async def test_an_input_asking_for_media_takes_a_photo_without_caption(
             "file_id": "BQACAgIAAxkBAAIB", "file_unique_id": "u1", "file_name": "r.pdf",
             "mime_type": "application/pdf"}))
         assert fake.sent()[-1]["text"] == "document BQACAgIAAxkBAAIB [] application/pdf r.pdf"
+
+
+# -- media out -----------------------------------------------------------------------------
+
+MEDIA_OUT_FLOWS = """
+[flows.main]
+start = "photo"
+[flows.main.blocks.photo]
+type = "message"
+text = "Your <ticket>, {{user_name}}"
+image = "https://cdn.example/t/{{user_name}}.png"
+next = "terms"
+[flows.main.blocks.terms]
+type = "message"
+text = "{long}"
+document = "https://cdn.example/terms.pdf"
+next = "pick"
+[flows.main.blocks.pick]
+type = "buttons"
+image = "https://cdn.example/seats.png"
+text = "Pick a seat"
+choices = [{ label = "Window", next = "bye" }, { label = "Aisle", next = "bye" }]
+[flows.main.blocks.bye]
+type = "end"
+"""
+
+
+async def test_a_block_sends_its_image_or_document_natively_with_the_text_as_caption(
+        tmp_path: Path, fake: FakeTelegram) -> None:
+    long = "Terms and conditions. " * 70  # 1,540 characters: over the 1,024 of a caption
+    flows = MEDIA_OUT_FLOWS.replace("{long}", long.strip())
+    async with telegram(tg_config(tmp_path, fake, flows=flows), fake) as tg:
+        await tg.say("hello", 1, first_name="Ada", last_name="")
+        calls = [(c.method, c.params) for c in fake.calls
+                 if c.method in ("sendPhoto", "sendDocument", "sendMessage")]
+        assert [m for m, _ in calls] == ["sendPhoto", "sendDocument", "sendMessage",
+                                         "sendPhoto"]
+        photo = calls[0][1]
+        assert (photo["photo"], photo["caption"], photo["parse_mode"]) == (
+            "https://cdn.example/t/Ada.png", "Your &lt;ticket&gt;, Ada", "HTML")
+        doc, rest = calls[1][1], calls[2][1]
+        assert doc["document"] == "https://cdn.example/terms.pdf"
+        assert len(doc["caption"]) <= 1024 and "reply_markup" not in doc
+        assert doc["caption"] + rest["text"] == long.strip()  # cut where no line breaks
+        seats = calls[3][1]
+        assert (seats["photo"], seats["caption"]) == ("https://cdn.example/seats.png",
+                                                     "Pick a seat")
+        assert [row[0]["text"] for row in keyboard(seats)] == ["Window", "Aisle"]
+        assert all(r[0] == "sent" for r in await tg.outbox_rows())

@@ -516,3 +516,25 @@ async def test_an_input_asking_for_media_takes_a_link_in_the_web_chat(tmp_path: 
             "Please send a photo, a file or a link.", "Send the receipt"]
         assert texts(await tab.say(" https://files.example/r.pdf ")) == [
             "Got https://files.example/r.pdf"]
+
+
+async def test_a_block_with_an_image_sends_it_to_the_page(tmp_path: Path) -> None:
+    config = write_config(tmp_path, """
+        [flows.main]
+        start = "photo"
+        [flows.main.blocks.photo]
+        type = "message"
+        text = "Your ticket"
+        image = "https://cdn.example/t.png"
+    """)
+    config = replace(config, channels=replace(
+        config.channels, web=replace(config.channels.web, enabled=True)))
+    async with chat_app(config) as c:
+        tab = c.tab()
+        await tab.open()
+        await tab.send({"type": "text", "id": "m1", "text": "hi"})
+        [message] = await tab.messages()
+        assert (message["text"], message["media"]) == (
+            "Your ticket", {"kind": "image", "url": "https://cdn.example/t.png"})
+        page = await c.client.get("/")
+        assert "img-src 'self' data: https:;" in page.headers["Content-Security-Policy"]

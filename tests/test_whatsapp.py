@@ -355,6 +355,29 @@ async def test_media_variables_are_named_as_on_telegram(
         assert h.new_bodies() == [shown]
 
 
+async def test_a_block_with_a_file_sends_it_as_media_url(tmp_path: Path) -> None:
+    flows = """
+    [flows.main]
+    start = "photo"
+    [flows.main.blocks.photo]
+    type = "message"
+    text = "Your ticket"
+    image = "https://cdn.example/t.png"
+    next = "terms"
+    [flows.main.blocks.terms]
+    type = "end"
+    [flows.main.blocks.terms_doc]
+    type = "message"
+    document = "https://cdn.example/terms.pdf"
+    """.replace('type = "end"', 'type = "jump"\n    block = "terms_doc"')
+    async with whatsapp_harness(tmp_path, flows) as h:
+        await h.post("/twilio/whatsapp", twilio_form(MessageSid="SM" + "0" * 32, Body="hi"))
+        sends = h.new_sends()
+        assert [(f.get("Body"), f.get("MediaUrl")) for f in sends] == [
+            ("Your ticket", "https://cdn.example/t.png"),
+            (None, "https://cdn.example/terms.pdf")]  # a file alone: no Body
+
+
 @pytest.mark.parametrize(("change", "code"), [
     ({"MessageSid": ""}, "missing_message_sid"),
     ({"From": "+4915112345678"}, "not_whatsapp"),

@@ -200,7 +200,24 @@
     lastId = doc.id;
     const li = el("li", "msg bot");
     li.dataset.id = String(doc.id);
-    li.append(bubble(doc.text));
+    if (doc.media && webAddress(doc.media.url)) {
+      // a flow's image is shown; a document is a link to open
+      const href = webAddress(doc.media.url);
+      if (doc.media.kind === "image") {
+        const img = document.createElement("img");
+        img.className = "media";
+        img.src = href;
+        img.alt = doc.text || "image";
+        li.append(img);
+      } else {
+        const a = el("a", "media", decodeURIComponent(href.split(/[?#]/)[0].split("/").pop()) || href);
+        a.href = href;
+        a.target = "_blank";
+        a.rel = "noopener noreferrer";
+        li.append(a);
+      }
+    }
+    if (doc.text || !doc.media) li.append(bubble(doc.text));
     if (Array.isArray(doc.buttons) && doc.buttons.length) {
       const row = el("div", "choices");
       for (const b of doc.buttons) {
