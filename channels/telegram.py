@@ -342,7 +342,8 @@ class TelegramChannel:
                 return None
             chat = query.message.chat.id if query.message is not None else query.from_user.id
             return Inbound(self.name, str(chat), text=_pressed_label(update), payload=query.data,
-                           user_name=query.from_user.full_name, event_id=event_id)
+                           user_name=query.from_user.full_name, event_id=event_id,
+                           variables=media_variables())  # no earlier photo lingers
         message = update.message
         if message is None:
             return None
@@ -350,7 +351,8 @@ class TelegramChannel:
         if message.web_app_data is not None:
             data = message.web_app_data.data
             return Inbound(self.name, str(message.chat.id), text=data, user_name=name,
-                           event_id=event_id, variables={"web_app_data": data})
+                           event_id=event_id,
+                           variables={"web_app_data": data, **media_variables()})
         media = _media(message)
         if message.text is None and not media["media_type"]:  # stickers, service messages
             return None

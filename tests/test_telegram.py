@@ -1014,9 +1014,12 @@ async def test_media_reach_the_flow_as_variables(
     async with telegram(tg_config(tmp_path, fake, flows=SHOW_FLOWS), fake) as tg:
         assert (await tg.post_update(media_update(1, **fields)))[0] == 200
         assert [p["text"] for p in fake.sent()] == [shown]
-        # the next text message carries none of it
+        # the next text message carries none of it, nor does a button press
         await tg.say("plain", 2)
         assert fake.sent()[-1]["text"] == "||plain|,|/"
+        await tg.post_update(media_update(3, **fields))
+        await tg.press("other:1", 4)
+        assert fake.sent()[-1]["text"].startswith("||")
 
 
 async def test_an_input_asking_for_media_takes_a_photo_without_caption(
