@@ -10,10 +10,16 @@ import asyncio
 import json
 import math
 import re
+import zlib
 from typing import Any
 
 from aiohttp import web
-from aiohttp.http_exceptions import HttpProcessingError
+from aiohttp.http_exceptions import (
+    ContentEncodingError,
+    DecompressSizeError,
+    HttpProcessingError,
+)
+from aiohttp.web_protocol import RequestPayloadError
 
 from bot.errors import BadRequest, RequestTimeout, TooLarge
 
@@ -24,15 +30,65 @@ DEFAULT_BODY_TIMEOUT = 30.0  # seconds for a whole body, when the app does not s
 BODY_TIMEOUT = web.AppKey("body_timeout", float)
 
 
+# Content-Encoding values a body may carry (RFC 9110 8.4.1); "x-gzip" is gzip's old alias
+ENCODINGS = ("gzip", "deflate")
+_ACCEPTED = 'Send the body as is, or with "Content-Encoding: gzip" or "deflate".'
+
+
+def _encoding(request: web.Request) -> str | None:
+    """The body's one content coding (None for none/identity), or 400 bad_encoding for a
+    coding we do not decode (br, zstd, compress, anything unknown, or several stacked)."""
+    header = request.headers.get("Content-Encoding", "")
+    codings = [c.strip().lower() for c in header.split(",")]
+    codings = [("gzip" if c == "x-gzip" else c) for c in codings if c and c != "identity"]
+    if not codings:
+        return None
+    if len(codings) > 1 or codings[0] not in ENCODINGS:
+        raise BadRequest("bad_encoding", f"Content-Encoding {header.strip()[:60]!r} is not "
+                         f"accepted. {_ACCEPTED}")
+    return codings[0]
+
+
+def _bad_encoding(coding: str) -> BadRequest:
+    return BadRequest("bad_encoding", f"The body is not valid {coding} data, as its "
+                      f"Content-Encoding says. {_ACCEPTED}")
+
+
+def _decode(raw: bytes, coding: str, limit: int) -> bytes:
+    """`raw` decompressed: at most `limit` bytes (413 past it, however well it compresses),
+    400 bad_encoding when it is not a whole `coding` stream."""
+    if coding == "gzip":
+        wbits = 16 + zlib.MAX_WBITS
+    else:  # deflate is zlib-wrapped (RFC 9110), but some clients send raw deflate
+        wbits = zlib.MAX_WBITS if raw[:1] and raw[0] & 0x0F == 8 else -zlib.MAX_WBITS
+    decoder = zlib.decompressobj(wbits)
+    try:
+        out = decoder.decompress(raw, limit + 1)
+    except zlib.error:
+        raise _bad_encoding(coding) from None
+    if len(out) > limit:
+        raise _too_large(limit)
+    if not decoder.eof or decoder.unused_data:
+        raise _bad_encoding(coding)
+    return out
+
+
 async def read_body(request: web.Request, limit: int) -> bytes:
     """The whole raw body of `request`: every byte up to EOF (Content-Length or chunked),
-    however it is segmented or delayed. More than `limit` bytes is 413 (refused from the
+    however it is segmented or delayed, decompressed when its Content-Encoding is gzip or
+    deflate. More than `limit` bytes, sent or decompressed, is 413 (refused from the
     Content-Length header when it says so, else as soon as the count passes it); a body
     that takes longer than the app's `BODY_TIMEOUT` seconds is 408; a body cut short or
-    with broken chunked framing is 400. Raises `ApiError`s, which the server answers as
-    JSON."""
+    with broken chunked framing is 400 incomplete_body; any other coding, or data that is
+    not what its coding says, is 400 bad_encoding. Raises `ApiError`s, which the server
+    answers as JSON. (The server runs aiohttp with `auto_decompress=False`, see
+    `bot.server.RUNNER_OPTIONS`, so that every coding reaches this function; when aiohttp
+    did decompress, its errors are answered the same way.)"""
+    coding = _encoding(request)
     if request.content_length is not None and request.content_length > limit:
         raise _too_large(limit)
+    # aiohttp sets total_compressed_bytes when it decompresses the stream itself
+    decoded = getattr(request.content, "total_compressed_bytes", None) is not None
     timeout = request.config_dict.get(BODY_TIMEOUT, DEFAULT_BODY_TIMEOUT)
     chunks: list[bytes] = []
     size = 0
@@ -46,10 +102,21 @@ async def read_body(request: web.Request, limit: int) -> bytes:
     except TimeoutError:
         raise RequestTimeout("body_timeout", f"The body did not arrive within {timeout:g} "
                              "seconds; send it at once.") from None
+    except RequestPayloadError as exc:  # aiohttp's wrapper around the parser's error
+        cause = exc.__cause__
+        if isinstance(cause, DecompressSizeError):
+            raise _too_large(limit) from None
+        if coding is not None and isinstance(cause, ContentEncodingError):
+            raise _bad_encoding(coding) from None
+        raise BadRequest("incomplete_body", "The body was cut short or its chunked "
+                         f"framing is broken ({type(cause or exc).__name__}).") from None
     except (HttpProcessingError, ConnectionError) as exc:
         raise BadRequest("incomplete_body", "The body was cut short or its chunked "
                          f"framing is broken ({type(exc).__name__}).") from None
-    return b"".join(chunks)
+    body = b"".join(chunks)
+    if coding is not None and not decoded:
+        body = _decode(body, coding, limit)
+    return body
 
 
 def _too_large(limit: int) -> TooLarge:

@@ -249,9 +249,20 @@ def build_app(
     return app
 
 
+# Options of the server's aiohttp request handler. auto_decompress off: bodies reach
+# bot.body.read_body as sent, which decodes gzip/deflate within the endpoint's size limit
+# and answers any other Content-Encoding as JSON (aiohttp's own decoder answers br/zstd
+# without their libraries as text/plain before the app sees the request).
+RUNNER_OPTIONS: dict[str, object] = {"auto_decompress": False}
+
+
 class GuardedRunner(web.AppRunner):
     """An AppRunner whose server's connections are watched by the app's `ConnectionGuard`
-    (slow clients dropped). aiohttp has no deadline for a request's headers of its own."""
+    (slow clients dropped). aiohttp has no deadline for a request's headers of its own.
+    Runs with `RUNNER_OPTIONS` unless told otherwise."""
+
+    def __init__(self, app: web.Application, **kwargs: object) -> None:
+        super().__init__(app, **{**RUNNER_OPTIONS, **kwargs})  # type: ignore[arg-type]
 
     async def _make_server(self) -> web.Server:
         server = await super()._make_server()

@@ -28,7 +28,7 @@ from bot.clock import FakeClock
 from bot.config import Config, load_config
 from bot.outbox import Outbox
 from bot.runtime import Runtime
-from bot.server import OUTBOX, RUNTIME, build_app
+from bot.server import OUTBOX, RUNNER_OPTIONS, RUNTIME, build_app
 from channels.base import Inbound
 from storage.store import Store
 from tests.support import RecordingChannel
@@ -113,11 +113,15 @@ class App:
     channel: RecordingChannel = field(default_factory=RecordingChannel)
     client: TestClient[Any, Any] | None = None
     starts: int = 0
+    # the aiohttp handler's options: production's (bot.server.RUNNER_OPTIONS) by default
+    server_options: dict[str, Any] = field(default_factory=lambda: dict(RUNNER_OPTIONS))
 
     async def start(self) -> App:
         app = build_app(self.config, channel_factories={"rec": lambda _c, _r: self.channel},
                         clock=self.clock, run_background=False)
-        self.client = TestClient(TestServer(app, host="127.0.0.1"))
+        server = TestServer(app, host="127.0.0.1")
+        await server.start_server(**self.server_options)  # the handler's options go here
+        self.client = TestClient(server)
         await self.client.start_server()
         self.starts += 1
         return self

@@ -6,11 +6,13 @@ rejected request changes nothing (a digest of every table before and after)."""
 from __future__ import annotations
 
 import asyncio
+import gzip
 import json
 import random
 import secrets
 import sys
 import time
+import zlib
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 from typing import Any
@@ -208,3 +210,81 @@ async def test_unknown_conversation_keys_are_404(app: App) -> None:
     assert {(status, body["error"]) for status, body in answers} == \
         {(404, "unknown_conversation")}
     assert snapshot(_db(app)) == before
+
+
+# -- Content-Encoding (issue 12) ----------------------------------------------------------
+
+ENCODED_PATHS = ["/webview/callback", "/webhook", "/webhook/some-key"]
+
+
+@pytest.fixture(params=[False, True], ids=["flowbot-decodes", "aiohttp-decodes"])
+async def coded_app(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[App]:
+    """The app as production runs it (bodies decoded by flowbot), and with aiohttp's own
+    decoder on (as a bare TestServer or another runner would): the answers must agree."""
+    app = App(load(write_config(tmp_path)), server_options={"auto_decompress": request.param})
+    await app.start()
+    yield app
+    await app.close()
+
+
+async def _coded(app: App, path: str, body: bytes, coding: str) -> tuple[int, dict[str, Any]]:
+    assert app.client is not None
+    # a connection each: aiohttp's own decoder drops a connection whose body it failed on
+    resp = await app.client.post(path, data=body, headers={
+        "Content-Type": "application/json", "Content-Encoding": coding, "Connection": "close"})
+    assert resp.content_type == "application/json", (resp.status, await resp.text())
+    return resp.status, await resp.json()
+
+
+@pytest.mark.parametrize("path", ENCODED_PATHS)
+async def test_undecodable_bodies_are_400_bad_encoding(coded_app: App, path: str) -> None:
+    before = snapshot(_db(coded_app))
+    gz = gzip.compress(b'{"conversation_key": "nobody", "executionId": "x", "success": true}')
+    cases = [(b"garbage", "gzip"), (b"garbage", "deflate"), (b"\x78\x9c garbage", "deflate")]
+    if not coded_app.server_options["auto_decompress"]:  # aiohttp's decoder lets these by
+        cases += [(gz[:-9], "gzip"), (gz + b"trailing", "gzip")]
+    for body, coding in cases:
+        status, doc = await _coded(coded_app, path, body, coding)
+        assert (status, doc["error"]) == (400, "bad_encoding"), (body, coding, doc)
+        assert "gzip" in doc["message"] and "deflate" in doc["message"]
+    assert snapshot(_db(coded_app)) == before
+
+
+@pytest.mark.parametrize("path", ENCODED_PATHS)
+async def test_unsupported_encodings_are_400_json(coded_app: App, path: str) -> None:
+    before = snapshot(_db(coded_app))
+    codings = ["compress", "gzip, gzip", "x-unknown"]
+    if not coded_app.server_options["auto_decompress"]:
+        codings += ["br", "zstd"]  # aiohttp's decoder answers these itself (docs/http-api.md)
+    for coding in codings:
+        status, doc = await _coded(coded_app, path, b"{}", coding)
+        assert (status, doc["error"]) == (400, "bad_encoding"), (coding, doc)
+        assert "Content-Encoding" in doc["message"]
+    assert snapshot(_db(coded_app)) == before
+
+
+@pytest.mark.parametrize("path", ENCODED_PATHS)
+async def test_gzip_bombs_are_413(coded_app: App, path: str) -> None:
+    before = snapshot(_db(coded_app))
+    bomb = gzip.compress(b"0" * 50_000_000)  # 50 MB of zeros, about 48 KB sent
+    assert len(bomb) < coded_app.config.server.max_body_bytes
+    status, doc = await _coded(coded_app, path, bomb, "gzip")
+    assert (status, doc["error"]) == (413, "too_large"), doc
+    # just past the limit once decoded is refused too; just under it is read
+    limit = coded_app.config.server.max_body_bytes
+    status, doc = await _coded(coded_app, path, zlib.compress(b" " * (limit + 1)), "deflate")
+    assert (status, doc["error"]) == (413, "too_large"), doc
+    assert snapshot(_db(coded_app)) == before
+
+
+async def test_encoded_bodies_are_read(coded_app: App) -> None:
+    doc = {"conversation_key": "nobody-has-this", "note": "é 🙂"}
+    raw = json.dumps(doc).encode()
+    squeezed = zlib.compressobj(wbits=-zlib.MAX_WBITS)  # raw deflate, as some clients send
+    bodies = {"gzip": gzip.compress(raw), "x-gzip": gzip.compress(raw),
+              "deflate": zlib.compress(raw), "identity": raw}
+    for coding, body in [*bodies.items(),
+                         ("deflate", squeezed.compress(raw) + squeezed.flush())]:
+        status, answer = await _coded(coded_app, "/webhook", body, coding)
+        # decoded and parsed: the key is looked up (and unknown), not a 400
+        assert (status, answer["error"]) == (404, "unknown_conversation"), (coding, answer)
