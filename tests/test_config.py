@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import shutil
 import subprocess
 import sys
@@ -206,17 +207,26 @@ def test_unreachable_blocks_are_warned_not_refused(tmp_path: Path,
         capsys.readouterr().err
 
 
+def _named(text: str) -> str:
+    """A Mermaid or dot drawing with its node ids (n0, n1, …) replaced by their labels'
+    first word (the block's name), so tests can read edges."""
+    names = dict(re.findall(r'^    (n\d+)\s*[\[(]+"([^" ]*)', text, re.M)
+                 + re.findall(r'^    (n\d+) \[shape=\w+, (?:color=red, fontcolor=red, )?'
+                              r'label="([^" ]*)', text, re.M))
+    return re.sub(r"\bn\d+\b", lambda m: names.get(m.group(), m.group()), text)
+
+
 def test_graph_labels_every_edge(capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["graph", "--config", str(EXAMPLE)]) == 0
-    out = capsys.readouterr().out
+    out = _named(capsys.readouterr().out)
     assert out.startswith("flowchart TD")
     for edge in ('pay -->|"success"| paid', 'pay -->|"error"| payment_failed',
                  'pay -->|"expired"| payment_expired', 'webhook_intro -->|"failure"| webhook_timeout',
                  'menu -->|"Pay with a web page"| price', 'bye["bye (end)"]'):
         assert edge in out
     assert main(["graph", "--config", str(EXAMPLE), "--format", "dot"]) == 0
-    dot = capsys.readouterr().out
-    assert '"pay" -> "payment_expired" [label="expired"];' in dot
+    dot = _named(capsys.readouterr().out)
+    assert 'pay -> payment_expired [label="expired"];' in dot
 
 
 def test_graphviz_renders_the_dot_graph(capsys: pytest.CaptureFixture[str]) -> None:
@@ -242,7 +252,7 @@ def test_graph_shows_condition_rules(tmp_path: Path, capsys: pytest.CaptureFixtu
         type = "end"
     """))
     assert main(["graph", "--config", str(path)]) == 0
-    out = capsys.readouterr().out
+    out = _named(capsys.readouterr().out)
     assert 'c -->|"age greater_than 17"| adult' in out
     assert 'c -->|"else"| child' in out
 
@@ -335,15 +345,15 @@ def test_graph_draws_a_broken_config_and_marks_what_is_broken(
     assert main(["graph", "--config", str(path)]) == 2
     captured = capsys.readouterr()
     assert "no block named 'ask_nme'" in captured.err
-    out = captured.out
-    assert 'hello -.->|"next"| missing_ask_nme' in out
-    assert "missing_ask_nme([\"no block 'ask_nme'\"]):::broken" in out
+    out = _named(captured.out)
+    assert 'hello -.->|"next"| no' in out
+    assert "no([\"no block 'ask_nme'\"]):::broken" in out
     assert 'price["price (cannot be read)"]:::broken' in out
     assert 'menu -->|"Pay with a web page"| price' in out  # not broken: price exists
     assert main(["graph", "--config", str(path), "--format", "dot"]) == 2
     dot = capsys.readouterr().out
-    assert ('"hello" -> "missing_ask_nme" [label="next", color=red, fontcolor=red, '
-            'style=dashed];') in dot
+    assert ('hello -> no [label="next", color=red, fontcolor=red, style=dashed];'
+            in _named(dot))
     if shutil.which("dot"):
         subprocess.run(["dot", "-Tsvg"], input=dot, text=True, check=True, capture_output=True)
 
@@ -354,3 +364,78 @@ def test_graph_of_a_file_that_is_not_toml(tmp_path: Path,
     path.write_text("[flows\n")
     assert main(["graph", "--config", str(path)]) == 2
     assert "not valid TOML" in capsys.readouterr().err
+
+
+ODD_NAMES = {  # (config, whether `check` passes): names and labels that broke the drawings
+    "backslash-label": ('''
+        [flows.main]
+        start = "menu"
+        [flows.main.blocks.menu]
+        type = "buttons"
+        text = "Where?"
+        choices = [{ label = "C:\\\\", next = "end" }, { label = "say \\"hi\\" #1 <b>", next = "end" },
+                   { label = "line\\nbreak \\\\N \\\\G", next = "end" }]
+        [flows.main.blocks.end]
+        type = "end"
+    ''', True),
+    "reserved-ids": ('''
+        [flows.main]
+        start = "graph"
+        [flows.main.blocks.graph]
+        type = "message"
+        text = "x"
+        next = "__end__"
+        [flows.main.blocks.__end__]
+        type = "message"
+        text = "x"
+        next = "flow_x"
+        [flows.main.blocks.flow_x]
+        type = "end"
+    ''', True),
+    "broken-names": ('''
+        [flows.main]
+        start = "a b"
+        [flows.main.blocks."a b"]
+        type = "message"
+        text = "x"
+        next = "x y\\"z"
+        [flows.main.blocks."q\\"uote\\\\"]
+        type = "sett"
+    ''', False),
+}
+
+
+@pytest.mark.parametrize("name", ODD_NAMES)
+def test_graph_of_odd_names_parses_in_both_languages(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str], name: str) -> None:
+    require(shutil.which("dot"), "graphviz's dot", "apt-get install graphviz; .ci/run does")
+    text, valid = ODD_NAMES[name]
+    path = tmp_path / "c.toml"
+    path.write_text(textwrap.dedent(text))
+    if valid:
+        assert main(["check", "--config", str(path)]) == 0
+    else:
+        with pytest.raises(SystemExit, match="2"):
+            main(["check", "--config", str(path)])
+    capsys.readouterr()
+    assert main(["graph", "--config", str(path), "--format", "dot"]) == (0 if valid else 2)
+    dot = capsys.readouterr().out
+    svg = subprocess.run(["dot", "-Tsvg"], input=dot, text=True, check=True,
+                         capture_output=True).stdout
+    assert main(["graph", "--config", str(path)]) == (0 if valid else 2)
+    out = capsys.readouterr().out
+    lines = out.splitlines()[1:]
+    for line in lines:  # every node id is n<number>; every name sits inside a "label"
+        outside = re.sub(r'"[^"]*"', "", line).split(":::")[0]
+        assert re.fullmatch(r"\s*(n\d+(\[\]|\(\[\]\))?( -(-|\.-)>(\|\|)? n\d+)?"
+                            r"|classDef broken .*)", outside), line
+    if name == "backslash-label":
+        assert "C:\\" in svg and 'say "hi" #1' in svg.replace("&quot;", '"')
+        assert '"C:\\"' in out and "say #quot;hi#quot; #35;1 #lt;b#gt;" in out
+        assert '"line break \\N \\G"' in out
+    if name == "reserved-ids":  # the blocks are nodes of their own, not the end node
+        assert '["__end__ (message)"]' in out and '(["end"])' not in out
+        assert '["flow_x (end)"]' in out
+    if name == "broken-names":
+        assert "no block 'x y#quot;z'" in out and "a b (message)" in out
+        assert "q#quot;uote\\ (cannot be read)" in out
