@@ -113,7 +113,9 @@ def error_middleware(cors: Mapping[str, str], guard: ConnectionGuard, health: St
             response = web.json_response(exc.body(), status=exc.status)
             if isinstance(exc, RequestTimeout):
                 # answer, then close at once: aiohttp would otherwise linger reading the
-                # rest of the slow body for up to 10 s
+                # rest of the slow body for up to 10 s (sent here, so CORS goes on first)
+                if is_callback:
+                    response.headers.update(cors)
                 response.force_close()
                 await response.prepare(request)
                 await response.write_eof()

@@ -159,6 +159,9 @@ async def test_a_stalled_body_is_408_and_the_connection_closed(
     head, _, body = answer.partition(b"\r\n\r\n")
     assert head.startswith(b"HTTP/1.1 408")
     assert json.loads(body)["error"] == "body_timeout"
+    # the page's fetch() can read it: the CORS headers of every other callback answer
+    cors = server.server.app[RUNTIME].config.server.cors_allow_origin
+    assert f"\r\nAccess-Control-Allow-Origin: {cors}\r\n".encode() in head
     writer.close()
     runtime = server.server.app[RUNTIME]
     assert runtime.metrics.get("callback", 0) == 0
