@@ -131,8 +131,11 @@ def check_database(path: Path) -> None:
                                ENVIRONMENT)
         return
     if path.is_dir():
+        # the path names something on this machine that is not what it must be: the
+        # environment's (exit 1, as a missing or unwritable folder), not the config's syntax
         raise StartupError(f"the database {path} is a directory — storage.path must name a "
-                           "file", CONFIG)
+                           f"file (e.g. {path / 'flowbot.db'}), or remove that directory",
+                           ENVIRONMENT)
     if not os.access(path, os.R_OK | os.W_OK):
         raise StartupError(f"cannot open the database {path} for writing: permission denied — "
                            f"make it readable and writable by this user ({_user()})",

@@ -108,8 +108,10 @@ def test_database_directory_missing(tmp_path: Path) -> None:
 def test_database_is_a_directory(tmp_path: Path) -> None:
     (tmp_path / "flowbot.db").mkdir()
     proc = serve(write(tmp_path), "--port", str(free_port()))
-    assert_clean(proc, 2, f"flowbot: the database {tmp_path / 'flowbot.db'} is a directory — "
-                          "storage.path must name a file")
+    # the environment's fault, as a missing or unwritable folder: exit 1 (docs/operations.md)
+    assert_clean(proc, 1, f"flowbot: the database {tmp_path / 'flowbot.db'} is a directory — "
+                          f"storage.path must name a file (e.g. "
+                          f"{tmp_path / 'flowbot.db' / 'flowbot.db'}), or remove that directory")
 
 
 def test_debug_shows_the_traceback(tmp_path: Path) -> None:
