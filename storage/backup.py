@@ -28,6 +28,9 @@ def backup(src: Path, out: Path) -> BackupInfo:
     if out.exists():
         raise FileExistsError(f"{out} already exists; choose a new name (a backup never "
                               "overwrites)")
+    if not out.parent.is_dir():  # else SQLite says only "unable to open database file"
+        raise FileNotFoundError(f"the folder {out.parent} does not exist; create it first "
+                                "(mkdir -p) or write the backup elsewhere")
     if not src.exists():
         raise FileNotFoundError(f"there is no database at {src} (storage.path)")
     began = time.monotonic()

@@ -119,3 +119,20 @@ async def test_a_backup_under_load_restores_to_a_database_that_serves(
     while restored.sql("SELECT count(*) FROM waits WHERE state = 'expired'") != [(50,)]:
         assert time.monotonic() < deadline
         time.sleep(0.05)
+
+
+def test_a_backup_into_a_missing_folder_names_the_folder(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    from bot.cli import main
+
+    db = tmp_path / "flowbot.db"
+    sqlite3.connect(db).close()
+    config = tmp_path / "c.toml"
+    config.write_text(f'[storage]\npath = "{db}"\n[flows.main]\nstart = "a"\n'
+                      '[flows.main.blocks.a]\ntype = "end"\n')
+    out = tmp_path / "no" / "such" / "backup.db"
+    assert main(["backup", "--config", str(config), str(out)]) == 2
+    err = capsys.readouterr().err
+    assert err == (f"flowbot: the folder {out.parent} does not exist; create it first "
+                   "(mkdir -p) or write the backup elsewhere\n")
+    assert not (tmp_path / "no").exists()
