@@ -44,10 +44,22 @@ class ServerConfig:
 
 @dataclass(frozen=True)
 class StorageConfig:
+    """`[storage]`: a SQLite file (`path`, the default) or a PostgreSQL database (`url`, or
+    `url_env` naming the environment variable that holds it: URLs carry passwords)."""
+
     path: Path = Path("flowbot.db")
-    # "process": SQLite and the transitions in a process of their own (a second core);
+    # "process": the store and the transitions in a process of their own (a second core);
     # "thread": a thread of the server's process (tests; a one-core machine)
     worker: str = "process"
+    url: str = ""  # postgresql://… without a password (libpq's PGPASSWORD / .pgpass work)
+    url_env: str = ""
+    pool_size: int = 8  # PostgreSQL connections, one per transition running at once
+    prepared_statements: bool = True  # false behind PgBouncer < 1.21 in transaction mode
+
+    @property
+    def backend(self) -> str:
+        """"postgresql" or "sqlite"."""
+        return "postgresql" if self.url or self.url_env else "sqlite"
 
 
 WORKERS = ("process", "thread")
@@ -147,10 +159,43 @@ def _server(r: Reader) -> ServerConfig:
 
 
 def _storage(r: Reader, base: Path) -> StorageConfig:
+    has_path = r.has("path")
     path = Path(r.text("path", "flowbot.db"))
     worker = r.text("worker", "process", choices=WORKERS)
+    url: str = r.text("url", "")
+    url_env: str = r.text("url_env", "")
+    pool_size = r.integer("pool_size", 8, lo=1, hi=256)
+    prepared = r.flag("prepared_statements", True)
+    if url and url_env:
+        r.problems.error(r.at("url_env"), "give either url or url_env, not both")
+    if url and not url.startswith(POSTGRES_SCHEMES):
+        r.problems.error(r.at("url"), "must start with postgresql:// (only PostgreSQL is "
+                         "reached by URL; a SQLite file is given with `path`)")
+    elif url and _has_password(url):
+        r.problems.error(r.at("url"), "has a password: secrets are not written in the config; "
+                         "put the URL in an environment variable and name it with `url_env` "
+                         "(or use PGPASSWORD / ~/.pgpass)")
+    if url_env and not url_env.replace("_", "").isalnum():
+        r.problems.error(r.at("url_env"), f"must name an environment variable, not {url_env!r}")
+    if has_path and (url or url_env):
+        r.problems.error(r.at("path"), "is the SQLite file; with url/url_env the data is in "
+                         "PostgreSQL: remove one of them")
     r.done()
-    return StorageConfig(path if path.is_absolute() else base / path, worker)
+    return StorageConfig(path if path.is_absolute() else base / path, worker, url, url_env,
+                         pool_size, prepared)
+
+
+POSTGRES_SCHEMES = ("postgresql://", "postgres://")
+
+
+def _has_password(url: str) -> bool:
+    from urllib.parse import parse_qs, urlsplit
+
+    try:
+        parts = urlsplit(url)
+        return bool(parts.password) or "password" in parse_qs(parts.query)
+    except ValueError:
+        return False
 
 
 # Telegram keeps an undelivered update 24 h and redelivers it; Standard Webhooks senders

@@ -140,7 +140,8 @@ def build_app(
     # clock, or with the background loops off, the Timer task (or the test) fires them
     db_timer = (config.storage.worker == "process" and run_background
                 and isinstance(clock, SystemClock))
-    worker: Worker = backends.open_worker(config, checks, db_timer=db_timer)
+    worker: Worker = backends.open_worker(config, checks, db_timer=db_timer,
+                                          caller_clock=not isinstance(clock, SystemClock))
     stats = Metrics(db_pid=lambda: getattr(worker, "pid", None))
     runtime = Runtime(config, worker, clock, checks, stats)
     stats.count_events(runtime.metrics)

@@ -33,9 +33,9 @@ from typing import IO, Any, TypeVar
 
 from bot import heap
 from bot.errors import StorageUnavailable
+from bot.store import Store
 from storage.lock import WriterLock
-from storage.store import Store
-from storage.worker import TIMER, DbWorker, TimerPass
+from storage.worker import TIMER, TimerPass
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -296,8 +296,10 @@ def main() -> None:
         except OSError:
             pass  # the server is gone; what committed stays committed
 
+    from storage.backends import worker_for  # imports this module: not at the top
+
     heap.settle()
-    worker = DbWorker(store, answer=answer, timer=timer)
+    worker = worker_for(store, answer=answer, timer=timer)
     with send_lock:
         sock.sendall(_frame(("ready", None)))
     worker.start()

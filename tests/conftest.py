@@ -5,9 +5,12 @@ from typing import Any
 import pytest
 
 from tests.fake_twilio import AUTH_TOKEN
+from tests.postgres import empty, pg_database, pg_summary, pg_tests
 from tests.prereq import fail_in_ci
 from tests.reliability.common import Server
 from tests.seed import RUN_SEED
+
+__all__ = ["pg_database"]  # a session fixture, defined with the PostgreSQL helpers
 
 
 def pytest_addoption(parser: pytest.Parser) -> None:
@@ -27,6 +30,11 @@ def pytest_report_header(config: pytest.Config) -> str:
 def pytest_terminal_summary(terminalreporter: Any, exitstatus: int, config: pytest.Config) -> None:
     seed = config.getoption("hypothesis_seed")
     terminalreporter.write_line(f"random generation seed: {seed}; replay: FLOWBOT_TEST_SEED={seed}")
+    pg_summary(terminalreporter)
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    pg_tests(config, items)  # which tests are the PostgreSQL half (tests/postgres.py)
 
 
 @pytest.hookimpl(wrapper=True)
@@ -67,3 +75,17 @@ def serve() -> Iterator[Callable[..., Server]]:
     finally:
         for server in made:
             server.stop()
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def both_backends(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
+    """Use in a module (`pytestmark = pytest.mark.usefixtures("both_backends")`) to run each
+    of its tests on SQLite and on PostgreSQL (an emptied database of this run's own):
+    `tests.support.write_config` reads FLOWBOT_TEST_STORAGE."""
+    if request.param == "postgresql":
+        url = request.getfixturevalue("pg_database")
+        empty(url)
+        monkeypatch.setenv("FLOWBOT_TEST_STORAGE", url)
+    else:
+        monkeypatch.delenv("FLOWBOT_TEST_STORAGE", raising=False)
+    return str(request.param)

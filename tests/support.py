@@ -19,8 +19,9 @@ from bot.config import Config, load_config
 from bot.outbox import Outbox
 from bot.runtime import Runtime
 from bot.server import OUTBOX, RUNTIME, build_app
+from bot.store import Store
 from channels.base import Delivery, Inbound, Message, RateLimit, Route, SendError
-from storage.store import Store
+from storage.store import SQLiteStore
 
 
 @dataclass
@@ -51,17 +52,25 @@ class RecordingChannel:
         return [d.message for d in self.sent if d.user_id == user]
 
 
+def storage_where(tmp_path: Path) -> str:
+    """The `[storage]` line that says where the data is: a SQLite file in tmp_path, or the
+    PostgreSQL database FLOWBOT_TEST_STORAGE names (see `both_backends`)."""
+    url = os.environ.get("FLOWBOT_TEST_STORAGE")
+    return f'url = "{url}"' if url else f'path = "{tmp_path / "flowbot.db"}"'
+
+
 def write_config(tmp_path: Path, flows: str, extra: str = "", *,
                  public_url: str = "http://bot.test", server: str = "") -> Config:
     """A config with the web channel off, a DB in tmp_path, and the given flows.
     `server` adds lines to [server]; `extra` adds tables after the channels. The database
-    worker is a thread unless FLOWBOT_TEST_WORKER says "process" (see `both_workers`)."""
+    worker is a thread unless FLOWBOT_TEST_WORKER says "process" (see `both_workers`); the
+    data is in PostgreSQL when FLOWBOT_TEST_STORAGE names it (see `both_backends`)."""
     text = textwrap.dedent(f"""
         [server]
         public_url = "{public_url}"
     """) + textwrap.dedent(server) + textwrap.dedent(f"""
         [storage]
-        path = "{tmp_path / 'flowbot.db'}"
+        {storage_where(tmp_path)}
         worker = "{os.environ.get('FLOWBOT_TEST_WORKER', 'thread')}"
         [channels.web]
         enabled = false
@@ -135,8 +144,12 @@ async def harness(config: Config, channel: RecordingChannel | None = None
 
 
 def query(store: Store, sql: str, params: Sequence[Any] = ()) -> list[tuple[Any, ...]]:
-    """A database job that pickles (module-level, plain answer): rows of one query."""
-    return store.conn.execute(sql, params).fetchall()
+    """A database job that pickles (module-level, plain answer): rows of one query, written
+    with SQLite's `?` placeholders (PostgreSQL gets `%s`)."""
+    if not isinstance(store, SQLiteStore):
+        sql = sql.replace("?", "%s")
+    rows: list[tuple[Any, ...]] = store.conn.execute(sql, params).fetchall()
+    return rows
 
 
 def conversation_key(store: Store, channel: str, user: str) -> str:
@@ -149,7 +162,8 @@ def db_rows(store: Store) -> dict[str, list[tuple[Any, ...]]]:
     nothing (compare a snapshot taken before it with one taken after)."""
     tables = [name for (name,) in store.conn.execute(
         "SELECT name FROM sqlite_master WHERE type = 'table' AND name NOT LIKE 'sqlite_%' "
-        "ORDER BY name")]
+        "ORDER BY name" if isinstance(store, SQLiteStore) else
+        "SELECT tablename FROM pg_tables WHERE schemaname = current_schema() ORDER BY 1")]
     return {t: sorted(store.conn.execute(f'SELECT * FROM "{t}"').fetchall(), key=repr)
             for t in tables}
 

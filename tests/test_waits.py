@@ -15,11 +15,11 @@ from urllib.parse import parse_qs, urlsplit
 import pytest
 from standardwebhooks.webhooks import Webhook
 
+from bot import jobs
 from bot.errors import FlowbotError
-from storage.store import Store
 from tests.support import Harness, conversation_key, db_rows, harness, write_config
 
-pytestmark = pytest.mark.usefixtures("both_workers")
+pytestmark = pytest.mark.usefixtures("both_workers", "both_backends")
 
 FLOWS = """
 [flows.main]
@@ -109,7 +109,7 @@ async def open_webhook(h: Harness, user: str = "u1", which: str = "hook") -> str
 
 
 async def state_of(h: Harness, wait_id: str) -> str:
-    wait = await h.runtime.worker.run(Store.wait, wait_id)
+    wait = await h.runtime.worker.run(jobs.wait, wait_id)
     assert wait is not None
     return wait.state
 

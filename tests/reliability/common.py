@@ -196,12 +196,50 @@ def snapshot(db: Path) -> str:
         con.close()
 
 
-def seed_waits(db: Path, n: int, *, deadline: float, prefix: str,
+Db = Path | str  # a SQLite file, or a postgresql:// URL (the PostgreSQL half)
+
+
+def _pg_rows(url: str, query: str, args: Iterable[Any] = ()) -> list[tuple[Any, ...]]:
+    import psycopg
+
+    with psycopg.connect(url, autocommit=True) as conn:
+        cur = conn.execute(query.replace("?", "%s"), tuple(args))
+        return cur.fetchall() if cur.description else []
+
+
+def _seed_pg(url: str, ids: list[str], deadline: float, prefix: str, channel: str,
+             now: float) -> None:
+    import psycopg
+
+    with psycopg.connect(url) as conn, conn.cursor() as cur:  # one transaction
+        cur.execute("SELECT coalesce(max(id), 0) FROM conversations")
+        first = cur.fetchone()[0] + 1  # type: ignore[index]
+        cur.executemany(
+            "INSERT INTO conversations (id, channel, user_id, key, flow, block, wait_id, "
+            "variables, version, created, updated) VALUES (%s, %s, %s, %s, 'main', 'pay', %s, "
+            "'{}', 1, %s, %s)",
+            [(first + i, channel, f"{prefix}{first + i}", secrets.token_urlsafe(18), wid,
+              now, now) for i, wid in enumerate(ids)])
+        cur.executemany(
+            "INSERT INTO waits (id, conversation_id, kind, flow, block, deadline, "
+            "blocking, created) VALUES (%s, %s, 'webview', 'main', 'pay', %s, true, %s)",
+            [(wid, first + i, deadline, now) for i, wid in enumerate(ids)])
+        cur.execute("SELECT setval(pg_get_serial_sequence('conversations', 'id'), "
+                    "(SELECT max(id) FROM conversations))")
+
+
+def seed_waits(db: Db, n: int, *, deadline: float, prefix: str,
                channel: str = "file") -> list[str]:
     """`n` conversations waiting at main/pay with raw inserts (no engine): executionIds."""
-    store = Store(db)
     now = time.time()
     ids = [secrets.token_urlsafe(18) for _ in range(n)]
+    if isinstance(db, str):
+        from storage.postgres import PgStore
+
+        PgStore(db).close()  # the schema, as a first start would make it
+        _seed_pg(db, ids, deadline, prefix, channel, now)
+        return ids
+    store = Store(db)
     try:
         with store.transaction():
             first = store.conn.execute(
@@ -221,8 +259,12 @@ def seed_waits(db: Path, n: int, *, deadline: float, prefix: str,
     return ids
 
 
-def states(db: Path, ids: Iterable[str]) -> dict[str, tuple[str, float | None, float]]:
+def states(db: Db, ids: Iterable[str]) -> dict[str, tuple[str, float | None, float]]:
     """wait id → (state, resolved_at, deadline), read-only."""
+    if isinstance(db, str):
+        return {wid: (state, resolved, deadline) for wid, state, resolved, deadline in _pg_rows(
+            db, "SELECT id, state, resolved_at, deadline FROM waits WHERE id = ANY(?)",
+            [list(ids)])}
     con = sqlite3.connect(f"file:{db}?mode=ro", uri=True)
     out: dict[str, tuple[str, float | None, float]] = {}
     try:
@@ -255,7 +297,9 @@ class Server:
     def __init__(self, tmp: Path, flows: str = FLOWS) -> None:
         self.port = _free_port()
         self.base = f"http://127.0.0.1:{self.port}"
-        self.db = tmp / "flowbot.db"
+        url = os.environ.get("FLOWBOT_TEST_STORAGE")  # the PostgreSQL half (both_backends)
+        self.db: Db = url or tmp / "flowbot.db"
+        where = f'url = "{url}"' if url else f'path = "{self.db}"'
         self.jsonl = tmp / "outbox.jsonl"
         self.log = tmp / "server.log"
         self.config = tmp / "flowbot.toml"
@@ -264,7 +308,7 @@ class Server:
             port = {self.port}
             public_url = "{self.base}"
             [storage]
-            path = "{self.db}"
+            {where}
             [channels.web]
             enabled = false
             [channels.file]
@@ -311,6 +355,9 @@ class Server:
                 self.proc.wait()
 
     def sql(self, query: str, *args: Any) -> list[tuple[Any, ...]]:
+        """Rows of a read-only query, with SQLite's `?` placeholders on either backend."""
+        if isinstance(self.db, str):
+            return _pg_rows(self.db, query, args)
         con = sqlite3.connect(f"file:{self.db}?mode=ro", uri=True, timeout=10)
         try:
             return con.execute(query, args).fetchall()

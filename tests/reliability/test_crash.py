@@ -58,6 +58,7 @@ async def _load(server: Server, todo: deque[str], ledger: Ledger, kill_after: fl
     todo.extendleft(lost)
 
 
+@pytest.mark.usefixtures("both_backends")
 async def test_kill_9_under_load_loses_nothing(tmp_path: Path, request: pytest.FixtureRequest
                                                ) -> None:
     long = long_form(request)

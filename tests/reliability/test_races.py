@@ -10,9 +10,11 @@ from urllib.parse import parse_qs, urlsplit
 
 import pytest
 
+from bot.store import Store
 from channels.base import Inbound
-from storage.store import Store
 from tests.support import Harness, harness, write_config
+
+pytestmark = pytest.mark.usefixtures("both_backends")
 
 FLOWS = """
 [flows.main]

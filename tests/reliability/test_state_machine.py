@@ -8,6 +8,7 @@ wait produced exactly one branch message, matching its state, and pending waits 
 from __future__ import annotations
 
 import asyncio
+import os
 import tempfile
 from pathlib import Path
 from typing import Any
@@ -19,10 +20,11 @@ from hypothesis import settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, rule
 
+from bot import jobs
 from bot.clock import FakeClock
 from bot.server import OUTBOX, RUNTIME, build_app
 from channels.base import Inbound
-from storage.store import Store
+from tests.postgres import empty
 from tests.support import RecordingChannel, conversation_key, query, write_config
 
 FLOWS = """
@@ -68,6 +70,8 @@ class WaitMachine(RuleBasedStateMachine):
     def __init__(self) -> None:
         super().__init__()
         self.dir = Path(tempfile.mkdtemp())
+        if url := os.environ.get("FLOWBOT_TEST_STORAGE"):  # PostgreSQL: each example starts empty
+            empty(url)
         self.config = write_config(self.dir, FLOWS)
         self.clock = FakeClock()
         self.channel = RecordingChannel()  # kept across restarts: what users received
@@ -175,7 +179,7 @@ class WaitMachine(RuleBasedStateMachine):
         return self.run(self.app[RUNTIME].worker.run(fn, *args))
 
     def _final(self, eid: str) -> bool:
-        wait = self._db(Store.wait, eid)
+        wait = self._db(jobs.wait, eid)
         return wait is not None and wait.state != "pending"
 
     def _pending_count(self, user: str) -> int:
@@ -202,6 +206,7 @@ class WaitMachine(RuleBasedStateMachine):
             assert self._pending_count(user) <= 1
 
 
+@pytest.mark.usefixtures("both_backends")
 def test_each_wait_ends_once(request: pytest.FixtureRequest) -> None:
     long = request.config.getoption("--long")
     machine = WaitMachine.TestCase

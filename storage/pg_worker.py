@@ -1,0 +1,199 @@
+"""Runs jobs against PostgreSQL: a few threads, each taking a pooled connection for one job
+at a time, one transaction per job (so a transition's lock order is the whole
+transaction's, and no two transactions can deadlock on our rows).
+
+Same interface as storage.worker.DbWorker (`run`, `submit`, `start`, `join`, the `answer`
+hook and the optional `timer`), so storage/process.py runs either in the database process.
+Urgent jobs (the timer's) are taken before queued ones by the next free thread.
+
+A job failing on a deadlock or serialization error is retried (it was rolled back whole);
+one failing because the database is unreachable or slow answers `StorageUnavailable` (503).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import math
+import queue
+import threading
+import time
+from collections import deque
+from collections.abc import Callable
+from typing import Any, TypeVar
+
+import psycopg
+from psycopg import errors as pg_errors
+
+from bot.errors import StorageUnavailable
+from storage.postgres import PgStore
+from storage.worker import TIMER, TimerPass, _answer_futures
+
+log = logging.getLogger(__name__)
+T = TypeVar("T")
+_Job = tuple[Callable[..., Any], tuple[Any, ...], Any]
+_WAKE = "wake"
+RETRIES = 3  # attempts of a job that lost a deadlock or serialization race
+
+
+class PgWorker:
+    """`store`: a `PgStore` (a `PgLedger` for the server); each thread works on a copy of it
+    (`PgStore.for_thread`). `threads` defaults to the store's pool size."""
+
+    def __init__(self, store: PgStore, max_batch: int = 512,
+                 answer: Callable[[list[Any]], None] = _answer_futures,
+                 timer: TimerPass | None = None, threads: int | None = None) -> None:
+        self.store = store
+        self._answer = answer
+        self._timer = timer
+        self._threads_n = threads or store.pool_size
+        self._queue: queue.SimpleQueue[_Job | str | None] = queue.SimpleQueue()
+        self._urgent: deque[_Job] = deque()
+        self._threads: list[threading.Thread] = []
+        self._due = -math.inf if timer else math.inf
+        self._skew = 0.0  # the database's clock minus ours, at the last timer pass
+        self._timer_wake = threading.Condition()
+        self._stopping = False
+        self._count_lock = threading.Lock()
+        self.commits = 0
+        self.jobs = 0
+
+    async def open(self) -> None:
+        self.start()
+
+    def start(self) -> None:
+        for i in range(self._threads_n):
+            t = threading.Thread(target=self._loop, args=(self.store.for_thread(),),
+                                 name=f"flowbot-pg-{i}", daemon=True)
+            t.start()
+            self._threads.append(t)
+        if self._timer is not None:
+            t = threading.Thread(target=self._timer_loop, name="flowbot-pg-timer", daemon=True)
+            t.start()
+            self._threads.append(t)
+
+    async def stop(self) -> None:
+        await asyncio.to_thread(self.join)
+
+    def join(self) -> None:
+        """Run what is queued, then end the threads."""
+        if not self._threads:
+            return
+        with self._timer_wake:
+            self._stopping = True
+            self._timer_wake.notify_all()
+        for _ in range(self._threads_n):
+            self._queue.put(None)
+        for t in self._threads:
+            t.join()
+        self._threads = []
+
+    async def run(self, fn: Callable[..., T], *args: Any, urgent: bool = False) -> T:
+        """Run `fn(store, *args)` in a transaction; return once it is committed."""
+        if not self._threads:
+            raise RuntimeError("the database worker is not running")
+        loop = asyncio.get_running_loop()
+        fut: asyncio.Future[T] = loop.create_future()
+        self.submit(fn, args, (fut, loop), urgent=urgent)
+        return await fut
+
+    def submit(self, fn: Callable[..., Any], args: tuple[Any, ...], reply: Any, *,
+               urgent: bool = False) -> None:
+        if urgent:
+            self._urgent.append((fn, args, reply))
+            self._queue.put(_WAKE)
+        else:
+            self._queue.put((fn, args, reply))
+
+    # -- the threads ----------------------------------------------------------------------
+
+    def _loop(self, store: PgStore) -> None:
+        while True:
+            item = self._queue.get()
+            if item is None:
+                return
+            while self._urgent:
+                try:
+                    job = self._urgent.popleft()
+                except IndexError:
+                    break
+                self._answer([self._run(store, job)])
+            if not isinstance(item, str):
+                self._answer([self._run(store, item)])
+
+    def _run(self, store: PgStore, job: _Job) -> tuple[_Job, bool, Any]:
+        fn, args, _ = job
+        for attempt in range(RETRIES):
+            try:
+                with store.pool.connection() as conn:
+                    store.begin(conn)
+                    try:
+                        value = fn(store, *args)
+                    except BaseException:
+                        store.rollback()
+                        raise
+                    store.commit()
+            except (pg_errors.DeadlockDetected, pg_errors.SerializationFailure) as exc:
+                if attempt + 1 < RETRIES:
+                    continue
+                return job, False, _unavailable(exc)
+            except psycopg.Error as exc:
+                log.error("database job %s failed: %s", getattr(fn, "__qualname__", fn),
+                          type(exc).__name__)
+                return job, False, _unavailable(exc)
+            except Exception as exc:  # the job's own failure (an ApiError, a bug)
+                return job, False, exc
+            else:
+                with self._count_lock:
+                    self.commits += 1
+                    self.jobs += 1
+                self._note_deadlines(store)
+                return job, True, value
+        raise AssertionError("unreachable")
+
+    # -- the worker's own timer -----------------------------------------------------------
+
+    def _note_deadlines(self, store: PgStore) -> None:
+        if store.new_deadline == math.inf:
+            return
+        deadline, store.new_deadline = store.new_deadline, math.inf
+        with self._timer_wake:
+            if deadline - self._skew < self._due:
+                self._due = deadline - self._skew
+                self._timer_wake.notify()
+
+    def _timer_loop(self) -> None:
+        """Sleeps until the earliest deadline (on our clock, corrected by the database's),
+        then queues a pass as an urgent job; its thread answers with the reply TIMER."""
+        with self._timer_wake:
+            while not self._stopping:
+                delay = self._due - time.time()
+                if delay > 0:
+                    self._timer_wake.wait(None if self._due == math.inf else delay)
+                    continue
+                self._due = math.inf  # the pass sets the next one
+                self.submit(self._fire, (), TIMER, urgent=True)
+
+    def _fire(self, store: PgStore) -> Any:
+        assert self._timer is not None
+        now = time.time()
+        try:
+            value, nxt = self._timer(store, now)
+        except BaseException:
+            self._set_due(time.time() + 1.0)  # again in a second
+            raise
+        self._skew = store.transaction_time(now) - now
+        self._set_due(math.inf if nxt is None else nxt - self._skew)
+        return value
+
+    def _set_due(self, due: float) -> None:
+        with self._timer_wake:
+            self._due = min(self._due, due)
+            self._timer_wake.notify()
+
+
+def _unavailable(exc: Exception) -> StorageUnavailable:
+    """A database error the caller can act on (and that pickles: psycopg's may not)."""
+    return StorageUnavailable(
+        "storage_unavailable",
+        f"The database could not run this request ({type(exc).__name__}); try again shortly.")

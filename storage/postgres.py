@@ -1,0 +1,384 @@
+"""The PostgreSQL store (the contract of bot/store.py) on psycopg 3 and psycopg_pool.
+
+A store object is bound to one pooled connection for one transaction at a time
+(`storage.pg_worker.PgWorker` gives each of its threads a copy). The connection is in
+autocommit mode and the store sends BEGIN/COMMIT itself: BEGIN travels with the query that
+reads the database clock and sets the transaction's timeouts (`SET LOCAL`, so it works
+behind PgBouncer in transaction mode), which saves a round trip per transaction.
+
+Guarantees (see bot/store.py): a transition locks its conversation (`FOR UPDATE`; a new
+one is created with `INSERT … ON CONFLICT DO NOTHING`) before its wait; a wait is claimed
+by one conditional `UPDATE … WHERE state = 'pending'`; event ids are deduplicated with
+`ON CONFLICT DO NOTHING` in the same transaction; deadlines are compared with the
+database's `now()` (the transaction's start), which the ledger also hands the engine.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import math
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
+from typing import Any
+
+import psycopg
+from psycopg_pool import ConnectionPool
+
+from bot import store as contract
+from bot.config import Config
+from bot.errors import StaleState
+from bot.ledger import Ledger, WebViewCheck
+from bot.messages import Delivery, Message
+from bot.state import Conversation, OutboxRow, Step, Wait
+from storage import pg_schema
+
+STATEMENT_TIMEOUT = "30s"  # a statement running longer is cancelled (its job fails)
+IDLE_IN_TRANSACTION_TIMEOUT = "60s"  # a transaction left open (a stuck client) is ended
+EARLY_STATUS_TTL = 86400.0  # s a status for an unknown message id is kept
+
+_BEGIN = (
+    "BEGIN; SELECT extract(epoch from now())::float8,"  # noqa: S608 - constants
+    f" set_config('statement_timeout', '{STATEMENT_TIMEOUT}', true),"
+    f" set_config('idle_in_transaction_session_timeout', '{IDLE_IN_TRANSACTION_TIMEOUT}', true)"
+)
+_CONV = "id, channel, user_id, key, flow, block, wait_id, variables, version"
+_WAIT = "id, kind, flow, block, deadline, blocking, request, conversation_id, state"
+
+
+def _dumps(value: Any) -> str:
+    return json.dumps(value, ensure_ascii=False, separators=(",", ":"))
+
+
+def _text(value: str) -> str:
+    """PostgreSQL text holds no NUL character; error texts from libraries may."""
+    return value.replace("\x00", "\ufffd")
+
+
+def connect_kwargs(prepared_statements: bool) -> dict[str, Any]:
+    """psycopg connection options: autocommit (the store sends BEGIN itself) and, behind a
+    PgBouncer that does not keep prepared statements, none (`prepare_threshold=None`)."""
+    return {"autocommit": True, "prepare_threshold": 5 if prepared_statements else None}
+
+
+class PgStore(contract.Store):
+    """`url`: a libpq connection URL. `pool_size`: connections kept (one per transaction
+    running at once). `caller_clock`: take the caller's `now` instead of the database's
+    (tests that move time by hand; never in production)."""
+
+    def __init__(self, url: str, *, pool_size: int = 8, prepared_statements: bool = True,
+                 caller_clock: bool = False) -> None:
+        kwargs = connect_kwargs(prepared_statements)
+        with psycopg.connect(url, **kwargs) as conn:
+            pg_schema.apply(conn)
+        self.pool: ConnectionPool[psycopg.Connection[tuple[Any, ...]]] = ConnectionPool(
+            url, min_size=1, max_size=pool_size, kwargs=kwargs, open=True, name="flowbot")
+        self.pool_size = pool_size
+        self.caller_clock = caller_clock
+        self.new_deadline = math.inf  # the earliest deadline save() wrote; the worker resets it
+        self.db_time = 0.0  # the database's clock at the start of the bound transaction
+        self._conn: psycopg.Connection[tuple[Any, ...]] | None = None
+
+    def for_thread(self) -> PgStore:
+        """A copy sharing the pool (and, for a ledger, the engine) with a connection slot of
+        its own: one per worker thread."""
+        twin = copy.copy(self)
+        twin._conn = None
+        twin.new_deadline = math.inf
+        return twin
+
+    @property
+    def conn(self) -> psycopg.Connection[tuple[Any, ...]]:
+        if self._conn is None:
+            raise RuntimeError("PgStore used outside a transaction")
+        return self._conn
+
+    def close(self) -> None:
+        self.pool.close()
+
+    # -- transactions (used by PgWorker) ----------------------------------------------
+
+    def begin(self, conn: psycopg.Connection[tuple[Any, ...]]) -> None:
+        """Bind `conn` and open a transaction on it; reads the database clock."""
+        self._conn = conn
+        cur = conn.execute(_BEGIN, prepare=False)
+        cur.nextset()
+        row = cur.fetchone()
+        self.db_time = float(row[0]) if row else 0.0
+
+    def commit(self) -> None:
+        try:
+            self.conn.execute("COMMIT")
+        finally:
+            self._conn = None
+
+    def rollback(self) -> None:
+        conn, self._conn = self._conn, None
+        if conn is not None and not conn.closed and (
+                conn.info.transaction_status != psycopg.pq.TransactionStatus.IDLE):
+            conn.execute("ROLLBACK")
+
+    def transaction_time(self, now: float) -> float:
+        return now if self.caller_clock else self.db_time
+
+    @contextmanager
+    def transaction(self) -> Iterator[PgStore]:
+        """One transaction outside the worker (CLI, tests, benchmarks' setup)."""
+        with self.pool.connection() as conn:
+            self.begin(conn)
+            try:
+                yield self
+            except BaseException:
+                self.rollback()
+                raise
+            self.commit()
+
+    @contextmanager
+    def savepoint(self) -> Iterator[None]:
+        """Inside a job: undo only this block if it raises."""
+        self.conn.execute("SAVEPOINT part")
+        try:
+            yield
+        except BaseException:
+            self.conn.execute("ROLLBACK TO SAVEPOINT part")
+            self.conn.execute("RELEASE SAVEPOINT part")
+            raise
+        self.conn.execute("RELEASE SAVEPOINT part")
+
+    # -- inbound events ---------------------------------------------------------------
+
+    def record_event(self, event_id: str, now: float) -> bool:
+        cur = self.conn.execute(
+            "INSERT INTO events (id, at) VALUES (%s, %s) ON CONFLICT DO NOTHING",
+            (_text(event_id), now))
+        return cur.rowcount == 1
+
+    # -- conversations ----------------------------------------------------------------
+
+    def conversation(self, channel: str, user_id: str, new_key: str, now: float) -> Conversation:
+        select = (f"SELECT {_CONV} FROM conversations "  # noqa: S608 - fixed fragments
+                  "WHERE channel = %s AND user_id = %s FOR UPDATE")
+        row = self.conn.execute(select, (channel, user_id)).fetchone()
+        if row is None:
+            row = self.conn.execute(
+                "INSERT INTO conversations (channel, user_id, key, created, updated) "  # noqa: S608
+                "VALUES (%s, %s, %s, %s, %s) ON CONFLICT (channel, user_id) DO NOTHING "
+                f"RETURNING {_CONV}", (channel, user_id, new_key, now, now)).fetchone()
+        if row is None:  # created by a transaction that committed after our SELECT
+            row = self.conn.execute(select, (channel, user_id)).fetchone()
+        assert row is not None
+        return self._conversation(row)
+
+    def conversation_by_id(self, conversation_id: int) -> Conversation | None:
+        row = self.conn.execute(
+            f"SELECT {_CONV} FROM conversations WHERE id = %s FOR UPDATE",  # noqa: S608
+            (conversation_id,)).fetchone()
+        return self._conversation(row) if row else None
+
+    def conversation_by_key(self, key: str) -> Conversation | None:
+        row = self.conn.execute(
+            f"SELECT {_CONV} FROM conversations WHERE key = %s FOR UPDATE",  # noqa: S608
+            (_text(key),)).fetchone()
+        return self._conversation(row) if row else None
+
+    @staticmethod
+    def _conversation(row: tuple[Any, ...]) -> Conversation:
+        cid, channel, user_id, key, flow, block, wait_id, variables, version = row
+        return Conversation(id=cid, channel=channel, user_id=user_id, key=key, flow=flow,
+                            block=block, wait_id=wait_id, variables=json.loads(variables),
+                            version=version)
+
+    def save(self, conv: Conversation, step: Step, now: float) -> None:
+        """Persist one step in one round trip (pipeline mode): the conversation, its new
+        and cancelled waits, its messages."""
+        conn = self.conn
+        with conn.pipeline():
+            cur = conn.execute(
+                "UPDATE conversations SET flow = %s, block = %s, wait_id = %s, variables = %s, "
+                "version = version + 1, updated = %s WHERE id = %s AND version = %s",
+                (conv.flow, conv.block, conv.wait_id, _dumps(conv.variables), now, conv.id,
+                 conv.version))
+            if step.cancelled_wait:
+                conn.execute(
+                    "UPDATE waits SET state = 'cancelled', resolved_at = %s "
+                    "WHERE id = %s AND state = 'pending'", (now, step.cancelled_wait))
+            if step.waits:
+                self.new_deadline = min(self.new_deadline, *(w.deadline for w in step.waits))
+                conn.cursor().executemany(
+                    "INSERT INTO waits (id, conversation_id, kind, flow, block, deadline, "
+                    "blocking, request, created) VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s)",
+                    [(w.id, conv.id, w.kind, w.flow, w.block, w.deadline, w.blocking,
+                      _dumps(w.request) if w.request is not None else None, now)
+                     for w in step.waits])
+            if step.messages:
+                conn.cursor().executemany(
+                    "INSERT INTO outbox (conversation_id, channel, user_id, message, "
+                    "next_attempt, created) VALUES (%s, %s, %s, %s, %s, %s)",
+                    [(conv.id, conv.channel, conv.user_id, m.to_json(), now, now)
+                     for m in step.messages])
+        if cur.rowcount != 1:
+            raise StaleState(f"conversation {conv.id} changed under us")
+        conv.version += 1
+
+    # -- waits ------------------------------------------------------------------------
+
+    def wait(self, wait_id: str) -> Wait | None:
+        row = self.conn.execute(
+            f"SELECT {_WAIT} FROM waits WHERE id = %s", (_text(wait_id),)).fetchone()  # noqa: S608
+        if row is None:
+            return None
+        wid, kind, flow, block, deadline, blocking, request, cid, state = row
+        return Wait(wid, kind, flow, block, deadline, bool(blocking),
+                    json.loads(request) if request else None, cid, state)
+
+    def claim(self, wait_id: str, outcome: str, now: float, *, due: bool) -> bool:
+        """The one conditional UPDATE that decides; `now` is the database's `now()` (see
+        `transaction_time`), so a node's clock decides nothing."""
+        deadline_test = "deadline <= %s" if due else "deadline > %s"
+        cur = self.conn.execute(
+            f"UPDATE waits SET state = %s, resolved_at = %s "  # noqa: S608 - fixed fragments
+            f"WHERE id = %s AND state = 'pending' AND {deadline_test}",
+            (outcome, now, wait_id, now))
+        return cur.rowcount == 1
+
+    def due_waits(self, now: float, limit: int) -> list[tuple[str, str]]:
+        return [(r[0], r[1]) for r in self.conn.execute(
+            "SELECT id, kind FROM waits WHERE state = 'pending' AND deadline <= %s "
+            "ORDER BY deadline LIMIT %s", (now, limit))]
+
+    def next_deadline(self) -> float | None:
+        row = self.conn.execute(
+            "SELECT min(deadline) FROM waits WHERE state = 'pending'").fetchone()
+        return float(row[0]) if row and row[0] is not None else None
+
+    def pending_http_waits(self) -> list[Wait]:
+        ids = [r[0] for r in self.conn.execute(
+            "SELECT id FROM waits WHERE state = 'pending' AND kind = 'http'")]
+        return [w for w in map(self.wait, ids) if w is not None]
+
+    # -- outbox -----------------------------------------------------------------------
+
+    def pending_deliveries(self, now: float, limit: int, channel: str | None = None
+                           ) -> list[OutboxRow]:
+        """Due rows in id order, leaving out every conversation whose earlier row still
+        waits for a retry (per-conversation order is kept)."""
+        by_channel = "AND channel = %(channel)s " if channel is not None else ""
+        rows = self.conn.execute(
+            "SELECT id, channel, conversation_id, user_id, message, attempts FROM outbox o "  # noqa: S608
+            f"WHERE state = 'pending' AND next_attempt <= %(now)s {by_channel}"
+            "AND NOT EXISTS ("
+            "  SELECT 1 FROM outbox p WHERE p.conversation_id = o.conversation_id"
+            "  AND p.state = 'pending' AND p.id < o.id AND p.next_attempt > %(now)s) "
+            "ORDER BY id LIMIT %(limit)s",
+            {"now": now, "channel": channel, "limit": limit}).fetchall()
+        return [OutboxRow(oid, ch, cid, user_id, Message.from_json(message), attempts)
+                for oid, ch, cid, user_id, message, attempts in rows]
+
+    def pending_by_channel(self, channels: list[str], now: float, limit: int
+                           ) -> list[OutboxRow]:
+        return [row for name in channels for row in self.pending_deliveries(now, limit, name)]
+
+    def next_delivery_time(self) -> float | None:
+        row = self.conn.execute(
+            "SELECT min(next_attempt) FROM outbox WHERE state = 'pending'").fetchone()
+        return float(row[0]) if row and row[0] is not None else None
+
+    def mark_sent(self, outbox_id: int, now: float, platform_id: str | None = None) -> None:
+        self.conn.execute(
+            "UPDATE outbox SET state = 'sent', sent_at = %s, attempts = attempts + 1, "
+            "platform_id = %s WHERE id = %s", (now, platform_id, outbox_id))
+        if platform_id is None:
+            return
+        early = self.conn.execute(
+            "DELETE FROM early_statuses WHERE platform_id = %s RETURNING status, error",
+            (platform_id,)).fetchall()
+        if early:
+            self.set_platform_status(platform_id, early[0][0], early[0][1], now)
+
+    def mark_all_sent(self, rows: list[tuple[int, float, str | None]]) -> None:
+        if all(platform_id is None for _, _, platform_id in rows):
+            self.conn.cursor().executemany(  # one round trip (pipelined) for the lot
+                "UPDATE outbox SET state = 'sent', sent_at = %s, attempts = attempts + 1 "
+                "WHERE id = %s", [(now, outbox_id) for outbox_id, now, _ in rows])
+            return
+        for outbox_id, now, platform_id in rows:
+            self.mark_sent(outbox_id, now, platform_id)
+
+    def mark_retry(self, outbox_id: int, next_attempt: float, error: str) -> None:
+        self.conn.execute(
+            "UPDATE outbox SET attempts = attempts + 1, next_attempt = %s, error = %s "
+            "WHERE id = %s", (next_attempt, _text(error), outbox_id))
+
+    def mark_failed(self, outbox_id: int, error: str) -> None:
+        self.conn.execute(
+            "UPDATE outbox SET state = 'failed', attempts = attempts + 1, error = %s "
+            "WHERE id = %s", (_text(error), outbox_id))
+
+    def set_platform_status(self, platform_id: str, status: str, error: str | None,
+                            now: float) -> bool:
+        error = _text(error) if error is not None else None
+        cur = self.conn.execute(
+            "UPDATE outbox SET platform_status = %s, error = coalesce(%s, error) "
+            "WHERE platform_id = %s", (_text(status), error, _text(platform_id)))
+        if cur.rowcount > 0:
+            return True
+        self.conn.execute("DELETE FROM early_statuses WHERE at < %s", (now - EARLY_STATUS_TTL,))
+        self.conn.execute(
+            "INSERT INTO early_statuses (platform_id, status, error, at) "
+            "VALUES (%s, %s, %s, %s) ON CONFLICT (platform_id) DO UPDATE "
+            "SET status = excluded.status, error = excluded.error, at = excluded.at",
+            (_text(platform_id), _text(status), error, now))
+        return False
+
+    def web_history(self, user_id: str, after_id: int, limit: int = 200,
+                    newest: bool = False) -> list[Delivery]:
+        order = "DESC" if newest else "ASC"
+        rows = self.conn.execute(
+            "SELECT id, conversation_id, message FROM outbox WHERE channel = 'web' "  # noqa: S608
+            f"AND user_id = %s AND id > %s AND state = 'sent' ORDER BY id {order} LIMIT %s",
+            (_text(user_id), after_id, limit)).fetchall()
+        if newest:
+            rows.reverse()
+        return [Delivery(oid, cid, user_id, Message.from_json(m)) for oid, cid, m in rows]
+
+    # -- operators --------------------------------------------------------------------
+
+    def counts(self) -> dict[str, int]:
+        return count_rows(self.conn)
+
+
+class PgLedger(Ledger, PgStore):
+    """The ledger's jobs over PostgreSQL."""
+
+    def __init__(self, url: str, config: Config,
+                 checks: Mapping[str, WebViewCheck] | None = None, *,
+                 caller_clock: bool = False) -> None:
+        PgStore.__init__(self, url, pool_size=config.storage.pool_size,
+                         prepared_statements=config.storage.prepared_statements,
+                         caller_clock=caller_clock)
+        Ledger.__init__(self, config, checks)
+
+
+def count_rows(conn: psycopg.Connection[tuple[Any, ...]]) -> dict[str, int]:
+    """Waits and outbox rows by state, and conversations."""
+    out: dict[str, int] = {}
+    for table in ("waits", "outbox"):
+        for state, n in conn.execute(
+                f"SELECT state, count(*) FROM {table} GROUP BY state"):  # noqa: S608
+            out[f"{table}_{state}"] = n
+    row = conn.execute("SELECT count(*) FROM conversations").fetchone()
+    out["conversations"] = row[0] if row else 0
+    return out
+
+
+def read_counts(url: str, prepared_statements: bool = True) -> dict[str, int]:
+    """`count_rows` on a connection of its own (run it on a thread)."""
+    with psycopg.connect(url, **connect_kwargs(prepared_statements)) as conn:
+        return count_rows(conn)
+
+
+def read_pending_waits(url: str) -> dict[str, int]:
+    """Pending waits by kind, on a connection of its own (the metrics' gauges at start)."""
+    with psycopg.connect(url, autocommit=True) as conn:
+        return {kind: n for kind, n in conn.execute(
+            "SELECT kind, count(*) FROM waits WHERE state = 'pending' GROUP BY kind")}
