@@ -18,7 +18,7 @@ from __future__ import annotations
 import copy
 import json
 import math
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from typing import Any
 
@@ -31,6 +31,7 @@ from bot.errors import StaleState
 from bot.ledger import Ledger, WebViewCheck
 from bot.messages import Delivery, Message
 from bot.state import Conversation, OutboxRow, Step, Wait
+from bot.store import PER_CONVERSATION
 from storage import pg_schema
 
 STATEMENT_TIMEOUT = "30s"  # a statement running longer is cancelled (its job fails)
@@ -258,29 +259,39 @@ class PgStore(contract.Store):
 
     # -- outbox -----------------------------------------------------------------------
 
-    def pending_deliveries(self, now: float, limit: int, channel: str | None = None
+    def pending_deliveries(self, now: float, limit: int, channel: str | None = None,
+                           skip: Sequence[int] = (), per_conversation: int = PER_CONVERSATION
                            ) -> list[OutboxRow]:
-        """Due rows in id order, leaving out every conversation whose earlier row still
-        waits for a retry (per-conversation order is kept)."""
-        by_channel = "AND channel = %(channel)s " if channel is not None else ""
+        """Due rows in id order, at most `per_conversation` of each conversation, leaving
+        out the conversations in `skip` (being delivered) and every conversation's rows
+        after its first one that waits for a retry (per-conversation order is kept)."""
+        by_channel = "AND o.channel = %(channel)s " if channel is not None else ""
         rows = self.conn.execute(
-            "SELECT id, channel, conversation_id, user_id, message, attempts FROM outbox o "  # noqa: S608
-            f"WHERE state = 'pending' AND next_attempt <= %(now)s {by_channel}"
-            "AND NOT EXISTS ("
-            "  SELECT 1 FROM outbox p WHERE p.conversation_id = o.conversation_id"
-            "  AND p.state = 'pending' AND p.id < o.id AND p.next_attempt > %(now)s) "
-            "ORDER BY id LIMIT %(limit)s",
-            {"now": now, "channel": channel, "limit": limit}).fetchall()
+            "WITH held AS ("  # noqa: S608 - fixed fragments
+            "  SELECT conversation_id, min(id) AS first_id FROM outbox"
+            "  WHERE state = 'pending' AND next_attempt > %(now)s GROUP BY conversation_id) "
+            "SELECT id, channel, conversation_id, user_id, message, attempts FROM ("
+            "  SELECT o.id, o.channel, o.conversation_id, o.user_id, o.message, o.attempts,"
+            "   row_number() OVER (PARTITION BY o.conversation_id ORDER BY o.id) AS n"
+            "  FROM outbox o LEFT JOIN held h ON h.conversation_id = o.conversation_id"
+            f"  WHERE o.state = 'pending' AND o.next_attempt <= %(now)s {by_channel}"
+            "  AND o.conversation_id <> ALL(%(skip)s::bigint[])"
+            "  AND (h.first_id IS NULL OR o.id < h.first_id)) due "
+            "WHERE n <= %(per)s ORDER BY id LIMIT %(limit)s",
+            {"now": now, "channel": channel, "skip": list(skip), "per": per_conversation,
+             "limit": limit}).fetchall()
         return [OutboxRow(oid, ch, cid, user_id, Message.from_json(message), attempts)
                 for oid, ch, cid, user_id, message, attempts in rows]
 
-    def pending_by_channel(self, channels: list[str], now: float, limit: int
-                           ) -> list[OutboxRow]:
-        return [row for name in channels for row in self.pending_deliveries(now, limit, name)]
+    def pending_by_channel(self, channels: list[str], now: float, limit: int,
+                           skip: Sequence[int] = ()) -> list[OutboxRow]:
+        return [row for name in channels
+                for row in self.pending_deliveries(now, limit, name, skip)]
 
-    def next_delivery_time(self) -> float | None:
+    def next_delivery_time(self, now: float) -> float | None:
         row = self.conn.execute(
-            "SELECT min(next_attempt) FROM outbox WHERE state = 'pending'").fetchone()
+            "SELECT min(next_attempt) FROM outbox WHERE state = 'pending' AND next_attempt > %s",
+            (now,)).fetchone()
         return float(row[0]) if row and row[0] is not None else None
 
     def mark_sent(self, outbox_id: int, now: float, platform_id: str | None = None) -> None:

@@ -127,7 +127,7 @@ def test_outbox_keeps_order_per_conversation(store: Store) -> None:
         assert [r.message.text for r in rows] == ["a1", "a2", "b1"]
         store.mark_retry(rows[0].id, 50, "429")  # a1 waits for a retry
     with store.transaction():
-        assert store.next_delivery_time() == 0
+        assert store.next_delivery_time(10) == 50
         assert [r.message.text for r in store.pending_deliveries(10, 10)] == ["b1"]
         assert [r.message.text for r in store.pending_deliveries(50, 10)] == ["a1", "a2", "b1"]
         assert [r.message.text for r in store.pending_by_channel(["tg"], 50, 10)] == []
@@ -140,7 +140,7 @@ def test_outbox_keeps_order_per_conversation(store: Store) -> None:
         counts = store.counts()
         assert (counts["outbox_failed"], counts["outbox_sent"], counts["conversations"]) == (
             1, 2, 2)
-        assert store.next_delivery_time() is None
+        assert store.next_delivery_time(0) is None
 
 
 def test_one_conversations_backlog_does_not_hide_the_others(store: Store) -> None:
@@ -153,6 +153,25 @@ def test_one_conversations_backlog_does_not_hide_the_others(store: Store) -> Non
         store.mark_retry(first.id, 100, "429")
     with store.transaction():
         assert [r.message.text for r in store.pending_deliveries(10, 5)] == ["o1"]
+
+
+def test_a_backlog_being_delivered_or_over_its_share_leaves_room_for_the_others(
+        store: Store) -> None:
+    with store.transaction():
+        busy = store.conversation("tg", "busy", "KB", 0)
+        fresh = store.conversation("tg", "fresh", "KF", 0)
+        store.save(busy, Step(messages=[Message(f"b{i}") for i in range(600)]), 0)
+        store.save(fresh, Step(messages=[Message("f1")]), 0)
+    with store.transaction():
+        assert [r.message.text for r in store.pending_deliveries(0, 500, skip=[busy.id])] == [
+            "f1"]
+        window = store.pending_deliveries(0, 500, per_conversation=50)
+        assert [r.message.text for r in window] == [f"b{i}" for i in range(50)] + ["f1"]
+        assert store.next_delivery_time(0) is None  # all due: the outbox needs no timer
+        store.mark_retry(window[0].id, 30, "429")
+    with store.transaction():
+        assert store.next_delivery_time(0) == 30
+        assert [r.message.text for r in store.pending_by_channel(["tg"], 0, 500)] == ["f1"]
 
 
 def test_an_early_status_waits_for_its_message(store: Store) -> None:
