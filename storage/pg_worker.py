@@ -138,8 +138,8 @@ class PgWorker:
                     continue
                 return job, False, _unavailable(exc)
             except psycopg.Error as exc:
-                log.error("database job %s failed: %s", getattr(fn, "__qualname__", fn),
-                          type(exc).__name__)
+                log.error("database job %s failed: %s: %s", getattr(fn, "__qualname__", fn),
+                          type(exc).__name__, str(exc).strip()[:300])
                 return job, False, _unavailable(exc)
             except Exception as exc:  # the job's own failure (an ApiError, a bug)
                 return job, False, exc

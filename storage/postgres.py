@@ -32,6 +32,7 @@ from bot.ledger import Ledger, WebViewCheck
 from bot.messages import Delivery, Message
 from bot.state import Conversation, OutboxRow, Step, Wait
 from bot.store import PER_CONVERSATION
+from bot.stranded import REMOVED, Stranded
 from storage import pg_schema
 
 STATEMENT_TIMEOUT = "30s"  # a statement running longer is cancelled (its job fails)
@@ -257,6 +258,20 @@ class PgStore(contract.Store):
             "SELECT id FROM waits WHERE state = 'pending' AND kind = 'http'")]
         return [w for w in map(self.wait, ids) if w is not None]
 
+    # -- config changes (bot/stranded.py) ---------------------------------------------
+
+    def stranded(self, live: list[tuple[str, str, str]], limit: int) -> list[Stranded]:
+        return find_stranded(self.conn, live, limit)
+
+    def end_removed(self, wait_id: str, now: float) -> None:
+        self.conn.execute("UPDATE waits SET state = %s, resolved_at = %s "
+                          "WHERE id = %s AND state = 'pending'", (REMOVED, now, wait_id))
+
+    def has_removed_webhook(self, conversation_id: int) -> bool:
+        return self.conn.execute(
+            "SELECT 1 FROM waits WHERE conversation_id = %s AND state = 'removed' "
+            "AND kind = 'webhook' LIMIT 1", (conversation_id,)).fetchone() is not None
+
     # -- outbox -----------------------------------------------------------------------
 
     def pending_deliveries(self, now: float, limit: int, channel: str | None = None,
@@ -368,6 +383,43 @@ class PgLedger(Ledger, PgStore):
                          prepared_statements=config.storage.prepared_statements,
                          caller_clock=caller_clock)
         Ledger.__init__(self, config, checks)
+
+
+_LIVE = ("live AS (SELECT * FROM unnest(%(flows)s::text[], %(blocks)s::text[], "
+         "%(kinds)s::text[]) AS b(flow, block, kind))")
+
+
+def find_stranded(conn: psycopg.Connection[tuple[Any, ...]],
+                  live: Sequence[tuple[str, str, str]], limit: int = -1) -> list[Stranded]:
+    """storage/stranded.py's `find_stranded` in PostgreSQL: the config's blocks travel as
+    three arrays (no temp table, so nothing stays on a pooled session)."""
+    params: dict[str, Any] = {
+        "flows": [f for f, _, _ in live], "blocks": [b for _, b, _ in live],
+        "kinds": [k for _, _, k in live], "limit": limit if limit >= 0 else None}
+    rows = conn.execute(
+        f"WITH {_LIVE} "  # noqa: S608 - a constant
+        "SELECT c.id, c.flow, coalesce(c.block, ''), c.wait_id, w.flow, w.block, w.kind "
+        "FROM conversations c LEFT JOIN waits w ON w.id = c.wait_id "
+        "WHERE (c.block IS NOT NULL AND NOT EXISTS (SELECT 1 FROM live b "
+        "       WHERE b.flow = c.flow AND b.block = c.block)) "
+        "   OR (c.wait_id IS NOT NULL AND (w.id IS NULL OR w.state != 'pending' "
+        "       OR NOT EXISTS (SELECT 1 FROM live b WHERE b.flow = w.flow "
+        "       AND b.block = w.block AND b.kind = w.kind))) "
+        "ORDER BY c.id LIMIT %(limit)s", params).fetchall()
+    out = [Stranded(cid, wflow or flow, wblock or block, kind or "", wait_id)
+           for cid, flow, block, wait_id, wflow, wblock, kind in rows]
+    if limit < 0 or len(out) < limit:
+        params["limit"] = limit - len(out) if limit >= 0 else None
+        waits = conn.execute(
+            f"WITH {_LIVE} "  # noqa: S608 - a constant
+            "SELECT w.id, w.flow, w.block, w.kind FROM waits w WHERE w.state = 'pending' "
+            "AND NOT EXISTS (SELECT 1 FROM live b WHERE b.flow = w.flow "
+            "AND b.block = w.block AND b.kind = w.kind) "
+            "AND NOT EXISTS (SELECT 1 FROM conversations c WHERE c.id = w.conversation_id "
+            "                AND c.wait_id = w.id) "
+            "ORDER BY w.id LIMIT %(limit)s", params).fetchall()
+        out += [Stranded(0, flow, block, kind, wid) for wid, flow, block, kind in waits]
+    return out
 
 
 def count_rows(conn: psycopg.Connection[tuple[Any, ...]]) -> dict[str, int]:

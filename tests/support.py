@@ -148,7 +148,8 @@ def query(store: Store, sql: str, params: Sequence[Any] = ()) -> list[tuple[Any,
     with SQLite's `?` placeholders (PostgreSQL gets `%s`)."""
     if not isinstance(store, SQLiteStore):
         sql = sql.replace("?", "%s")
-    rows: list[tuple[Any, ...]] = store.conn.execute(sql, params).fetchall()
+    cur = store.conn.execute(sql, params)
+    rows: list[tuple[Any, ...]] = cur.fetchall() if cur.description else []
     return rows
 
 

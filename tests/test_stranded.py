@@ -20,7 +20,7 @@ from bot.ledger import Ledger
 from storage.store import Store
 from tests.support import Harness, harness, query, write_config
 
-pytestmark = pytest.mark.usefixtures("both_workers")
+pytestmark = pytest.mark.usefixtures("both_workers", "both_backends")
 
 TOLD = BotConfig.stranded_message
 
