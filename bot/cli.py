@@ -184,6 +184,33 @@ def _secret_values(config: Config) -> list[str]:
     return [v for name in secret_names(config) if (v := os.environ.get(name, ""))]
 
 
+def cmd_migrate_storage(args: argparse.Namespace) -> int:
+    from storage.migrate import copy_sqlite_to_postgres
+
+    source: str = args.source
+    if not source.startswith("sqlite:"):
+        print("flowbot: --from must be sqlite:PATH (the SQLite file of a stopped server)",
+              file=sys.stderr)
+        return 2
+    target: str = args.target
+    if target.startswith("env:"):  # keeps a password out of the process list
+        target = os.environ.get(target[4:], "")
+        if not target:
+            print(f"flowbot: --to names the environment variable {args.target[4:]}, "
+                  "which is not set", file=sys.stderr)
+            return 2
+    if not target.startswith(("postgresql://", "postgres://")):
+        print("flowbot: --to must be a postgresql:// URL (or env:VARIABLE holding one)",
+              file=sys.stderr)
+        return 2
+    copied = copy_sqlite_to_postgres(source.removeprefix("sqlite:"), target)
+    rows = ", ".join(f"{n} {table}" for table, n in copied.rows.items())
+    print(f"flowbot: copied {rows}; {copied.pending_waits} pending wait(s) and "
+          f"{copied.pending_outbox} undelivered message(s); counts verified. Now set "
+          "[storage] url_env (or url) and start the server.")
+    return 0
+
+
 def cmd_telegram(args: argparse.Namespace) -> int:
     from channels.telegram import webhook_info
 
@@ -222,6 +249,14 @@ def parser() -> argparse.ArgumentParser:
     from bot.cli_data import add_commands
 
     add_commands(sub, _load)
+
+    move = sub.add_parser(
+        "migrate-storage", help="copy a stopped SQLite database into an empty PostgreSQL one")
+    move.add_argument("--from", dest="source", required=True, metavar="sqlite:PATH",
+                      help="the SQLite file (stop the server first)")
+    move.add_argument("--to", dest="target", required=True, metavar="postgresql://…",
+                      help="the empty PostgreSQL database (or env:VARIABLE holding its URL)")
+    move.set_defaults(func=cmd_migrate_storage)
 
     tg = sub.add_parser("telegram", help="Telegram helpers")
     tg_sub = tg.add_subparsers(dest="telegram_command", required=True)
