@@ -109,9 +109,10 @@ def cmd_serve(args: argparse.Namespace) -> int:
     # Checks first, in an order that touches nothing: a run that fails them leaves no
     # database file and prints no "serving" line.
     startup.check_secrets(config)
-    db_path = Path(config.storage.path)
-    startup.check_database(db_path)
-    startup.check_single_writer(db_path)  # before the slow imports: refused in ~1 s
+    if config.storage.backend == "sqlite":  # PostgreSQL is checked when the store opens
+        db_path = Path(config.storage.path)
+        startup.check_database(db_path)
+        startup.check_single_writer(db_path)  # before the slow imports: refused in ~1 s
 
     import aiohttp
     from aiohttp import web

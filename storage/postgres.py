@@ -31,7 +31,7 @@ from bot.errors import StaleState
 from bot.ledger import Ledger, WebViewCheck
 from bot.messages import Delivery, Message
 from bot.state import Conversation, OutboxRow, Step, Wait
-from bot.store import PER_CONVERSATION
+from bot.store import PER_CONVERSATION, status_advances
 from bot.stranded import REMOVED, Stranded
 from storage import pg_schema
 
@@ -342,18 +342,30 @@ class PgStore(contract.Store):
 
     def set_platform_status(self, platform_id: str, status: str, error: str | None,
                             now: float) -> bool:
+        """As SQLite's: never moves a message's status backwards (`status_advances`); a
+        status for an id no row has yet is kept a day for the "sent" commit."""
+        platform_id, status = _text(platform_id), _text(status)
         error = _text(error) if error is not None else None
-        cur = self.conn.execute(
-            "UPDATE outbox SET platform_status = %s, error = coalesce(%s, error) "
-            "WHERE platform_id = %s", (_text(status), error, _text(platform_id)))
-        if cur.rowcount > 0:
+        rows = self.conn.execute(
+            "SELECT id, platform_status FROM outbox WHERE platform_id = %s FOR UPDATE",
+            (platform_id,)).fetchall()
+        if rows:
+            for outbox_id, current in rows:
+                if status_advances(current, status):
+                    self.conn.execute(
+                        "UPDATE outbox SET platform_status = %s, error = coalesce(%s, error) "
+                        "WHERE id = %s", (status, error, outbox_id))
             return True
         self.conn.execute("DELETE FROM early_statuses WHERE at < %s", (now - EARLY_STATUS_TTL,))
-        self.conn.execute(
-            "INSERT INTO early_statuses (platform_id, status, error, at) "
-            "VALUES (%s, %s, %s, %s) ON CONFLICT (platform_id) DO UPDATE "
-            "SET status = excluded.status, error = excluded.error, at = excluded.at",
-            (_text(platform_id), _text(status), error, now))
+        kept = self.conn.execute(
+            "SELECT status FROM early_statuses WHERE platform_id = %s FOR UPDATE",
+            (platform_id,)).fetchone()
+        if kept is None or status_advances(kept[0], status):
+            self.conn.execute(
+                "INSERT INTO early_statuses (platform_id, status, error, at) "
+                "VALUES (%s, %s, %s, %s) ON CONFLICT (platform_id) DO UPDATE "
+                "SET status = excluded.status, error = excluded.error, at = excluded.at",
+                (platform_id, status, error, now))
         return False
 
     def web_history(self, user_id: str, after_id: int, limit: int = 200,

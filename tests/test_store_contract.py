@@ -23,6 +23,7 @@ from storage import backends
 from storage.postgres import PgLedger, PgStore
 from storage.store import SQLiteStore
 from tests.postgres import empty
+from tests.support import query
 
 
 @pytest.fixture(params=["sqlite", "postgresql"])
@@ -179,13 +180,18 @@ def test_an_early_status_waits_for_its_message(store: Store) -> None:
         conv = store.conversation("whatsapp", "u", "K", 0)
         store.save(conv, Step(messages=[Message("a"), Message("b")]), 0)
         first, second = store.pending_deliveries(0, 10)
-        assert not store.set_platform_status("SM1", "failed", "63016", 10)
-        assert not store.set_platform_status("SM1", "undelivered", "63016", 10)  # replaced
-        store.mark_sent(first.id, 12, "SM1")
+        assert not store.set_platform_status("SM1", "delivered", None, 10)
+        assert not store.set_platform_status("SM1", "sent", None, 10)  # late: kept back
+        store.mark_sent(first.id, 12, "SM1")  # applies "delivered"
+        assert store.set_platform_status("SM1", "queued", None, 13)  # backwards: ignored
         assert store.set_platform_status("SM1", "read", None, 13)
-        assert not store.set_platform_status("SM2", "sent", None, 11 + 86401)
+        assert not store.set_platform_status("SM2", "failed", "63016", 11 + 86401)
         store.mark_sent(second.id, 11 + 86402, "SM2")
+        assert store.set_platform_status("SM2", "delivered", None, 11 + 86403)  # final stays
         assert store.counts()["outbox_sent"] == 2
+    with store.transaction():
+        assert query(store, "SELECT platform_id, platform_status, error FROM outbox "
+                     "ORDER BY id") == [("SM1", "read", None), ("SM2", "failed", "63016")]
 
 
 def test_pending_http_waits_are_found_again(store: Store) -> None:
