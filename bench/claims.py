@@ -15,7 +15,7 @@ from bot.config import load_config
 from bot.ledger import Ledger
 from bot.server import new_event_loop
 from storage.process import ProcessWorker
-from storage.store import Store
+from storage.store import SQLiteLedger, Store
 
 
 def claim_rate(db: Path, ids: list[str], group: int) -> tuple[float, int]:
@@ -45,7 +45,7 @@ def transition_rate(config: Path, ids: list[str], concurrency: int) -> float:
     cfg = load_config(config)
 
     async def run() -> float:
-        worker = ProcessWorker(functools.partial(Ledger, cfg.storage.path, cfg, {}))
+        worker = ProcessWorker(functools.partial(SQLiteLedger, cfg.storage.path, cfg, {}))
         await worker.open()
         todo = iter(ids)
 

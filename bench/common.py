@@ -83,11 +83,13 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
-def write_config(workdir: Path, db: Path, port: int, name: str = "bench",
+def write_config(workdir: Path, db: Path | str, port: int, name: str = "bench",
                  extra: str = "") -> Path:
-    """A server config on `db` whose file channel starts empty: the database is a fresh
-    copy, so its outbox ids start over, and the channel would take them for re-sends."""
+    """A server config on `db` (a SQLite file, or a postgresql:// URL) whose file channel
+    starts empty: the database is a fresh copy, so its outbox ids start over, and the
+    channel would take them for re-sends."""
     path = workdir / f"{name}.toml"
+    where = f'url = "{db}"' if isinstance(db, str) else f'path = "{db}"'
     outbox_file(workdir, name).unlink(missing_ok=True)
     path.write_text(f"""
 [server]
@@ -96,7 +98,7 @@ port = {port}
 public_url = "http://127.0.0.1:{port}"
 
 [storage]
-path = "{db}"
+{where}
 
 [channels.web]
 enabled = false
@@ -349,9 +351,11 @@ def run_wrk(url: str, *, mode: str, concurrency: int, seconds: float, ids: Seede
                       doc["max_us"] / 1000, used, cpu)
 
 
-def count_states(db: Path, ids: Sequence[str], table: str = "waits",
+def count_states(db: Path | str, ids: Sequence[str], table: str = "waits",
                  column: str = "id") -> dict[str, int]:
     """How many of these rows are in each state (read-only; the server may be running)."""
+    if isinstance(db, str):
+        return _count_states_pg(db, ids, table)
     con = sqlite3.connect(f"file:{db}?mode=ro", uri=True)
     out: dict[str, int] = {}
     try:
@@ -409,3 +413,40 @@ def _fmt(value: Any) -> str:
     if isinstance(value, int):
         return f"{value:,}"
     return str(value)
+
+
+# -- PostgreSQL (--storage postgresql://…) -------------------------------------------------
+
+
+def _count_states_pg(url: str, ids: Sequence[str], table: str) -> dict[str, int]:
+    import psycopg
+
+    if table == "waits":
+        sql = "SELECT state, count(*) FROM waits WHERE id = ANY(%s) GROUP BY state"
+    else:
+        sql = ("SELECT w.state, count(*) FROM conversations c JOIN waits w "
+               "ON w.conversation_id = c.id WHERE c.key = ANY(%s) GROUP BY w.state")
+    with psycopg.connect(url) as conn:
+        return {state: n for state, n in conn.execute(sql, (list(ids),))}
+
+
+def pg_copy_of(sqlite_db: Path, admin_url: str, name: str) -> str:
+    """A fresh PostgreSQL database `name` (on the server of `admin_url`) holding what the
+    SQLite file holds, through `flowbot migrate-storage`'s copy; its URL."""
+    from urllib.parse import urlsplit, urlunsplit
+
+    import psycopg
+
+    from storage.migrate import copy_sqlite_to_postgres
+
+    with psycopg.connect(admin_url, autocommit=True) as admin:
+        admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+        admin.execute(f'CREATE DATABASE "{name}"')
+    url = urlunsplit(urlsplit(admin_url)._replace(path="/" + name))
+    t = time.perf_counter()
+    copied = copy_sqlite_to_postgres(sqlite_db, url)
+    with psycopg.connect(url, autocommit=True) as conn:
+        conn.execute("VACUUM ANALYZE")
+    log(f"copied {copied.pending_waits:,} pending waits into PostgreSQL database {name} "
+        f"in {time.perf_counter() - t:.1f} s")
+    return url

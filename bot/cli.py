@@ -109,8 +109,10 @@ def cmd_serve(args: argparse.Namespace) -> int:
     # Checks first, in an order that touches nothing: a run that fails them leaves no
     # database file and prints no "serving" line.
     startup.check_secrets(config)
-    if config.storage.backend == "sqlite":  # PostgreSQL is checked when the store opens
-        db_path = Path(config.storage.path)
+    sqlite = config.storage.backend == "sqlite"
+    db_path = Path(config.storage.path)
+    db_name = str(db_path) if sqlite else "(PostgreSQL, storage.url)"
+    if sqlite:  # PostgreSQL is reached (and checked) when its store opens
         startup.check_database(db_path)
         startup.check_single_writer(db_path)  # before the slow imports: refused in ~1 s
 
@@ -121,7 +123,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     from storage.process import DatabaseProcessError
 
     sock = startup.bind(host, port)
-    fresh_db = not db_path.exists()
+    fresh_db = sqlite and not db_path.exists()
     app = build_app(config, channel_factories=enabled_channels(config))
     shown = "127.0.0.1" if host in ("0.0.0.0", "::") else host  # noqa: S104 - display only
     where = f"http://{shown}:{port}{config.server.path_prefix}/"
@@ -154,10 +156,10 @@ def cmd_serve(args: argparse.Namespace) -> int:
             raise startup.StartupError(str(exc), startup.ENVIRONMENT) from exc
         if isinstance(exc, DatabaseProcessError):
             raise startup.StartupError(
-                f"cannot open the database {db_path}: {exc.reason} — see docs/operations.md",
+                f"cannot open the database {db_name}: {exc.reason} — see docs/operations.md",
                 startup.ENVIRONMENT) from exc
         if isinstance(exc, sqlite3.Error | OSError):
-            raise startup.StartupError(f"cannot open the database {db_path}: {exc}",
+            raise startup.StartupError(f"cannot open the database {db_name}: {exc}",
                                        startup.ENVIRONMENT) from exc
         raise
     finally:

@@ -27,7 +27,7 @@ from psycopg_pool import ConnectionPool
 
 from bot import store as contract
 from bot.config import Config
-from bot.errors import StaleState
+from bot.errors import StaleState, StorageUnavailable
 from bot.ledger import Ledger, WebViewCheck
 from bot.messages import Delivery, Message
 from bot.state import Conversation, OutboxRow, Step, Wait
@@ -71,8 +71,13 @@ class PgStore(contract.Store):
     def __init__(self, url: str, *, pool_size: int = 8, prepared_statements: bool = True,
                  caller_clock: bool = False) -> None:
         kwargs = connect_kwargs(prepared_statements)
-        with psycopg.connect(url, **kwargs) as conn:
-            pg_schema.apply(conn)
+        try:
+            with psycopg.connect(url, **kwargs) as conn:
+                pg_schema.apply(conn)
+        except psycopg.OperationalError as exc:  # unreachable, refused, no such database
+            first = (str(exc).strip().splitlines() or [""])[0][:300]
+            raise StorageUnavailable(
+                "storage_unavailable", f"cannot reach PostgreSQL: {first}") from None
         self.pool: ConnectionPool[psycopg.Connection[tuple[Any, ...]]] = ConnectionPool(
             url, min_size=1, max_size=pool_size, kwargs=kwargs, open=True, name="flowbot")
         self.pool_size = pool_size
