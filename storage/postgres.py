@@ -46,6 +46,8 @@ _BEGIN = (
 )
 _CONV = "id, channel, user_id, key, flow, block, wait_id, variables, version"
 _WAIT = "id, kind, flow, block, deadline, blocking, request, conversation_id, state"
+_WAIT_W = ", ".join(f"w.{c}" for c in _WAIT.split(", "))
+_CONV_C = ", ".join(f"c.{c}" for c in _CONV.split(", "))
 
 
 def _dumps(value: Any) -> str:
@@ -85,12 +87,14 @@ class PgStore(contract.Store):
         self.new_deadline = math.inf  # the earliest deadline save() wrote; the worker resets it
         self.db_time = 0.0  # the database's clock at the start of the bound transaction
         self._conn: psycopg.Connection[tuple[Any, ...]] | None = None
+        self._locked: Conversation | None = None  # see wait()
 
     def for_thread(self) -> PgStore:
         """A copy sharing the pool (and, for a ledger, the engine) with a connection slot of
         its own: one per worker thread."""
         twin = copy.copy(self)
         twin._conn = None
+        twin._locked = None
         twin.new_deadline = math.inf
         return twin
 
@@ -108,6 +112,7 @@ class PgStore(contract.Store):
     def begin(self, conn: psycopg.Connection[tuple[Any, ...]]) -> None:
         """Bind `conn` and open a transaction on it; reads the database clock."""
         self._conn = conn
+        self._locked = None
         cur = conn.execute(_BEGIN, prepare=False)
         cur.nextset()
         row = cur.fetchone()
@@ -177,6 +182,9 @@ class PgStore(contract.Store):
         return self._conversation(row)
 
     def conversation_by_id(self, conversation_id: int) -> Conversation | None:
+        locked, self._locked = self._locked, None
+        if locked is not None and locked.id == conversation_id:  # read (and locked) by wait()
+            return locked
         row = self.conn.execute(
             f"SELECT {_CONV} FROM conversations WHERE id = %s FOR UPDATE",  # noqa: S608
             (conversation_id,)).fetchone()
@@ -199,6 +207,7 @@ class PgStore(contract.Store):
         """Persist one step in one round trip (pipeline mode): the conversation, its new
         and cancelled waits, its messages."""
         conn = self.conn
+        self._locked = None
         with conn.pipeline():
             cur = conn.execute(
                 "UPDATE conversations SET flow = %s, block = %s, wait_id = %s, variables = %s, "
@@ -230,11 +239,23 @@ class PgStore(contract.Store):
     # -- waits ------------------------------------------------------------------------
 
     def wait(self, wait_id: str) -> Wait | None:
+        """The wait, read together with its conversation, which this locks (the lock order:
+        conversation first; the wait row itself is not locked here). The conversation is
+        kept for the `conversation_by_id` that a transition asks next, saving it a round
+        trip; `save` and a new transaction drop it."""
         row = self.conn.execute(
-            f"SELECT {_WAIT} FROM waits WHERE id = %s", (_text(wait_id),)).fetchone()  # noqa: S608
-        if row is None:
-            return None
-        wid, kind, flow, block, deadline, blocking, request, cid, state = row
+            f"SELECT {_WAIT_W}, {_CONV_C} FROM waits w "  # noqa: S608 - fixed fragments
+            "JOIN conversations c ON c.id = w.conversation_id WHERE w.id = %s "
+            "FOR UPDATE OF c", (_text(wait_id),)).fetchone()
+        if row is None:  # a wait whose conversation is gone (or no such wait)
+            row = self.conn.execute(
+                f"SELECT {_WAIT} FROM waits WHERE id = %s", (_text(wait_id),)).fetchone()  # noqa: S608
+            if row is None:
+                return None
+        else:
+            conv = self._conversation(row[9:])
+            self._locked = conv
+        wid, kind, flow, block, deadline, blocking, request, cid, state = row[:9]
         return Wait(wid, kind, flow, block, deadline, bool(blocking),
                     json.loads(request) if request else None, cid, state)
 
