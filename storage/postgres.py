@@ -196,6 +196,33 @@ class PgStore(contract.Store):
             (_text(key),)).fetchone()
         return self._conversation(row) if row else None
 
+    def move_conversation(self, channel: str, old_user_id: str, new_user_id: str,
+                          now: float) -> bool:
+        """As SQLite's; both rows are locked at once, in id order (no deadlock with
+        another move)."""
+        if old_user_id == new_user_id:
+            return False
+        rows = {user: (cid, variables) for cid, user, variables in self.conn.execute(
+            "SELECT id, user_id, variables FROM conversations WHERE channel = %s "
+            "AND user_id IN (%s, %s) ORDER BY id FOR UPDATE",
+            (channel, _text(old_user_id), _text(new_user_id)))}
+        if old_user_id not in rows:
+            return False
+        if new_user_id in rows:
+            there = rows[new_user_id][0]
+            self.conn.execute("UPDATE conversations SET user_id = %s, updated = %s WHERE id = %s",
+                              (f"{new_user_id}~replaced~{there}", now, there))
+        cid, raw = rows[old_user_id]
+        variables = json.loads(raw)
+        if "user_id" in variables:
+            variables["user_id"] = new_user_id
+        self.conn.execute(
+            "UPDATE conversations SET user_id = %s, updated = %s, version = version + 1, "
+            "variables = %s WHERE id = %s", (_text(new_user_id), now, _dumps(variables), cid))
+        self.conn.execute("UPDATE outbox SET user_id = %s WHERE conversation_id = %s AND "
+                          "state = 'pending'", (_text(new_user_id), cid))
+        return True
+
     @staticmethod
     def _conversation(row: tuple[Any, ...]) -> Conversation:
         cid, channel, user_id, key, flow, block, wait_id, variables, version = row

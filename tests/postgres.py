@@ -71,8 +71,8 @@ def empty(url: str) -> None:
 _PG_TESTS: set[str] = set()
 
 
-def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
-    """Counts the PostgreSQL half; leaves out PostgreSQL with the process worker where a
+def pg_tests(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Notes the PostgreSQL half (for `pg_summary`); leaves out PostgreSQL with the process worker where a
     module asks for both parametrizations (the crash test covers that pair through a real
     `flowbot serve`, and it would add a process start per test)."""
     dropped = [item for item in items

@@ -59,6 +59,22 @@ def test_conversation_created_once_with_a_random_key(store: Store) -> None:
         assert store.conversation_by_id(c.id) == c
 
 
+def test_a_conversation_moves_to_a_new_address(store: Store) -> None:
+    with store.transaction():
+        old = store.conversation("telegram", "-100", "K-old", 0)
+        old.variables = {"user_id": "-100", "x": 1}
+        store.save(old, Step(messages=[Message("pending")]), 0)
+        early = store.conversation("telegram", "-200", "K-early", 0)
+        assert store.move_conversation("telegram", "-100", "-200", 5)
+        assert not store.move_conversation("telegram", "-100", "-200", 6)  # moved already
+    with store.transaction():
+        moved = store.conversation("telegram", "-200", "unused", 7)
+        assert (moved.id, moved.key, moved.variables) == (old.id, "K-old",
+                                                         {"user_id": "-200", "x": 1})
+        assert store.conversation_by_key("K-early").user_id == f"-200~replaced~{early.id}"  # type: ignore[union-attr]
+        assert [r.user_id for r in store.pending_deliveries(10, 10)] == ["-200"]
+
+
 def test_save_is_optimistic(store: Store) -> None:
     with store.transaction():
         conv = store.conversation("tg", "1", "K", 0)
