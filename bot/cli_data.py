@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from bot.config import Config
+from bot.errors import FlowbotError
 from bot.flow import BLOCK_TYPES, live_blocks
 from bot.stranded import per_block
 from storage.stranded import read_stranded
@@ -24,13 +25,22 @@ def stranded_report(config: Config) -> list[str]:
     """Lines for `flowbot check`: conversations of the configured database that stand at
     blocks this config no longer has, counted per block, and what start-up will do with
     them. Read-only: nothing when the database file does not exist yet."""
-    path = config.storage.path
-    if not path.exists():
+    path: object = config.storage.path
+    if config.storage.backend == "postgresql":
+        from storage.backends import read_stranded_pg
+
+        path = "PostgreSQL (storage.url)"
+        try:
+            found = read_stranded_pg(config, live_blocks(config.flows))
+        except FlowbotError as exc:
+            return [f"{path}: could not read it to look for stranded conversations ({exc})"]
+    elif not config.storage.path.exists():
         return [f"{path}: no database yet (it is created at the first start)"]
-    try:
-        found = read_stranded(str(path), live_blocks(config.flows))
-    except sqlite3.Error as exc:
-        return [f"{path}: could not read it to look for stranded conversations ({exc})"]
+    else:
+        try:
+            found = read_stranded(str(path), live_blocks(config.flows))
+        except sqlite3.Error as exc:
+            return [f"{path}: could not read it to look for stranded conversations ({exc})"]
     if not found:
         return [f"{path}: every stored conversation stands at a block this config has"]
     target = config.bot.stranded_target

@@ -16,6 +16,7 @@ from bot.config import Config
 from bot.errors import FlowbotError, StorageUnavailable
 from bot.ledger import Ledger, WebViewCheck
 from bot.runtime import Worker
+from bot.stranded import Stranded
 from storage.process import ProcessWorker
 from storage.store import SQLiteLedger, SQLiteStore, read_counts, read_pending_waits
 from storage.worker import DbWorker, TimerPass
@@ -138,3 +139,28 @@ async def pending_waits(config: Config) -> dict[str, int]:
 
 
 __all__ = ["TimerPass", "close_worker", "counts", "open_worker", "storage_url", "worker_for"]
+
+
+def read_stranded_pg(config: Config, live: list[tuple[str, str, str]]) -> list[Stranded]:
+    """`flowbot check` on PostgreSQL: the stranded conversations, in a read-only
+    transaction of a connection of its own. Raises FlowbotError when the database cannot
+    be reached or has no flowbot tables yet."""
+    import psycopg
+
+    from storage.postgres import connect_kwargs, find_stranded
+
+    try:
+        with psycopg.connect(storage_url(config), connect_timeout=10,
+                             **connect_kwargs(config.storage.prepared_statements)) as conn:
+            conn.execute("BEGIN READ ONLY")
+            try:
+                return find_stranded(conn, live)
+            finally:
+                conn.execute("ROLLBACK")
+    except psycopg.Error as exc:
+        first = (str(exc).strip().splitlines() or [""])[0][:300]
+        raise FlowbotError(f"{type(exc).__name__}: {first}") from None
+
+
+__all__ = ["TimerPass", "close_worker", "counts", "open_worker", "read_stranded_pg",
+           "storage_url", "worker_for"]

@@ -383,3 +383,22 @@ def test_storage_config_is_validated(tmp_path: Path, monkeypatch: pytest.MonkeyP
     monkeypatch.setenv("FLOWBOT_TEST_DB_URL", "postgresql://x@127.0.0.1:1/none")
     assert backends.storage_url(config) == "postgresql://x@127.0.0.1:1/none"
     assert _config(tmp_path, "").storage.backend == "sqlite"
+
+
+def test_check_reads_stranded_conversations_from_postgresql(
+        pg_url: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    from bot.cli import main
+
+    config = _config(tmp_path, f'url = "{pg_url}"')
+    ledger = PgLedger(pg_url, config, caller_clock=True)
+    try:
+        with ledger.transaction():
+            ledger.inbound(Inbound("rec", "u1", "hi"), 1000.0)  # waits at main/pay
+    finally:
+        ledger.close()
+    renamed = (tmp_path / "flowbot.toml").read_text().replace("blocks.pay]", "blocks.pay2]")
+    (tmp_path / "flowbot.toml").write_text(renamed.replace('start = "pay"', 'start = "pay2"'))
+    main(["check", "--config", str(tmp_path / "flowbot.toml")])
+    out = capsys.readouterr().out
+    assert "PostgreSQL (storage.url): 1 conversation(s) stand at blocks" in out, out
+    assert "main/pay (webview wait): 1" in out, out
