@@ -3,7 +3,7 @@ one transaction under a transaction-scoped advisory lock, so two servers startin
 never run a step twice (the second waits, then finds it applied).
 
 Version 1 is the SQLite schema as its migrations m001…m006 left it (storage/schema.py);
-later steps are appended here and in storage/schema.py alike (2 = m007). Times are seconds since the
+later steps are appended here and in storage/schema.py alike (2 = m007, 3 = m008). Times are seconds since the
 epoch (double precision), as in SQLite, so both stores hand the engine the same values.
 """
 
@@ -78,6 +78,12 @@ MIGRATIONS: list[tuple[int, str, str]] = [
     (2, "removed_waits", """
         -- SQLite's m007: a late webhook of a conversation whose block is gone gets 410
         CREATE INDEX waits_removed ON waits (conversation_id) WHERE state = 'removed';
+    """),
+    (3, "retention", """
+        -- SQLite's m008: pruning finds old rows through these
+        CREATE INDEX events_at ON events (at);
+        CREATE INDEX outbox_created ON outbox (created);
+        CREATE INDEX waits_created ON waits (created);
     """),
 ]
 

@@ -50,6 +50,21 @@ _WAIT_W = ", ".join(f"w.{c}" for c in _WAIT.split(", "))
 _CONV_C = ", ".join(f"c.{c}" for c in _CONV.split(", "))
 
 
+_PRUNE = {  # (cutoff, limit) → rows deleted, as storage/store.py's
+    "events": "DELETE FROM events WHERE id IN (SELECT id FROM events WHERE at < %s LIMIT %s)",
+    "delivered": "DELETE FROM outbox WHERE id IN (SELECT id FROM outbox WHERE created < %s "
+                 "AND state = 'sent' AND channel != 'web' LIMIT %s)",
+    "web_history": "DELETE FROM outbox WHERE id IN (SELECT id FROM outbox WHERE created < %s "
+                   "AND state = 'sent' AND channel = 'web' LIMIT %s)",
+    "failed": "DELETE FROM outbox WHERE id IN (SELECT id FROM outbox WHERE created < %s "
+              "AND state = 'failed' LIMIT %s)",
+    "ended_waits": "DELETE FROM waits WHERE id IN (SELECT id FROM waits WHERE created < %s "
+                   "AND state != 'pending' LIMIT %s)",
+    "early_statuses": "DELETE FROM early_statuses WHERE platform_id IN (SELECT platform_id "
+                      "FROM early_statuses WHERE at < %s LIMIT %s)",
+}
+
+
 def _dumps(value: Any) -> str:
     return json.dumps(value, ensure_ascii=False, separators=(",", ":"))
 
@@ -324,6 +339,32 @@ class PgStore(contract.Store):
         return self.conn.execute(
             "SELECT 1 FROM waits WHERE conversation_id = %s AND state = 'removed' "
             "AND kind = 'webhook' LIMIT 1", (conversation_id,)).fetchone() is not None
+
+    # -- retention (life15's pruning) -------------------------------------------------
+
+    def prune(self, category: str, cutoff: float, limit: int, cursor: int = 0
+              ) -> tuple[int, int]:
+        """As SQLite's: at most `limit` finished rows older than `cutoff` per call."""
+        if category == "idle_conversations":
+            return self._prune_idle(cutoff, limit, cursor)
+        return self.conn.execute(_PRUNE[category], (cutoff, limit)).rowcount, 0
+
+    def _prune_idle(self, cutoff: float, limit: int, cursor: int) -> tuple[int, int]:
+        window = self.conn.execute(
+            "SELECT id, updated, wait_id FROM conversations WHERE id > %s ORDER BY id LIMIT %s",
+            (cursor, limit * 10)).fetchall()
+        if not window:
+            return 0, 0
+        idle = [cid for cid, updated, wait_id in window
+                if updated < cutoff and wait_id is None][:limit]
+        deleted = 0
+        for cid in idle:  # messages still to send keep it
+            deleted += self.conn.execute(
+                "DELETE FROM conversations WHERE id = %s AND NOT EXISTS (SELECT 1 FROM outbox "
+                "WHERE conversation_id = %s AND state = 'pending')", (cid, cid)).rowcount
+        if len(idle) == limit:
+            return deleted, idle[-1]
+        return deleted, (window[-1][0] if len(window) == limit * 10 else 0)
 
     # -- outbox -----------------------------------------------------------------------
 

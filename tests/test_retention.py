@@ -10,7 +10,7 @@ import pytest
 from bot.errors import ConfigError
 from tests.support import harness, query, write_config
 
-pytestmark = pytest.mark.usefixtures("both_workers")
+pytestmark = pytest.mark.usefixtures("both_workers", "both_backends")
 
 HOUR = 3600.0
 DAY = 86400.0

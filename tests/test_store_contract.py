@@ -272,7 +272,7 @@ def test_migrations_run_once_under_an_advisory_lock(pg_url: str) -> None:
     assert errors == []
     with psycopg.connect(pg_url) as conn:
         assert conn.execute("SELECT version, name FROM flowbot_migrations").fetchall() == [
-            (1, "initial"), (2, "removed_waits")]
+            (1, "initial"), (2, "removed_waits"), (3, "retention")]
 
 
 def test_transitions_use_the_database_clock_not_the_nodes(pg_url: str, tmp_path: Path
