@@ -393,7 +393,10 @@ async def test_at_the_deadline_the_expiry_wins_whichever_runs_first(h: Harness) 
             resp, fired = await asyncio.gather(callback, h.runtime.fire_due())
         await h.flush()
         assert (resp.status, (await resp.json())["error"]) == (410, "expired"), order
-        assert fired == (0 if order == "callback first" else 1), order  # the 410 expired it
+        # "together": on PostgreSQL the two jobs truly run at once, on two connections, and
+        # either may take the conversation's lock first; the flow still expires once
+        expected = {"callback first": (0,), "timer first": (1,)}.get(order, (0, 1))
+        assert fired in expected, order  # 0: the 410 expired it
         assert [m.text for m in h.new_messages(user)] == ["Expired."], order
         assert await state_of(h, eid) == "expired"
         h.clock.advance(-60)
