@@ -3,10 +3,11 @@
 What moves: every conversation (with its variables, key and place), every wait (pending
 ones with their deadlines; resolved ones too, so a late callback still gets its 409/410
 rather than a 404), the outbox rows not yet delivered, the web chat's delivered rows (a
-reconnecting page asks for them by id), early delivery statuses, and the inbound event ids
-of the `EVENT_WINDOW` seconds before the newest one (a platform that redelivers an event
-after the move is still recognised). Ids are kept, and PostgreSQL's sequences continue after them. All of it
-in one PostgreSQL transaction, then the counts are compared table by table.
+reconnecting page asks for them by id), early delivery statuses, webhook calls kept for
+their block, and the inbound event ids of the `EVENT_WINDOW` seconds before the newest
+one (a platform that redelivers an event after the move is still recognised). Ids are
+kept, and PostgreSQL's sequences continue after them. All of it in one PostgreSQL
+transaction, then the counts are compared table by table.
 """
 
 from __future__ import annotations
@@ -26,7 +27,7 @@ from storage.store import SQLiteStore
 EVENT_WINDOW = 7 * 86400.0  # s of inbound event ids copied (platforms redeliver for ~1 day)
 
 _CONVERSATIONS = ("id", "channel", "user_id", "key", "flow", "block", "wait_id", "variables",
-                  "version", "created", "updated")
+                  "version", "created", "updated", "webhook_ended")
 _WAITS = ("id", "conversation_id", "kind", "flow", "block", "deadline", "blocking", "state",
           "request", "created", "resolved_at")
 _OUTBOX = ("id", "conversation_id", "channel", "user_id", "message", "state", "attempts",
@@ -38,6 +39,8 @@ _PLAN: list[tuple[str, tuple[str, ...], str, tuple[str, ...]]] = [
     ("outbox", _OUTBOX, "state = 'pending' OR (channel = 'web' AND state = 'sent')", ()),
     ("events", ("id", "at"), "at >= :since", ()),
     ("early_statuses", ("platform_id", "status", "error", "at"), "1", ()),
+    ("early_webhooks", ("id", "conversation_id", "payload", "schemes", "received", "expires"),
+     "1", ()),
 ]
 
 
@@ -74,7 +77,7 @@ def copy_sqlite_to_postgres(path: str | Path, url: str, *, now: float | None = N
             _refuse_data(conn)
             rows = {table: _copy(source, conn, table, columns, where, booleans, since)
                     for table, columns, where, booleans in _PLAN}
-            for table in ("conversations", "outbox"):
+            for table in ("conversations", "outbox", "early_webhooks"):
                 conn.execute(f"SELECT setval(pg_get_serial_sequence('{table}', 'id'), "  # noqa: S608
                              f"coalesce((SELECT max(id) FROM {table}), 0) + 1, false)")
             copied = _verify(source, conn, rows, since)

@@ -30,7 +30,7 @@ from bot.config import Config
 from bot.errors import StaleState, StorageUnavailable
 from bot.ledger import Ledger, WebViewCheck
 from bot.messages import Delivery, Message
-from bot.state import Conversation, OutboxRow, Step, Wait
+from bot.state import Conversation, EarlyWebhook, OutboxRow, Step, Wait
 from bot.store import PER_CONVERSATION, status_advances
 from bot.stranded import REMOVED, Stranded
 from storage import pg_schema
@@ -318,7 +318,8 @@ class PgStore(contract.Store):
 
     def next_deadline(self) -> float | None:
         row = self.conn.execute(
-            "SELECT min(deadline) FROM waits WHERE state = 'pending'").fetchone()
+            "SELECT least((SELECT min(deadline) FROM waits WHERE state = 'pending'), "
+            "(SELECT min(expires) FROM early_webhooks))").fetchone()
         return float(row[0]) if row and row[0] is not None else None
 
     def pending_http_waits(self) -> list[Wait]:
@@ -335,10 +336,55 @@ class PgStore(contract.Store):
         self.conn.execute("UPDATE waits SET state = %s, resolved_at = %s "
                           "WHERE id = %s AND state = 'pending'", (REMOVED, now, wait_id))
 
-    def has_removed_webhook(self, conversation_id: int) -> bool:
+    def has_removed_webhook(self, conversation_id: int, since: float | None = None) -> bool:
         return self.conn.execute(
             "SELECT 1 FROM waits WHERE conversation_id = %s AND state = 'removed' "
-            "AND kind = 'webhook' LIMIT 1", (conversation_id,)).fetchone() is not None
+            "AND kind = 'webhook' AND (%s::float8 IS NULL OR resolved_at >= %s) LIMIT 1",
+            (conversation_id, since, since)).fetchone() is not None
+
+    # -- webhooks that came before their block (as storage/store.py's) -----------------
+
+    def keep_early_webhook(self, conversation_id: int, payload: Any, schemes: list[str],
+                           now: float, expires: float) -> None:
+        self.conn.execute(
+            "INSERT INTO early_webhooks (conversation_id, payload, schemes, received, expires) "
+            "VALUES (%s, %s, %s, %s, %s)",
+            (conversation_id, _dumps(payload), _dumps(schemes), now, expires))
+        self.new_deadline = min(self.new_deadline, expires)
+
+    def early_webhook_count(self, conversation_id: int, now: float) -> int:
+        row = self.conn.execute(
+            "SELECT count(*) FROM early_webhooks WHERE conversation_id = %s AND expires > %s",
+            (conversation_id, now)).fetchone()
+        return int(row[0]) if row else 0
+
+    def take_early_webhook(self, conversation_id: int, scheme: str | None,
+                           now: float) -> EarlyWebhook | None:
+        rows = self.conn.execute(
+            "SELECT id, payload, schemes, received FROM early_webhooks "
+            "WHERE conversation_id = %s AND expires > %s ORDER BY id FOR UPDATE",
+            (conversation_id, now)).fetchall()
+        for row_id, payload, schemes, received in rows:
+            if scheme is None or scheme in json.loads(schemes):
+                self.conn.execute("DELETE FROM early_webhooks WHERE id = %s", (row_id,))
+                return EarlyWebhook(conversation_id, json.loads(payload), received)
+        return None
+
+    def drop_expired_early_webhooks(self, now: float, limit: int) -> list[EarlyWebhook]:
+        rows = self.conn.execute(
+            "DELETE FROM early_webhooks WHERE id IN (SELECT id FROM early_webhooks "
+            "WHERE expires <= %s ORDER BY expires LIMIT %s) RETURNING conversation_id, received",
+            (now, limit)).fetchall()
+        return [EarlyWebhook(cid, None, received) for cid, received in rows]
+
+    def mark_webhook_ended(self, conversation_id: int, now: float) -> None:
+        self.conn.execute("UPDATE conversations SET webhook_ended = %s WHERE id = %s",
+                          (now, conversation_id))
+
+    def webhook_ended(self, conversation_id: int) -> float | None:
+        row = self.conn.execute("SELECT webhook_ended FROM conversations WHERE id = %s",
+                                (conversation_id,)).fetchone()
+        return row[0] if row else None
 
     # -- retention (life15's pruning) -------------------------------------------------
 
@@ -361,7 +407,8 @@ class PgStore(contract.Store):
         for cid in idle:  # messages still to send keep it
             deleted += self.conn.execute(
                 "DELETE FROM conversations WHERE id = %s AND NOT EXISTS (SELECT 1 FROM outbox "
-                "WHERE conversation_id = %s AND state = 'pending')", (cid, cid)).rowcount
+                "WHERE conversation_id = %s AND state = 'pending') AND NOT EXISTS (SELECT 1 "
+                "FROM early_webhooks WHERE conversation_id = %s)", (cid, cid, cid)).rowcount
         if len(idle) == limit:
             return deleted, idle[-1]
         return deleted, (window[-1][0] if len(window) == limit * 10 else 0)

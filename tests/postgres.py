@@ -20,7 +20,7 @@ import pytest
 from tests.prereq import require
 
 DEFAULT_URL = "postgresql://postgres@127.0.0.1:5432/postgres"
-TABLES = ("conversations", "waits", "outbox", "events", "early_statuses")
+TABLES = ("conversations", "waits", "outbox", "events", "early_statuses", "early_webhooks")
 
 
 def admin_url() -> str:

@@ -21,7 +21,7 @@ from aiohttp.test_utils import TestServer
 from storage.store import SQLiteStore
 from tests.support import Harness, conversation_key, eventually, harness, query, write_config
 
-pytestmark = pytest.mark.usefixtures("both_workers")
+pytestmark = pytest.mark.usefixtures("both_workers", "both_backends")
 
 SECRETS = {"GH_SECRET": "gh-shared-secret", "SHOP_SECRET": "shpss_0123456789abcdef",
            "STRIPE_SECRET": "whsec_stripe_test_0123456789"}
