@@ -138,9 +138,6 @@ async def pending_waits(config: Config) -> dict[str, int]:
     return await asyncio.to_thread(read_pending_waits, config.storage.path)
 
 
-__all__ = ["TimerPass", "close_worker", "counts", "open_worker", "storage_url", "worker_for"]
-
-
 def read_stranded_pg(config: Config, live: list[tuple[str, str, str]]) -> list[Stranded]:
     """`flowbot check` on PostgreSQL: the stranded conversations, in a read-only
     transaction of a connection of its own. Raises FlowbotError when the database cannot
@@ -162,5 +159,5 @@ def read_stranded_pg(config: Config, live: list[tuple[str, str, str]]) -> list[S
         raise FlowbotError(f"{type(exc).__name__}: {first}") from None
 
 
-__all__ = ["TimerPass", "close_worker", "counts", "open_worker", "read_stranded_pg",
-           "storage_url", "worker_for"]
+__all__ = ["TimerPass", "close_worker", "counts", "open_worker", "pending_waits", "probe",
+           "read_stranded_pg", "storage_url", "worker_for"]
