@@ -132,6 +132,12 @@ def test_a_package_missing_from_the_constraints_fails_the_run(tmp_path: Path) ->
     assert "not pinned in .ci/constraints.txt" in err and "leftpad==1.0" in err
 
 
+def test_a_pin_matches_whatever_spelling_pip_freeze_uses(tmp_path: Path) -> None:
+    # pip freeze prints prometheus_client; the constraints say prometheus-client: one package
+    status, ran, err = run_ci(tmp_path, freeze="Prometheus_Client==0.26.0")
+    assert (status, ran) == (0, STEPS), err
+
+
 @pytest.mark.parametrize("apt", ["fail", "nothing"])
 def test_a_browser_that_cannot_be_installed_fails_the_run(tmp_path: Path, apt: str) -> None:
     status, ran, err = run_ci(tmp_path, chromium=False, apt=apt)
