@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import json
 from collections.abc import Mapping
+from email.parser import BytesParser
+from email.policy import HTTP
 from typing import Any
 from urllib.parse import parse_qsl
 
@@ -72,10 +74,12 @@ def _is_json_type(content_type: str) -> bool:
     return content_type in _JSON_TYPES or content_type.endswith("+json")
 
 
-def webhook_payload(body: bytes, content_type: str) -> dict[str, Any]:
+def webhook_payload(body: bytes, content_type: str, header: str = "") -> dict[str, Any]:
     """A webhook body by what it holds, not by its label: empty → {}; a JSON object
-    whatever the Content-Type says (`curl -d '{…}'` labels JSON as a form); else a form
-    (name=value&…). 400 when it is neither, saying what arrived."""
+    whatever the Content-Type says (`curl -d '{…}'` labels JSON as a form); a
+    `multipart/form-data` form's text fields (`curl -F`; `header`: the whole Content-Type
+    header, for its boundary); else a form (name=value&…). 400 when it is neither, saying
+    what arrived."""
     if not body.strip():
         return {}
     if _is_json_type(content_type):
@@ -91,6 +95,8 @@ def webhook_payload(body: bytes, content_type: str) -> dict[str, Any]:
             return doc
         raise BadRequest("not_an_object", f"The body is JSON but a {_json_kind(doc)}, not an "
                          "object; send an object, or a form (name=value&…).")
+    if content_type == "multipart/form-data":
+        return _multipart(body, header)
     form = _form(body)
     if form is None:
         shown = content_type or "no Content-Type"
@@ -106,6 +112,41 @@ _WEBHOOK_EXAMPLE = "Send a JSON object, a form (name=value&…) or an empty body
 def _json_kind(doc: Any) -> str:
     return {list: "list", str: "string", bool: "boolean"}.get(type(doc), "number") \
         if doc is not None else "null"
+
+
+def _multipart(body: bytes, header: str) -> dict[str, Any]:
+    """The text fields of a `multipart/form-data` body (RFC 7578), parsed by the stdlib
+    email parser from the bytes already read. A file part, a missing boundary or a broken
+    body is 400 `bad_body`: a wait is never completed with part of its data thrown away."""
+    def bad(why: str) -> BadRequest:
+        return BadRequest("bad_body", f"Received a multipart/form-data body {why}. Send text "
+                          "fields only (curl -F 'name=value'), a JSON object or a form "
+                          "(name=value&…).")
+    try:
+        msg = BytesParser(policy=HTTP).parsebytes(
+            b"Content-Type: " + header.encode("latin-1") + b"\r\n\r\n" + body)
+    except (UnicodeError, ValueError):
+        raise bad("whose Content-Type header cannot be read") from None
+    if not msg.is_multipart() or not msg.get_boundary() or msg.defects:
+        raise bad("that is not well formed (its boundary is missing or not closed)")
+    form: dict[str, Any] = {}
+    for part in msg.iter_parts():
+        name = part.get_param("name", header="content-disposition")
+        if part.get_content_disposition() != "form-data" or not isinstance(name, str):
+            raise bad("with a part that is not a named form field")
+        if part.get_filename() is not None:
+            raise bad(f"with a file in field '{name}' (files are not taken)")
+        if part.defects or part.is_multipart():
+            raise bad(f"whose field '{name}' is not well formed")
+        raw = part.get_payload(decode=True)
+        try:
+            value = raw.decode(part.get_content_charset() or "utf-8") \
+                if isinstance(raw, bytes) else ""
+        except (LookupError, UnicodeDecodeError):
+            raise bad(f"whose field '{name}' is not text in its charset (UTF-8 by "
+                      "default)") from None
+        form[name] = value
+    return form
 
 
 def _form(body: bytes) -> dict[str, Any] | None:
@@ -144,7 +185,8 @@ async def webhook(request: web.Request, runtime: Runtime, headers: frozenset[str
     conversation's own URL: whatever arrives completes its wait). `headers`: the ones a
     signature scheme may read (bot.signatures.signature_headers)."""
     body = await read_body(request, runtime.config.server.max_body_bytes)
-    payload = webhook_payload(body, request.content_type)
+    payload = webhook_payload(body, request.content_type,
+                              request.headers.get("Content-Type", ""))
     key = request.match_info.get("conversation_key")
     if key is None:
         key = find_key(payload, request.query, runtime.config.webhooks.key_paths)

@@ -15,7 +15,7 @@ from typing import Any, Protocol
 
 from bot.config import Config
 from bot.engine import Engine, Links
-from bot.errors import Conflict, Gone, NotFound, TooMany
+from bot.errors import ApiError, Conflict, Gone, NotFound, TooMany
 from bot.flow import Block, WebhookBlock, WebViewBlock, live_blocks, wait_kind
 from bot.messages import Inbound
 from bot.state import TIMEOUT_OUTCOME, Conversation, EarlyWebhook, Step, Wait
@@ -27,6 +27,9 @@ FIRE_BATCH = 500
 STRANDED_BATCH = 200
 GONE_WEBHOOK = ("This conversation no longer waits for this call: the Webhook block it waited "
                 "at was removed from the flow, and the user was moved on. Nothing was applied.")
+NOT_WAITING = ("This conversation is not waiting at a Webhook block (its wait already got its "
+               "call, timed out, or has not started), so this call was refused and nothing "
+               "was kept: a later wait will not take it. Stop retrying this call.")
 
 
 def new_token() -> str:
@@ -202,23 +205,22 @@ class Ledger(Store):
 
     def _early(self, conv: Conversation, payload: Any, signature: Signature,
                now: float) -> Outcome | None:
-        """A call for a conversation that is not at a Webhook block: kept for the next one
-        to start within `webhooks.early_window`, unless it is a late call for the last one."""
+        """A call for a conversation that is not at a Webhook block. Kept for the next one
+        to start within `webhooks.early_window` only while the conversation waits for an
+        `http` block's answer (the provider called back before answering the request that
+        registered the URL): only then can it belong to the coming wait. Otherwise refused,
+        never kept: 410 when the conversation's latest Webhook wait ended as removed, else
+        409. A replayed message id is a duplicate (None) either way."""
         hooks = self.config.webhooks
-        ended = self.webhook_ended(conv.id)
-        keeps = hooks.early_window > 0 and bool(self.early_schemes)
-        # a Webhook wait of this conversation ended as removed (bot/stranded.py) lately:
-        # the call was meant for it
-        if self.has_removed_webhook(conv.id, now - hooks.early_window if keeps else None):
-            raise Gone("gone", GONE_WEBHOOK)
-        if not keeps:
-            raise Conflict("not_waiting",
-                           "This conversation is not waiting at a Webhook block, and this "
-                           "server keeps no early calls; nothing was kept.")
-        if ended is not None and now - ended < hooks.early_window:
-            raise Conflict("not_waiting",
-                           "This conversation is no longer waiting at its Webhook block (it "
-                           "already got its call, or timed out); nothing was kept.")
+        wait = self.wait(conv.wait_id) if conv.wait_id else None
+        at_http = wait is not None and wait.kind == "http" and wait.state == "pending"
+        if not (at_http and hooks.early_window > 0 and self.early_schemes):
+            if self._replayed(signature, now):
+                return None
+            # its latest Webhook wait ended as removed (bot/stranded.py): meant for it
+            if self.has_removed_webhook(conv.id, self.webhook_ended(conv.id)):
+                raise Gone("gone", GONE_WEBHOOK)
+            raise Conflict("not_waiting", NOT_WAITING)
         schemes, message_id = signature.verify_any(self.early_schemes, now)
         if message_id is not None and not self.record_event(f"webhook:{message_id}", now):
             return None
@@ -231,6 +233,16 @@ class Ledger(Store):
         self.keep_early_webhook(conv.id, payload, schemes, now, expires)
         return Outcome("accepted", True, wake_at=expires, conversation=conv.id,
                        channel=conv.channel)
+
+    def _replayed(self, signature: Signature, now: float) -> bool:
+        """Whether a refused call repeats a message id already applied (a provider's retry
+        of a call that got 200): it is answered as a duplicate, not refused. An unsigned
+        or forged call is not a replay; the job's savepoint undoes the id it records."""
+        try:
+            _, message_id = signature.verify_any(self.early_schemes, now)
+        except ApiError:
+            return False
+        return message_id is not None and not self.record_event(f"webhook:{message_id}", now)
 
     def http_answer(self, wait_id: str, outcome: str, data: Any, now: float) -> Outcome | None:
         """An `http` block's request came back (or failed)."""

@@ -57,7 +57,15 @@ start = "menu"
 type = "buttons"
 text = "Pick"
 choices = [{ label = "hook", next = "hook" }, { label = "github", next = "github" },
-           { label = "shopify", next = "shopify" }, { label = "stripe", next = "stripe" }]
+           { label = "shopify", next = "shopify" }, { label = "stripe", next = "stripe" },
+           { label = "pay", next = "pay" }]
+
+[flows.main.blocks.pay]
+type = "http"
+method = "POST"
+url = "HOLD_URL"
+on_success = "menu"
+on_failure = "menu"
 
 [flows.main.blocks.hook]
 type = "webhook"
@@ -107,10 +115,61 @@ def secrets_set(monkeypatch: pytest.MonkeyPatch) -> None:
         monkeypatch.setenv(name, value)
 
 
+class HoldingProvider:
+    """A provider that answers the `http` block's request only when released: until then
+    the conversation waits for that answer (a pending `http` wait), the one time a call
+    that comes before its Webhook block is kept."""
+
+    def __init__(self) -> None:
+        self.arrived = asyncio.Event()
+        self.release = asyncio.Event()
+        app = web.Application()
+        app.router.add_post("/hold", self.hold)
+        self.server = TestServer(app, host="127.0.0.1")
+
+    async def hold(self, request: web.Request) -> web.Response:
+        self.arrived.set()
+        await self.release.wait()
+        return web.json_response({"id": "chk_hold"})
+
+    def flows(self, flows: str) -> str:
+        return flows.replace("HOLD_URL", str(self.server.make_url("/hold")))
+
+
 @pytest.fixture
-async def h(tmp_path: Path, secrets_set: None) -> AsyncIterator[Harness]:
-    async with harness(write_config(tmp_path, FLOWS, PROVIDERS)) as h:
+async def hold() -> AsyncIterator[HoldingProvider]:
+    provider = HoldingProvider()
+    await provider.server.start_server()
+    yield provider
+    provider.release.set()
+    await provider.server.close()
+
+
+@pytest.fixture
+async def h(tmp_path: Path, secrets_set: None, hold: HoldingProvider
+            ) -> AsyncIterator[Harness]:
+    async with harness(write_config(tmp_path, hold.flows(FLOWS), PROVIDERS)) as h:
+        h.hold = hold  # type: ignore[attr-defined]
         yield h
+
+
+async def at_http(h: Harness, user: str = "u1") -> str:
+    """The user walks to the `http` block, whose request the provider holds; returns the
+    conversation's key."""
+    hold: HoldingProvider = h.hold  # type: ignore[attr-defined]
+    await h.say("hi", user)
+    await h.say("pay", user)
+    await asyncio.wait_for(hold.arrived.wait(), 10)
+    return await h.runtime.worker.run(conversation_key, "rec", user)
+
+
+async def http_answers(h: Harness) -> None:
+    """The provider answers the held request: the flow goes back to the menu ("Pick",
+    read here)."""
+    h.hold.release.set()  # type: ignore[attr-defined]
+    await eventually(lambda: not h.runtime._tasks)
+    await h.flush()
+    h.new_messages("u1")
 
 
 async def at_block(h: Harness, block: str, user: str = "u1") -> str:
@@ -208,6 +267,19 @@ async def test_curl_d_json_labelled_as_a_form(h: Harness) -> None:
         "Content-Type": "application/x-www-form-urlencoded"})
     assert (status, answer) == (200, {"status": "ok"})
     assert [m.text for m in h.new_messages("u1")] == ["Paid: curl 2"]
+
+
+async def test_curl_f_multipart_fields_reach_the_variables(h: Harness) -> None:
+    key = await at_block(h, "hook")
+    h.new_messages("u1")
+    boundary = "------------------------3c5f6a1b2d"
+    body = "".join(f'--{boundary}\r\nContent-Disposition: form-data; name="{n}"\r\n\r\n'
+                   f"{v}\r\n" for n, v in (("type", "MP"), ("data.amount", "7")))
+    body += f"--{boundary}--\r\n"
+    status, answer = await h.post(f"/webhook/{key}", data=body.encode(), headers={
+        "Content-Type": f"multipart/form-data; boundary={boundary}"})
+    assert (status, answer) == (200, {"status": "ok"})
+    assert [m.text for m in h.new_messages("u1")] == ["Paid: MP 7"]
 
 
 @pytest.mark.parametrize(("body", "ctype", "code", "says"), [
@@ -310,13 +382,15 @@ async def test_provider_calls_back_before_answering_the_http_block(tmp_path: Pat
         await provider.server.close()
 
 
-async def test_early_call_survives_a_restart(tmp_path: Path, secrets_set: None) -> None:
-    config = write_config(tmp_path, FLOWS, PROVIDERS)
+async def test_early_call_survives_a_restart(tmp_path: Path, secrets_set: None,
+                                             hold: HoldingProvider) -> None:
+    config = write_config(tmp_path, hold.flows(FLOWS), PROVIDERS)
     async with harness(config) as h:
-        await h.say("hi")
-        key = await h.runtime.worker.run(conversation_key, "rec", "u1")
+        h.hold = hold  # type: ignore[attr-defined]
+        key = await at_http(h)
         status, body = await h.post(f"/webhook/{key}", json={"type": "early"})
         assert (status, body) == (202, {"status": "accepted"})
+        await http_answers(h)
     async with harness(config) as h:  # a new process: only the database remembers
         assert [m.text for m in await h.say("hook")] == [
             f"Pay at http://bot.test/webhook/{key}", "Paid: early "]
@@ -324,10 +398,10 @@ async def test_early_call_survives_a_restart(tmp_path: Path, secrets_set: None) 
 
 async def test_early_call_past_its_window_is_dropped_logged_and_counted(
         h: Harness, caplog: pytest.LogCaptureFixture) -> None:
-    await h.say("hi")
-    key = await h.runtime.worker.run(conversation_key, "rec", "u1")
+    key = await at_http(h)
     status, _ = await h.post(f"/webhook/{key}", json={"type": "too early"})
     assert status == 202 and await kept(h) == 1
+    await http_answers(h)
     caplog.set_level(logging.WARNING, logger="bot.runtime")
     await h.advance(59)
     assert await kept(h) == 1
@@ -343,14 +417,14 @@ async def test_early_call_past_its_window_is_dropped_logged_and_counted(
 
 
 async def test_early_calls_are_bounded_per_conversation(h: Harness) -> None:
-    await h.say("hi")
-    key = await h.runtime.worker.run(conversation_key, "rec", "u1")
+    key = await at_http(h)
     for i in range(5):
         status, _ = await h.post(f"/webhook/{key}", json={"type": f"e{i}"})
         assert status == 202
     status, body = await h.post(f"/webhook/{key}", json={"type": "e5"})
     assert status == 429 and body["error"] == "too_many_early"
     assert await kept(h) == 5
+    await http_answers(h)
     # the oldest is applied first; the others wait for later blocks or their window's end
     assert [m.text for m in await h.say("hook")][-1] == "Paid: e0 "
 
@@ -366,9 +440,81 @@ async def test_call_after_a_timeout_is_409_and_nothing_is_kept(h: Harness) -> No
     assert await kept(h) == 0
 
 
-async def test_a_replayed_early_call_is_kept_once(h: Harness) -> None:
-    await h.say("hi")
+async def test_late_call_past_the_window_is_refused_and_never_reaches_the_next_wait(
+        h: Harness, caplog: pytest.LogCaptureFixture) -> None:
+    # a provider retrying its 409 for hours: the tester's "order after-window" case
+    key = await at_block(h, "hook")
+    assert await h.advance(30) == 1
+    caplog.set_level(logging.INFO, logger="flowbot.refused")
+    for wait in (1, 61, 3600):
+        await h.advance(wait)
+        status, body = await h.post(f"/webhook/{key}", json={"type": "after-window"})
+        assert (status, body["error"]) == (409, "not_waiting"), body
+        assert "Stop retrying" in body["message"] and "nothing was kept" in body["message"]
+    assert await kept(h) == 0
+    refused = [r for r in caplog.records if "webhook refused: not_waiting" in r.getMessage()]
+    assert len(refused) == 3 and all(key not in r.getMessage() for r in refused)
+    metrics = await (await h.client.get("/metrics")).text()
+    assert 'flowbot_webhooks_total{outcome="not_waiting"} 3.0' in metrics
+    assert 'outcome="early"} 1' not in metrics
+    # the user's next wait is untouched: it waits for a call of its own
+    await at_block(h, "hook")
+    assert [m.text for m in h.channel.messages("u1")[-2:]] == [
+        "Pick", f"Pay at http://bot.test/webhook/{key}"]
+    assert await pending_webhook_waits(h) == 1
+    status, _ = await h.post(f"/webhook/{key}", json={"type": "its own"})
+    assert status == 200 and [m.text for m in h.new_messages("u1")] == ["Paid: its own "]
+
+
+async def test_call_while_idle_is_409_never_kept(h: Harness) -> None:
+    await h.say("hi")  # at the menu: no Webhook block, no http request on its way
     key = await h.runtime.worker.run(conversation_key, "rec", "u1")
+    status, body = await h.post(f"/webhook/{key}", json={"type": "stray"})
+    assert (status, body["error"]) == (409, "not_waiting")
+    assert await kept(h) == 0
+    assert [m.text for m in await h.say("hook")] == [f"Pay at http://bot.test/webhook/{key}"]
+    assert await pending_webhook_waits(h) == 1
+
+
+async def test_removed_block_is_410_beyond_the_window(tmp_path: Path, secrets_set: None,
+                                                      hold: HoldingProvider) -> None:
+    flows = hold.flows(FLOWS)
+    async with harness(write_config(tmp_path, flows, PROVIDERS)) as h:
+        key = await at_block(h, "hook")
+    # the admin renames the block and restarts: the conversation is moved on
+    renamed = flows.replace("[flows.main.blocks.hook]", "[flows.main.blocks.hook2]").replace(
+        'next = "hook" }', 'next = "hook2" }')
+    async with harness(write_config(tmp_path, renamed, PROVIDERS)) as h:
+        for wait in (0, 61, 3600):
+            await h.advance(wait)
+            status, body = await h.post(f"/webhook/{key}", json={"type": "gone"})
+            assert (status, body["error"]) == (410, "gone"), body
+            assert "removed from the flow" in body["message"]
+        assert await kept(h) == 0
+        # the user's next wait does not take the stale payload
+        await at_block(h, "hook")
+        assert h.channel.messages("u1")[-1].text == f"Pay at http://bot.test/webhook/{key}"
+        assert await pending_webhook_waits(h) == 1
+        # once a later wait ended as usual, a call is late, no longer "gone"
+        assert await h.advance(30) == 1
+        status, body = await h.post(f"/webhook/{key}", json={"type": "late"})
+        assert (status, body["error"]) == (409, "not_waiting")
+
+
+async def test_a_retry_of_an_applied_call_stays_a_duplicate_after_the_wait(h: Harness) -> None:
+    key = await at_block(h, "github")
+    body = json.dumps({"action": "completed"}).encode()
+    headers = github_headers(body, delivery="d-7")
+    assert await h.post(f"/webhook/{key}", data=body, headers=headers) == (200, {"status": "ok"})
+    for wait in (1, 120):
+        await h.advance(wait)
+        assert await h.post(f"/webhook/{key}", data=body, headers=headers) == (
+            200, {"status": "ok", "duplicate": True})
+    assert await kept(h) == 0
+
+
+async def test_a_replayed_early_call_is_kept_once(h: Harness) -> None:
+    key = await at_http(h)
     body = json.dumps({"action": "completed"}).encode()
     headers = github_headers(body, delivery="d-1")
     status, answer = await h.post(f"/webhook/{key}", data=body, headers=headers)
@@ -376,6 +522,7 @@ async def test_a_replayed_early_call_is_kept_once(h: Harness) -> None:
     status, answer = await h.post(f"/webhook/{key}", data=body, headers=headers)
     assert (status, answer) == (200, {"status": "ok", "duplicate": True})
     assert await kept(h) == 1
+    await http_answers(h)
     assert [m.text for m in await h.say("github")] == ["Paid: completed "]
     await h.say("/start")
     await h.say("github")
@@ -385,19 +532,19 @@ async def test_a_replayed_early_call_is_kept_once(h: Harness) -> None:
 
 
 async def test_a_forged_early_call_never_reaches_a_signed_block(h: Harness) -> None:
-    await h.say("hi")
-    key = await h.runtime.worker.run(conversation_key, "rec", "u1")
+    key = await at_http(h)
     body = json.dumps({"action": "forged"}).encode()
     # the unsigned "hook" block would take it, so it is kept; the github block will not
     status, _ = await h.post(f"/webhook/{key}", data=body,
                              headers=github_headers(body, "not-the-secret"))
     assert status == 202
+    await http_answers(h)
     assert [m.text for m in await h.say("github")] == []
     assert await pending_webhook_waits(h) == 1 and await kept(h) == 1
 
 
 async def test_a_forged_early_call_is_401_when_every_block_is_signed(
-        tmp_path: Path, secrets_set: None) -> None:
+        tmp_path: Path, secrets_set: None, hold: HoldingProvider) -> None:
     flows = """
         [flows.main]
         start = "ask"
@@ -405,7 +552,13 @@ async def test_a_forged_early_call_is_401_when_every_block_is_signed(
         type = "input"
         text = "Ready?"
         variable = "ready"
-        next = "github"
+        next = "register"
+        [flows.main.blocks.register]
+        type = "http"
+        method = "POST"
+        url = "HOLD_URL"
+        on_success = "github"
+        on_failure = "github"
         [flows.main.blocks.github]
         type = "webhook"
         timeout = 30
@@ -417,8 +570,11 @@ async def test_a_forged_early_call_is_401_when_every_block_is_signed(
         type = "message"
         text = "Got {{paid}}"
     """
-    async with harness(write_config(tmp_path, flows, PROVIDERS)) as h:
+    async with harness(write_config(tmp_path, hold.flows(flows), PROVIDERS)) as h:
+        h.hold = hold  # type: ignore[attr-defined]
         await h.say("hi")
+        await h.say("yes")
+        await asyncio.wait_for(hold.arrived.wait(), 10)
         key = await h.runtime.worker.run(conversation_key, "rec", "u1")
         body = json.dumps({"action": "forged"}).encode()
         for headers in (github_headers(body, "not-the-secret"), {}):
@@ -429,7 +585,8 @@ async def test_a_forged_early_call_is_401_when_every_block_is_signed(
         body = json.dumps({"action": "real"}).encode()
         status, _ = await h.post(f"/webhook/{key}", data=body, headers=github_headers(body))
         assert status == 202
-        assert [m.text for m in await h.say("yes")] == ["Got real"]
+        await http_answers(h)
+        assert h.channel.messages("u1")[-1].text == "Got real"
 
 
 # -- 5. provider signatures -------------------------------------------------------------
@@ -517,7 +674,7 @@ def test_unset_secret_is_a_check_error_and_stops_serve(
 
     for name, value in SECRETS.items():
         monkeypatch.setenv(name, value)
-    write_config(tmp_path, FLOWS, PROVIDERS)
+    write_config(tmp_path, FLOWS.replace("HOLD_URL", "http://127.0.0.1:9/hold"), PROVIDERS)
     path = str(tmp_path / "config.toml")
     assert main(["check", "--config", path]) == 0
     monkeypatch.setenv("STRIPE_SECRET", "")

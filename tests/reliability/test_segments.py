@@ -183,6 +183,55 @@ async def test_json_webhook_in_segments(h: Harness, proxy: SegmentingProxy) -> N
     assert [m.text for m in h.new_messages("u1")] == [f"Amount 1500, note of {'é' * 1500}"]
 
 
+BOUNDARY = "------------------------d74496d66958873e"  # what curl -F sends
+
+
+def multipart(fields: dict[str, str], files: dict[str, str] | None = None) -> bytes:
+    """A `curl -F 'name=value'` body (RFC 7578); `files`: name → file name (-F 'f=@x')."""
+    parts = [f'--{BOUNDARY}\r\nContent-Disposition: form-data; name="{name}"\r\n\r\n'
+             f"{value}\r\n" for name, value in fields.items()]
+    parts += [f'--{BOUNDARY}\r\nContent-Disposition: form-data; name="{name}"; '
+              f'filename="{filename}"\r\nContent-Type: text/plain\r\n\r\nsecret\r\n'
+              for name, filename in (files or {}).items()]
+    return ("".join(parts) + f"--{BOUNDARY}--\r\n").encode()
+
+
+@pytest.mark.parametrize("framing", FRAMINGS)
+async def test_multipart_webhook_in_segments_keeps_every_field(
+        h: Harness, proxy: SegmentingProxy, framing: str) -> None:
+    key = await _hook_key(h, "u1")
+    h.new_messages("u1")
+    note = "é ✓ \u05e9\u05dc\u05d5\u05dd 😀 " * 200  # ~3 KB of odd text, RTL and emoji
+    body = multipart({"amount": "1500", "note": note})
+    before = proxy.segments
+    assert await post(f"{proxy.base}/webhook/{key}", body, framing,
+                      f"multipart/form-data; boundary={BOUNDARY}") == (200, {"status": "ok"})
+    assert proxy.segments - before >= 3
+    await h.flush()
+    assert [m.text for m in h.new_messages("u1")] == [f"Amount 1500, note of {note}"]
+
+
+@pytest.mark.parametrize(("body", "ctype", "says"), [
+    (multipart({"amount": "1500"}, {"receipt": "r.pdf"}), f"boundary={BOUNDARY}",
+     "with a file in field 'receipt'"),
+    (multipart({"amount": "1500"}), "", "not well formed"),  # no boundary
+    (multipart({"amount": "1500"})[:-8], f"boundary={BOUNDARY}", "not well formed"),
+    (multipart({"amount": "1500"}).replace(b"form-data; name", b"attachment; name"),
+     f"boundary={BOUNDARY}", "not a named form field"),
+])
+async def test_multipart_webhook_that_would_lose_data_is_400_and_changes_nothing(
+        h: Harness, proxy: SegmentingProxy, body: bytes, ctype: str, says: str) -> None:
+    key = await _hook_key(h, "u1")
+    h.new_messages("u1")
+    before = snapshot(_db(h))
+    status, doc = await post(f"{proxy.base}/webhook/{key}", body, "length",
+                             f"multipart/form-data; {ctype}".rstrip("; "))
+    assert (status, doc["error"]) == (400, "bad_body"), doc
+    assert says in doc["message"] and "curl -F" in doc["message"]
+    assert snapshot(_db(h)) == before
+    assert h.new_messages("u1") == []
+
+
 # -- Telegram -------------------------------------------------------------------------------
 
 TG_FLOWS = """
