@@ -319,12 +319,13 @@ async def test_webhook_errors(h: Harness) -> None:
     key = await h.runtime.worker.run(conversation_key, "rec", "u1")
     status, body = await h.post("/webhook", json={"conversation_key": key, "x": "a" * 70_000})
     assert status == 413
-    # too early: kept (202), and taken by the Webhook block as soon as it starts
+    # not at a Webhook block, and no http request on its way: refused, never kept, so the
+    # Webhook block that starts later waits for a call of its own (kept early calls:
+    # tests/test_webhooks.py)
     status, body = await h.post("/webhook", json={"conversation_key": key,
-                                                  "order": {"status": "early"}})
-    assert (status, body) == (202, {"status": "accepted"})
-    assert [m.text for m in await h.say("hook")] == [f"Waiting for {key}",
-                                                     "Webhook: early  []"]
+                                                  "order": {"status": "stray"}})
+    assert (status, body["error"]) == (409, "not_waiting")
+    assert [m.text for m in await h.say("hook")] == [f"Waiting for {key}"]
 
 
 def signed(body: bytes, msg_id: str, secret: str = SECRET) -> dict[str, str]:
