@@ -70,6 +70,7 @@ class BotConfig:
     start_flow: str = "main"
     restart_words: tuple[str, ...] = ("/start",)
     max_steps: int = 100  # blocks run for one event before we call it a loop
+    regex_timeout: float = 0.05  # s one `pattern`/`matches` may run on a text (bot/patterns.py)
     default_pending_message: str = "Please finish the step above first — I'm still waiting for it."
     # where a conversation goes when the block it stood or waited at is gone from the config
     stranded_flow: str = ""  # "" = start_flow
@@ -234,6 +235,7 @@ def _bot(r: Reader) -> BotConfig:
         start_flow=r.text("start_flow", "main"),
         restart_words=r.str_list("restart_words", ("/start",)),
         max_steps=r.integer("max_steps", 100, lo=10, hi=10000),
+        regex_timeout=r.number("regex_timeout", BotConfig.regex_timeout, lo=0.001, hi=1.0),
         default_pending_message=r.text("default_pending_message", BotConfig.default_pending_message),
         stranded_flow=r.text("stranded_flow", ""),
         stranded_message=r.text("stranded_message", BotConfig.stranded_message),

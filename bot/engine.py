@@ -10,6 +10,7 @@ from dataclasses import dataclass
 from typing import Any
 from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
+from bot import patterns
 from bot.config import BotConfig
 from bot.flow import (
     FLOW_TARGET_PREFIX,
@@ -167,7 +168,7 @@ class Engine:
         if block.validation == "media":
             value = _media_answer(event)
         else:
-            value = self._validate(block, event.text.strip())
+            value = self._validate(conv.flow, block, event.text.strip())
         if value is None:
             retry = block.retry_message or (
                 "Please send a photo, a file or a link." if block.validation == "media"
@@ -178,8 +179,7 @@ class Engine:
         conv.variables[block.variable] = value
         self._run(conv, block.next, step, now)
 
-    @staticmethod
-    def _validate(block: InputBlock, text: str) -> Any:
+    def _validate(self, flow: str, block: InputBlock, text: str) -> Any:
         if not text:
             return None
         if block.validation == "number":
@@ -194,7 +194,10 @@ class Engine:
             compact = re.sub(r"[\s().-]", "", text)
             return compact if _PHONE.match(compact) else None
         if block.validation == "regex":
-            return text if re.fullmatch(block.pattern, text) else None
+            place = f"flows.{flow}.blocks.{block.id}.pattern"
+            found = patterns.matches(block.pattern, text, whole=True,
+                                     timeout=self.bot.regex_timeout, place=place)
+            return text if found else None
         return text
 
     def _answer_buttons(self, conv: Conversation, block: ButtonsBlock, event: Inbound,
@@ -301,7 +304,10 @@ class Engine:
             say(self._buttons_message(conv, block))
             return _STAY
         if isinstance(block, ConditionBlock):
-            return next((r.next for r in block.rules if _holds(r, v)), block.else_)
+            place = f"flows.{conv.flow}.blocks.{block.id}.rules"
+            return next((r.next for i, r in enumerate(block.rules)
+                         if _holds(r, v, self.bot.regex_timeout, f"{place}.{i}.value")),
+                        block.else_)
         if isinstance(block, SetBlock):
             v[block.variable] = render_json(block.value, v)
             return block.next
@@ -382,7 +388,7 @@ def _number(text: str) -> float | None:
         return None
 
 
-def _holds(rule: Rule, variables: Mapping[str, Any]) -> bool:
+def _holds(rule: Rule, variables: Mapping[str, Any], regex_timeout: float, place: str) -> bool:
     value = as_text(lookup(variables, rule.variable)).strip()
     other = render(rule.value, variables).strip()
     op = rule.op
@@ -399,7 +405,8 @@ def _holds(rule: Rule, variables: Mapping[str, Any]) -> bool:
     if op == "is_not_empty":
         return value != ""
     if op == "matches":
-        return re.search(rule.value, value) is not None
+        return patterns.matches(rule.value, value, whole=False, timeout=regex_timeout,
+                                place=place)
     a, b = _number(value), _number(other)
     if a is None or b is None:
         return False

@@ -6,6 +6,7 @@ import re
 from collections.abc import Callable, Collection
 from typing import Any
 
+from bot import patterns
 from bot.flow import (
     BLOCK_TYPES,
     FLOW_TARGET_PREFIX,
@@ -56,10 +57,9 @@ def _variable(r: Reader, key: str, *, required: bool = True) -> str:
 
 
 def _regex(r: Reader, key: str, pattern: str) -> None:
-    try:
-        re.compile(pattern)
-    except re.error as exc:
-        r.problems.error(r.at(key), f"is not a valid regular expression: {exc}")
+    wrong = patterns.problem(pattern)
+    if wrong:
+        r.problems.error(r.at(key), wrong)
 
 
 def _field_map(r: Reader, key: str) -> tuple[tuple[str, str], ...]:

@@ -439,3 +439,19 @@ def test_graph_of_odd_names_parses_in_both_languages(
     if name == "broken-names":
         assert "no block 'x y#quot;z'" in out and "a b (message)" in out
         assert "q#quot;uote\\ (cannot be read)" in out
+
+
+@pytest.mark.parametrize(("bot", "error"), [
+    ("regex_timeout = 0", "bot.regex_timeout: must be 0.001..1, not 0"),
+    ("regex_timeout = 5", "bot.regex_timeout: must be 0.001..1, not 5"),
+])
+def test_bot_limits_are_validated(tmp_path: Path, bot: str, error: str) -> None:
+    errors = errors_of(tmp_path, f"""
+        [bot]
+        {bot}
+        [flows.main]
+        start = "a"
+        [flows.main.blocks.a]
+        type = "end"
+    """)
+    assert any(e.startswith(error) for e in errors), errors
