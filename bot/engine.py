@@ -32,7 +32,15 @@ from bot.flow import (
 )
 from bot.messages import Button, Inbound, Link, Media, Message
 from bot.state import Conversation, Step, Wait
-from bot.template import as_text, lookup, render, render_json, render_url
+from bot.template import (
+    UNSENDABLE_HEADER,
+    as_text,
+    lookup,
+    render,
+    render_json,
+    render_request_url,
+    render_url,
+)
 
 log = logging.getLogger(__name__)
 
@@ -323,10 +331,19 @@ class Engine:
             self._wait(conv, block, "delay", now + block.seconds, step)
             return _STAY
         if isinstance(block, HttpBlock):
+            headers = {k: render(h, v) for k, h in block.headers}
+            unsendable = [k for k, h in headers.items() if UNSENDABLE_HEADER.search(h)]
+            if unsendable:  # no request at all: on_failure now, not after the backstop
+                log.warning("http block %s/%s: header %r can't be sent: a variable put a line "
+                            "break or control character in it; took on_failure without "
+                            "sending the request", conv.flow, block.id, unsendable[0])
+                if block.status_variable:
+                    v[block.status_variable] = 0
+                return block.on_failure
             request = {
                 "method": block.method,
-                "url": render_url(block.url, v),
-                "headers": {k: render(h, v) for k, h in block.headers},
+                "url": render_request_url(block.url, v),
+                "headers": headers,
                 "body": render_json(block.body, v),
                 "timeout": block.timeout,
             }

@@ -26,6 +26,8 @@ from bot.flow import (
     WebhookBlock,
     WebViewBlock,
 )
+from bot.template import UNSENDABLE_HEADER as _UNSENDABLE_HEADER
+from bot.template import request_url_problem
 from bot.toml_reader import Problems, Reader, did_you_mean
 
 MAX_CHOICES = 10
@@ -45,6 +47,7 @@ VALIDATIONS = ("text", "number", "email", "phone", "regex", "media")
 HTTP_METHODS = ("GET", "POST", "PUT", "PATCH", "DELETE")
 READ_ONLY_VARIABLES = ("channel", "user_id", "conversation_key", "webhook_url")
 _NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
+_HEADER_NAME = re.compile(r"^[!#$%&'*+.^_`|~0-9A-Za-z-]+$")  # an RFC 9110 token
 
 
 def _variable(r: Reader, key: str, *, required: bool = True) -> str:
@@ -193,13 +196,22 @@ def _http(r: Reader, bid: str) -> Block:
     if method not in HTTP_METHODS:
         r.problems.error(r.at("method"), f"must be one of {', '.join(HTTP_METHODS)}")
     url = r.text("url")
-    if url and not url.startswith(("http://", "https://", "{{")):
-        r.problems.error(r.at("url"), "must start with http:// or https://")
+    wrong = request_url_problem(url) if url else None
+    if wrong:
+        r.problems.error(r.at("url"), wrong)
+    headers = r.str_table("headers")
+    for name, value in headers.items():
+        if not _HEADER_NAME.match(name):
+            r.problems.error(f"{r.at('headers')}.{name}",
+                             "is not a header name (letters, digits and !#$%&'*+.^_`|~-)")
+        if _UNSENDABLE_HEADER.search(value):
+            r.problems.error(f"{r.at('headers')}.{name}",
+                             "holds a line break or control character, which can't be sent")
     return HttpBlock(
         bid,
         method=method,
         url=url,
-        headers=tuple(r.str_table("headers").items()),
+        headers=tuple(headers.items()),
         body=r.raw("body"),
         timeout=r.number("timeout", 10.0, lo=0.1, hi=120),
         map=_field_map(r, "map"),

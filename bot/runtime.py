@@ -12,6 +12,7 @@ from collections.abc import Callable, Mapping
 from typing import Any, Protocol, TypeVar
 
 import aiohttp
+from yarl import URL
 
 from bot import jobs
 from bot.clock import Clock
@@ -346,8 +347,12 @@ class Runtime:
         try:
             if self.http is None:
                 raise RuntimeError("no HTTP client session")
+            url = req["url"]
+            # encoded=True keeps the escapes render_request_url made (yarl would otherwise
+            # decode %2E%2E and remove the dot-segment); a URL from before it may be raw
+            target = URL(url, encoded=True) if url.isascii() and " " not in url else URL(url)
             async with self.http.request(
-                req["method"], req["url"], headers=req.get("headers") or None,
+                req["method"], target, headers=req.get("headers") or None,
                 json=req.get("body") if req["method"] != "GET" else None,
                 timeout=aiohttp.ClientTimeout(total=req.get("timeout", 10)),
             ) as resp:
@@ -361,6 +366,10 @@ class Runtime:
         except (aiohttp.ClientError, TimeoutError, RuntimeError) as exc:
             log.warning("http block %s/%s: %s %s failed: %s", wait.flow, wait.block,
                         req.get("method"), req.get("url", "")[:80], type(exc).__name__)
+        except Exception as exc:  # whatever it was, the flow takes on_failure now
+            log.warning("http block %s/%s: %s %s could not be sent (%s: %s); took on_failure",
+                        wait.flow, wait.block, req.get("method"), req.get("url", "")[:80],
+                        type(exc).__name__, str(exc)[:200])
         # by id: the engine's copy of the wait has no conversation id yet
         result: Outcome | None = await self.worker.run(
             Ledger.http_answer, wait.id, outcome, data, self.clock.now())
