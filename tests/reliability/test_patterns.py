@@ -72,6 +72,10 @@ def web_config(tmp_path: Path, pattern: str) -> Config:
         worker = "{os.environ.get('FLOWBOT_TEST_WORKER', 'thread')}"
         [channels.web]
         enabled = true
+        [bot]
+        # the regex library counts CPU time: on a busy CI machine the default 0.05 s
+        # can stretch to ~0.5 s of wall time, too close to the 1 s this test allows
+        regex_timeout = 0.01
     """) + FLOWS.format(pattern=pattern))
     return load_config(path)
 
