@@ -71,6 +71,10 @@ class BotConfig:
     restart_words: tuple[str, ...] = ("/start",)
     max_steps: int = 100  # blocks run for one event before we call it a loop
     regex_timeout: float = 0.05  # s one `pattern`/`matches` may run on a text (bot/patterns.py)
+    max_variable_bytes: int = 65536  # one variable, as compact UTF-8 JSON
+    max_conversation_bytes: int = 1048576  # all of a conversation's variables together
+    error_message: str = ("Sorry, that was more than I can keep, so I could not go on. "
+                          "Please try again with something shorter.")
     default_pending_message: str = "Please finish the step above first — I'm still waiting for it."
     # where a conversation goes when the block it stood or waited at is gone from the config
     stranded_flow: str = ""  # "" = start_flow
@@ -236,10 +240,20 @@ def _bot(r: Reader) -> BotConfig:
         restart_words=r.str_list("restart_words", ("/start",)),
         max_steps=r.integer("max_steps", 100, lo=10, hi=10000),
         regex_timeout=r.number("regex_timeout", BotConfig.regex_timeout, lo=0.001, hi=1.0),
+        max_variable_bytes=r.integer("max_variable_bytes", BotConfig.max_variable_bytes,
+                                     lo=1024, hi=16 * 1024 * 1024),
+        max_conversation_bytes=r.integer("max_conversation_bytes",
+                                         BotConfig.max_conversation_bytes,
+                                         lo=1024, hi=64 * 1024 * 1024),
+        error_message=r.text("error_message", BotConfig.error_message),
         default_pending_message=r.text("default_pending_message", BotConfig.default_pending_message),
         stranded_flow=r.text("stranded_flow", ""),
         stranded_message=r.text("stranded_message", BotConfig.stranded_message),
     )
+    if cfg.max_conversation_bytes < cfg.max_variable_bytes:
+        r.problems.error(r.at("max_conversation_bytes"),
+                         f"must be at least max_variable_bytes ({cfg.max_variable_bytes}), "
+                         f"not {cfg.max_conversation_bytes}")
     r.done()
     return cfg
 

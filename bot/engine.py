@@ -12,6 +12,7 @@ from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
 from bot import patterns
 from bot.config import BotConfig
+from bot.errors import VariableTooLarge
 from bot.flow import (
     FLOW_TARGET_PREFIX,
     Block,
@@ -35,6 +36,7 @@ from bot.state import Conversation, Step, Wait
 from bot.template import (
     UNSENDABLE_HEADER,
     as_text,
+    json_size,
     lookup,
     render,
     render_json,
@@ -92,19 +94,29 @@ class Engine:
     # -- entry points ---------------------------------------------------------------------
 
     def on_message(self, conv: Conversation, event: Inbound, now: float) -> Step:
+        """What a user wrote or pressed. Raises VariableTooLarge when it would take a
+        variable or the conversation past its limit (then `conv` is half-changed: the
+        caller throws it away and keeps what it had)."""
+        before = dict(conv.variables)
+        step = self._on_message(conv, event, now)
+        self._check_total(conv, before)
+        return step
+
+    def _on_message(self, conv: Conversation, event: Inbound, now: float) -> Step:
         step = Step()
         v = conv.variables
-        v.update(event.variables)
+        for name, value in event.variables.items():
+            self._set(conv, name, value)
         v.update(channel=conv.channel, user_id=conv.user_id, conversation_key=conv.key,
                  webhook_url=f"{self.links.webhook_url}/{conv.key}")
         if event.user_name:
-            v["user_name"] = event.user_name
+            self._set(conv, "user_name", event.user_name)
         v.setdefault("user_name", "")
-        v["last_message"] = event.text
+        self._set(conv, "last_message", event.text)
 
         restart = self._restart(event.text)
         if restart is not None or conv.block is None:
-            v["start_payload"] = restart or ""
+            self._set(conv, "start_payload", restart or "")
             if conv.wait_id is not None:
                 step.cancelled_wait = conv.wait_id
                 conv.wait_id = None
@@ -132,10 +144,12 @@ class Engine:
         to the start of `bot.stranded_flow`, telling the user `bot.stranded_message` first.
         Its variables stay; the caller ends its open wait."""
         step = Step()
+        before = dict(conv.variables)
         conv.wait_id = None
         step.messages.append(Message(render(self.bot.stranded_message, conv.variables)))
         conv.flow = self.bot.stranded_target
         self._run(conv, self.flows[conv.flow].start, step, now)
+        self._check_total(conv, before)
         return step
 
     def _restart(self, text: str) -> str | None:
@@ -151,7 +165,15 @@ class Engine:
         return None
 
     def on_wait(self, conv: Conversation, wait: Wait, outcome: str, data: Any, now: float) -> Step:
-        """A wait was resolved (callback, webhook, timer). The store made sure only once."""
+        """A wait was resolved (callback, webhook, timer). The store made sure only once.
+        Raises VariableTooLarge as `on_message` does."""
+        before = dict(conv.variables)
+        step = self._on_wait(conv, wait, outcome, data, now)
+        self._check_total(conv, before)
+        return step
+
+    def _on_wait(self, conv: Conversation, wait: Wait, outcome: str, data: Any,
+                 now: float) -> Step:
         step = Step()
         flow = self.flows.get(wait.flow)
         block = flow.blocks.get(wait.block) if flow else None
@@ -160,7 +182,7 @@ class Engine:
                       wait.id[:6], wait.flow, wait.block)
             return step
         if isinstance(block, WebViewBlock) and block.response_variable and outcome != "expired":
-            conv.variables[block.response_variable] = data if data is not None else {}
+            self._set(conv, block.response_variable, data if data is not None else {})
         if not wait.blocking or conv.wait_id != wait.id:
             return step  # non-blocking WebView: only the data is kept
         conv.wait_id = None
@@ -168,6 +190,29 @@ class Engine:
         conv.flow = wait.flow
         self._run(conv, target, step, now)
         return step
+
+    # -- variables and their limits --------------------------------------------------------
+
+    def _set(self, conv: Conversation, name: str, value: Any) -> None:
+        """Assign a variable, unless it would pass `bot.max_variable_bytes` (checked at every
+        assignment, so a `set` that doubles a value in a loop stops at the limit, not at
+        MemoryError)."""
+        size = json_size(value)
+        if size > self.bot.max_variable_bytes:
+            raise VariableTooLarge(name, size, self.bot.max_variable_bytes, "variable",
+                                   conv.flow, conv.block or "")
+        conv.variables[name] = value
+
+    def _check_total(self, conv: Conversation, before: Mapping[str, Any]) -> None:
+        """All of a conversation's variables together within `bot.max_conversation_bytes`,
+        or at least not larger than `before` the event (a limit lowered since must not
+        lock in a conversation that is already past it)."""
+        limit = self.bot.max_conversation_bytes
+        total = json_size(conv.variables)
+        if total > limit and total > json_size(before):
+            largest = max(conv.variables, key=lambda k: json_size(conv.variables[k]))
+            raise VariableTooLarge(largest, total, limit, "conversation", conv.flow,
+                                   conv.block or "")
 
     # -- answers to a question ------------------------------------------------------------
 
@@ -184,7 +229,7 @@ class Engine:
             step.messages.append(Message(render(retry, conv.variables)))
             step.messages.append(Message(render(block.text, conv.variables)))
             return
-        conv.variables[block.variable] = value
+        self._set(conv, block.variable, value)
         self._run(conv, block.next, step, now)
 
     def _validate(self, flow: str, block: InputBlock, text: str) -> Any:
@@ -217,8 +262,8 @@ class Engine:
             step.messages.append(self._buttons_message(conv, block))
             return
         if block.variable:
-            conv.variables[block.variable] = choice.value
-        conv.variables["last_message"] = choice.label
+            self._set(conv, block.variable, choice.value)
+        self._set(conv, "last_message", choice.label)
         self._run(conv, choice.next, step, now)
 
     @staticmethod
@@ -246,7 +291,6 @@ class Engine:
     # -- resolved waits -------------------------------------------------------------------
 
     def _after_wait(self, conv: Conversation, block: Block, outcome: str, data: Any) -> str | None:
-        v = conv.variables
         if isinstance(block, WebViewBlock):
             return {"success": block.on_success, "error": block.on_error}.get(
                 outcome, block.on_expired)
@@ -255,20 +299,20 @@ class Engine:
                 return block.on_failure
             for var, path in block.map:
                 found = lookup(data, path)
-                v[var] = "" if found is None else found
+                self._set(conv, var, "" if found is None else found)
             if block.save_payload_to:
-                v[block.save_payload_to] = data
+                self._set(conv, block.save_payload_to, data)
             return block.on_success
         if isinstance(block, HttpBlock):
             data = data if isinstance(data, dict) else {}
             status = data.get("status")
             if block.status_variable:
-                v[block.status_variable] = status if status is not None else 0
+                self._set(conv, block.status_variable, status if status is not None else 0)
             if outcome != "success":
                 return block.on_failure
             for var, path in block.map:
                 found = lookup(data.get("body"), path)
-                v[var] = "" if found is None else found
+                self._set(conv, var, "" if found is None else found)
             return block.on_success
         if isinstance(block, DelayBlock):
             return block.next
@@ -317,7 +361,7 @@ class Engine:
                          if _holds(r, v, self.bot.regex_timeout, f"{place}.{i}.value")),
                         block.else_)
         if isinstance(block, SetBlock):
-            v[block.variable] = render_json(block.value, v)
+            self._set(conv, block.variable, render_json(block.value, v))
             return block.next
         if isinstance(block, JumpBlock):
             return block.target
@@ -338,7 +382,7 @@ class Engine:
                             "break or control character in it; took on_failure without "
                             "sending the request", conv.flow, block.id, unsendable[0])
                 if block.status_variable:
-                    v[block.status_variable] = 0
+                    self._set(conv, block.status_variable, 0)
                 return block.on_failure
             request = {
                 "method": block.method,

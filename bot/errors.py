@@ -87,5 +87,26 @@ class StorageUnavailable(ApiError):
     retry_after = 5
 
 
+class VariableTooLarge(FlowbotError):
+    """An event would make a variable larger than `bot.max_variable_bytes` (`scope`
+    "variable"), or all of a conversation's variables larger than
+    `bot.max_conversation_bytes` (`scope` "conversation"; `variable` is then the largest).
+    Sizes in bytes of compact UTF-8 JSON. The ledger refuses the event: nothing it did is
+    kept, and the user is told `error_message`."""
+
+    def __init__(self, variable: str, size: int, limit: int, scope: str, flow: str,
+                 block: str) -> None:
+        what = (f"variable {variable!r}" if scope == "variable"
+                else f"the conversation's variables (largest: {variable!r})")
+        super().__init__(f"{what} would be {size} bytes; the limit is {limit} "
+                         f"(bot.max_{scope}_bytes), at {flow}/{block}")
+        self.variable, self.size, self.limit, self.scope = variable, size, limit, scope
+        self.flow, self.block = flow, block
+
+    def __reduce__(self) -> tuple[object, ...]:
+        return (type(self), (self.variable, self.size, self.limit, self.scope, self.flow,
+                             self.block))
+
+
 class StaleState(FlowbotError):
     """A conversation changed under us (optimistic concurrency); the caller retries."""

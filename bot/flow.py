@@ -183,6 +183,7 @@ class Flow:
     name: str
     start: str
     blocks: dict[str, Block] = field(default_factory=dict)
+    error_message: str = ""  # for an event refused in this flow; "" = bot.error_message
 
 
 def wait_kind(block: Block) -> str:

@@ -27,7 +27,7 @@ from bot.flow import (
     WebViewBlock,
 )
 from bot.template import UNSENDABLE_HEADER as _UNSENDABLE_HEADER
-from bot.template import request_url_problem
+from bot.template import placeholders, request_url_problem
 from bot.toml_reader import Problems, Reader, did_you_mean
 
 MAX_CHOICES = 10
@@ -317,6 +317,7 @@ def parse_flow(name: str, table: Any, problems: Problems) -> Flow | None:
         return None
     r = Reader(table, place, problems)
     start = r.text("start")
+    error_message = r.text("error_message", "")
     raw_blocks = r.table_("blocks")
     r.done()
     blocks: dict[str, Block] = {}
@@ -339,7 +340,7 @@ def parse_flow(name: str, table: Any, problems: Problems) -> Flow | None:
         problems.error(f"{place}.blocks", "a flow needs at least one block")
     elif start and start not in raw_blocks:
         problems.error(f"{place}.start", f"no block named {start!r}{did_you_mean(start, raw_blocks)}")
-    return Flow(name, start, blocks)
+    return Flow(name, start, blocks, error_message)
 
 
 def check_references(flow: Flow, flow_names: Collection[str], problems: Problems) -> None:
@@ -365,10 +366,51 @@ def check_references(flow: Flow, flow_names: Collection[str], problems: Problems
                 problems.error(place, f"no block named {target!r}{did_you_mean(target, flow.blocks)}")
     if len(problems.errors) > before or unreadable or flow.start not in flow.blocks:
         return
+    _warn_doubling_sets(flow, problems)
     live = reachable(flow)
     for bid in flow.blocks:
         if bid not in live:
             problems.warn(f"flows.{flow.name}.blocks.{bid}", "no path from the start reaches it")
+
+
+def _warn_doubling_sets(flow: Flow, problems: Problems) -> None:
+    """A `set` that uses its own variable twice (`x = "{{x}} {{x}}"`) on a loop doubles it
+    each round: a few rounds reach bot.max_variable_bytes (before the limit: MemoryError)."""
+    for bid, block in flow.blocks.items():
+        if not isinstance(block, SetBlock):
+            continue
+        own = sum(1 for path in placeholders(block.value)
+                  if path.split(".")[0] == block.variable)
+        loop = _loop_back(flow, bid) if own >= 2 else None
+        if loop:
+            problems.warn(
+                f"flows.{flow.name}.blocks.{bid}.value",
+                f"uses {{{{{block.variable}}}}} {own} times, so it multiplies it by {own} "
+                f"each round of the loop {' → '.join(loop)}: after 20 rounds it would be "
+                f"{own}^20 times as large. Each event that passes bot.max_variable_bytes is "
+                "refused; keep a loop's growth additive (or bounded)")
+
+
+def _loop_back(flow: Flow, start: str) -> list[str] | None:
+    """The shortest path of blocks from `start` back to itself in this flow, or None."""
+    parent: dict[str, str] = {}
+    todo = [start]
+    while todo:
+        bid = todo.pop(0)
+        block = flow.blocks.get(bid)
+        for _, target in block.edges() if block else []:
+            if target == f"{FLOW_TARGET_PREFIX}{flow.name}":
+                target = flow.start
+            if target is None or target in parent:
+                continue
+            parent[target] = bid
+            if target == start:
+                path = [start]
+                while path[-1] != start or len(path) == 1:
+                    path.append(parent[path[-1]])
+                return path[::-1]
+            todo.append(target)
+    return None
 
 
 def _edge_keys(block: Block) -> list[tuple[str, str | None]]:

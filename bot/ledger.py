@@ -8,6 +8,7 @@ caller, so the database side needs no clock of its own."""
 
 from __future__ import annotations
 
+import logging
 import secrets
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field, replace
@@ -15,21 +16,36 @@ from typing import Any, Protocol
 
 from bot.config import Config
 from bot.engine import Engine, Links
-from bot.errors import ApiError, Conflict, Gone, NotFound, TooMany
+from bot.errors import ApiError, Conflict, Gone, NotFound, TooMany, VariableTooLarge
 from bot.flow import Block, WebhookBlock, WebViewBlock, live_blocks, wait_kind
-from bot.messages import Inbound
+from bot.messages import Inbound, Message
 from bot.state import TIMEOUT_OUTCOME, Conversation, EarlyWebhook, Step, Wait
 from bot.store import Store
 from bot.stranded import REMOVED, Stranded
+from bot.template import render
 from bot.webhook_config import SignatureScheme, block_scheme, webhook_blocks
 
+log = logging.getLogger(__name__)
+
 FIRE_BATCH = 500
+TOO_LARGE = "too_large"  # Outcome.state of an event refused for a variable's size
 STRANDED_BATCH = 200
 GONE_WEBHOOK = ("This conversation no longer waits for this call: the Webhook block it waited "
                 "at was removed from the flow, and the user was moved on. Nothing was applied.")
 NOT_WAITING = ("This conversation is not waiting at a Webhook block (its wait already got its "
                "call, timed out, or has not started), so this call was refused and nothing "
                "was kept: a later wait will not take it. Stop retrying this call.")
+
+
+def refusal(exc: VariableTooLarge) -> str:
+    """The sentence a caller (a WebView page, a third party) gets for a refused event."""
+    if exc.scope == "variable":
+        return (f"This data would make the flow variable '{exc.variable}' {exc.size} bytes; "
+                f"this bot keeps at most {exc.limit} bytes per variable. Nothing was changed: "
+                "send less data.")
+    return (f"This data would make the conversation's variables {exc.size} bytes (the "
+            f"largest is '{exc.variable}'); this bot keeps at most {exc.limit} bytes per "
+            "conversation. Nothing was changed: send less data.")
 
 
 def new_token() -> str:
@@ -79,6 +95,7 @@ class Outcome:
     resolved: Wait | None = None  # the wait this transition ended (kind, block, deadline)
     cancelled: str = ""  # the kind of a wait a restart word cancelled
     cancelled_id: str = ""  # and its id
+    refused: str = ""  # why the event was refused (state TOO_LARGE): a sentence for the caller
 
     @classmethod
     def of(cls, state: str, step: Step, conv: Conversation | None = None,
@@ -142,11 +159,15 @@ class Ledger(Store):
         if event.event_id is not None and not self.record_event(event.event_id, now):
             return None
         conv = self.conversation(event.channel, event.user_id, new_token(), now)
-        if self._is_stranded(conv):  # its block is gone: what it wrote was meant for it
-            step = self._relocate(conv, now)
-            return Outcome.of(REMOVED, step)
-        came_from, came_from_flow = conv.block, conv.flow
-        step = self.engine.on_message(conv, event, now)
+        try:
+            if self._is_stranded(conv):  # its block is gone: what it wrote was meant for it
+                with self.savepoint():  # (ending its wait too, if the move is refused)
+                    step = self._relocate(conv, now)
+                return Outcome.of(REMOVED, step)
+            came_from, came_from_flow = conv.block, conv.flow
+            step = self.engine.on_message(conv, event, now)
+        except VariableTooLarge as exc:
+            return self._refuse(conv.id, exc, now)
         cancelled = ""
         if step.cancelled_wait:
             flow = self.config.flows.get(came_from_flow)
@@ -174,7 +195,11 @@ class Ledger(Store):
                                f"This WebView needs {block.verify} verification, "
                                "but that channel is not enabled on this server.")
             check(block, conv, proof or {}, now)
-        return self._resolve(wait, conv, "success" if success else "error", data, now)
+        try:
+            return self._resolve(wait, conv, "success" if success else "error", data, now,
+                                 refusable=True)
+        except VariableTooLarge as exc:  # the claim was undone: the wait stays pending
+            return self._refuse(wait.conversation_id, exc, now)
 
     def webhook(self, key: str, payload: Any, signature: Signature,
                 now: float) -> Outcome | None:
@@ -198,10 +223,15 @@ class Ledger(Store):
         if wait is None or wait.state != "pending" or not isinstance(block, WebhookBlock):
             return self._early(conv, payload, signature, now)
         message_id = signature.verify(block_scheme(self.config.webhooks, block), now)
-        if message_id is not None and not self.record_event(f"webhook:{message_id}", now):
-            return None
-        # past the deadline (the timer has not run yet) this fires the timeout instead
-        return self._resolve(wait, conv, "success", payload, now)
+        try:
+            with self.savepoint():  # a refused payload is not "seen": a retry is judged again
+                if message_id is not None and not self.record_event(f"webhook:{message_id}",
+                                                                    now):
+                    return None
+                # past the deadline (the timer has not run yet) this fires the timeout instead
+                return self._resolve(wait, conv, "success", payload, now, refusable=True)
+        except VariableTooLarge as exc:  # the claim was undone: the wait stays pending
+            return self._refuse(conv.id, exc, now)
 
     def _early(self, conv: Conversation, payload: Any, signature: Signature,
                now: float) -> Outcome | None:
@@ -321,14 +351,24 @@ class Ledger(Store):
         return self._transition(wait, conv, outcome, None, now)
 
     def _transition(self, wait: Wait, conv: Conversation | None, outcome: str, data: Any,
-                    now: float) -> Outcome:
-        """Run the engine on a wait this job has just claimed; `conv` was locked before."""
+                    now: float, *, refusable: bool = False) -> Outcome:
+        """Run the engine on a wait this job has just claimed; `conv` was locked before.
+        An outcome that would take a variable past its limit: `refusable` (a callback, a
+        webhook) raises VariableTooLarge for the caller to undo the claim; otherwise (the
+        timer, an http answer, which can't be sent again) the wait ends but the
+        conversation keeps its variables and stays at its block, and the user is told."""
         if conv is None:
             return Outcome(outcome, True, resolved=wait)
         if wait.kind == "webhook":
             self.mark_webhook_ended(conv.id, now)
         came_from = conv.block
-        step = self.engine.on_wait(conv, wait, outcome, data, now)
+        try:
+            step = self.engine.on_wait(conv, wait, outcome, data, now)
+        except VariableTooLarge as exc:
+            if refusable:
+                raise
+            told = self._refuse(conv.id, exc, now, ended=wait.id)
+            return Outcome(outcome, True, told.messages, refused=told.refused)
         return self._save(conv, step, outcome, now, came_from, resolved=wait)
 
     def _save(self, conv: Conversation, step: Step, state: str, now: float,
@@ -350,23 +390,49 @@ class Ledger(Store):
         early = self.take_early_webhook(conv.id, scheme.name if scheme else None, now)
         if early is None:
             return result
-        applied = self._resolve(replace(waiting, conversation_id=conv.id), conv, "success",
-                                early.payload, now)
+        try:
+            applied = self._resolve(replace(waiting, conversation_id=conv.id), conv,
+                                    "success", early.payload, now, refusable=True)
+        except VariableTooLarge as exc:  # the early call is dropped; the wait stays open
+            told = self._refuse(conv.id, exc, now)
+            result.messages += told.messages
+            return result
         result.messages += applied.messages
         result.waits = [w for w in result.waits if w.id != waiting.id] + applied.waits
         result.early_applied += 1 + applied.early_applied
         result.went_to = applied.went_to
         return result
 
+    def _refuse(self, conv_id: int, exc: VariableTooLarge, now: float,
+                ended: str | None = None) -> Outcome:
+        """An event that would take a variable past its limit: nothing it did is kept (the
+        conversation is read again as it was; `ended`, the id of a wait that has to end
+        anyway, is let go), the user gets the error text of the flow they are in, and the
+        log says which variable."""
+        conv = self.conversation_by_id(conv_id)
+        if conv is None:
+            return Outcome(TOO_LARGE, False, refused=refusal(exc))
+        log.warning("conversation %s: refused an event, nothing of it kept: %s", conv.id, exc)
+        if ended is not None and conv.wait_id == ended:
+            conv.wait_id = None  # it stays at the block: the next message runs it again
+        flow = self.config.flows.get(conv.flow)
+        text = (flow.error_message if flow else "") or self.config.bot.error_message
+        step = Step(messages=[Message(render(text, conv.variables))])
+        self.save(conv, step, now)
+        return Outcome(TOO_LARGE, False, len(step.messages), refused=refusal(exc))
+
     def _resolve(self, wait: Wait, conv: Conversation | None, outcome: str, data: Any,
-                 now: float) -> Outcome:
+                 now: float, *, refusable: bool = False) -> Outcome:
         """Try to move `wait` to `outcome` before its deadline. If the deadline passed and
         the timer has not fired yet, fire it here, so the late caller's answer and the
-        state agree. `conv` (the wait's conversation) is already locked by this job."""
+        state agree. `conv` (the wait's conversation) is already locked by this job.
+        `refusable`: an outcome that would take a variable past its limit raises
+        VariableTooLarge, with the claim undone (the wait stays pending)."""
         if wait.state == "pending" and self._live_block(wait) is None:
             return self._strand_wait(wait, conv, now)
-        if self.claim(wait.id, outcome, now, due=False):
-            return self._transition(wait, conv, outcome, data, now)
+        with self.savepoint():
+            if self.claim(wait.id, outcome, now, due=False):
+                return self._transition(wait, conv, outcome, data, now, refusable=refusable)
         timeout = TIMEOUT_OUTCOME[wait.kind]
         if wait.state == "pending" and self.claim(wait.id, timeout, now, due=True):
             fired = self._transition(wait, conv, timeout, None, now)

@@ -17,8 +17,16 @@ from yarl import URL
 from bot import jobs
 from bot.clock import Clock
 from bot.config import Config
-from bot.errors import ApiError, Conflict, Gone, NotFound
-from bot.ledger import GONE_WEBHOOK, FirePass, Ledger, Outcome, Signature, WebViewCheck
+from bot.errors import ApiError, Conflict, Gone, NotFound, TooLarge
+from bot.ledger import (
+    GONE_WEBHOOK,
+    TOO_LARGE,
+    FirePass,
+    Ledger,
+    Outcome,
+    Signature,
+    WebViewCheck,
+)
 from bot.logs import event, short
 from bot.messages import Inbound
 from bot.metrics import Metrics
@@ -97,7 +105,8 @@ class Runtime:
     async def webview_callback(self, execution_id: str, success: bool,
                                data: Mapping[str, Any] | None,
                                proof: Mapping[str, Any] | None = None) -> str:
-        """Resolve a WebView wait; returns "success" or "error". Raises 404/409/410."""
+        """Resolve a WebView wait; returns "success" or "error". Raises 404/409/410, and 413
+        when `data` would take a flow variable past its limit (the wait stays pending)."""
         started = time.perf_counter()
         try:
             result = await self.worker.run(Ledger.webview_callback, execution_id, success,
@@ -117,6 +126,9 @@ class Runtime:
             self.stats.callbacks.labels(result.state).inc()
             self.stats.transition["callback"].observe(time.perf_counter() - started)
             return result.state
+        if result.state == TOO_LARGE:
+            self.metrics["callbacks_413"] += 1
+            raise TooLarge("variable_too_large", result.refused)
         if result.state == REMOVED:
             self.metrics["callbacks_410"] += 1
             self._refused("callback", "gone", execution_id, result.conversation)
@@ -139,7 +151,9 @@ class Runtime:
         """Resolve the Webhook wait of the conversation with this key, in one job (one
         round trip to the database). `signature` is checked once the block is known; it
         raises 401. Returns "ok" (applied), "duplicate" (a replayed message id) or
-        "accepted" (kept for the conversation's next Webhook block). Raises 404/409/429."""
+        "accepted" (kept for the conversation's next Webhook block). Raises 404/409/410/429,
+        and 413 when the payload would take a flow variable past its limit (nothing applied).
+        """
         started = time.perf_counter()
         try:
             result = await self.worker.run(Ledger.webhook, key, payload, signature,
@@ -153,6 +167,9 @@ class Runtime:
             event("webhook", 0, "-", "a replayed webhook-id, ignored")
             return "duplicate"
         self._after_commit(result)
+        if result.state == TOO_LARGE:
+            self.metrics["webhooks_413"] += 1
+            raise TooLarge("variable_too_large", result.refused)
         if not result.won and result.state == REMOVED:
             self.metrics["webhooks_410"] += 1
             self._refused("webhook", "gone", conv=result.conversation)

@@ -43,6 +43,19 @@ def as_text(value: Any) -> str:
     return json.dumps(value, ensure_ascii=False, separators=(",", ":"))
 
 
+def placeholders(template: str) -> list[str]:
+    """The variable paths a template refers to, in order, repeats included."""
+    return [m.group(1) for m in _PLACEHOLDER.finditer(template)]
+
+
+def json_size(value: Any) -> int:
+    """Bytes `value` takes as stored (compact JSON, UTF-8): what the variable limits count."""
+    if isinstance(value, str):  # the common case, without building a copy of the JSON
+        return len(value.encode("utf-8", "surrogatepass")) + 2
+    return len(json.dumps(value, ensure_ascii=False, separators=(",", ":")).encode(
+        "utf-8", "surrogatepass"))
+
+
 def render(template: str, variables: Mapping[str, Any], escape: Callable[[str], str] = str) -> str:
     """Fill placeholders; unknown variables become empty. `escape` is applied to values only."""
     return _PLACEHOLDER.sub(lambda m: escape(as_text(lookup(variables, m.group(1)))), template)
