@@ -31,7 +31,7 @@ from bot.flow import (
     WebhookBlock,
     WebViewBlock,
 )
-from bot.messages import Button, Inbound, Link, Media, Message
+from bot.messages import FILE_MEDIA_TYPES, Button, Inbound, Link, Media, Message
 from bot.state import Conversation, Step, Wait
 from bot.template import (
     UNSENDABLE_HEADER,
@@ -430,10 +430,12 @@ def _media(block: MessageBlock | InputBlock | ButtonsBlock,
 
 
 def _media_answer(event: Inbound) -> str | None:
-    """What an input block with `validation = "media"` keeps: the attachment's id (Telegram
-    file_id, WhatsApp media URL), or a link the user typed (the web chat carries links)."""
+    """What an input block with `validation = "media"` keeps: a file's id (Telegram
+    file_id, WhatsApp media URL) when the message carries a photo, document, voice note,
+    audio or video, or a link the user typed (the web chat carries links). A location or a
+    contact is no file: None, so the question is asked again."""
     media_id = event.variables.get("media_id", "")
-    if media_id:
+    if media_id and event.variables.get("media_type") in FILE_MEDIA_TYPES:
         return media_id
     text = event.text.strip()
     return text if _LINK.fullmatch(text) else None

@@ -104,6 +104,11 @@ MEDIA_VARIABLES = ("media_type", "media_id", "media_content_type", "media_file_n
 `contact_phone` / `contact_name` of a shared contact. The caption is the message text."""
 
 
+FILE_MEDIA_TYPES = frozenset({"photo", "document", "voice", "audio", "video"})
+"""The `media_type`s that are files, which an input block with `validation = "media"` takes
+(a location or a contact is not a file: the question is asked again)."""
+
+
 def media_variables(**found: str) -> dict[str, str]:
     """Every one of MEDIA_VARIABLES, "" where the message has none: one message's
     attachment never lingers into the next message's variables."""

@@ -4,6 +4,7 @@ The only module that imports `twilio`."""
 from __future__ import annotations
 
 import contextvars
+import dataclasses
 import json
 import logging
 import os
@@ -24,6 +25,7 @@ from bot import jobs
 from bot.body import read_body
 from bot.channel_config import TWILIO_API, WhatsAppConfig
 from bot.errors import BadRequest, FlowbotError, Forbidden
+from channels import vcard
 from channels.base import (
     Button,
     Delivery,
@@ -57,6 +59,11 @@ MAX_FORM_BYTES = 256 * 1024
 TEMPLATE_BODY_MAX = 1024
 BODY_MAX = 1600  # characters in one WhatsApp message (Twilio error 21617 beyond)
 BUTTON_TITLE_MAX = 20
+# A shared contact's vCard, fetched before the message is committed: Twilio waits 15 s for
+# our answer (then logs error 11200), so the fetch gets a third of that; a card beyond the
+# cap (a photo in it) is read up to the cap, where the name and numbers come first.
+VCARD_TIMEOUT = 5.0
+VCARD_MAX_BYTES = 64 * 1024
 # Payloads the engine makes ("<8 hex>:<index>"); a template made elsewhere has its own.
 _OUR_PAYLOAD = re.compile(r"[0-9a-f]{8}:\d{1,3}")
 
@@ -140,9 +147,13 @@ def _media(form: Mapping[str, str], count: int) -> dict[str, str]:
         return media_variables()
     content_type = form.get("MediaContentType0", "")
     major = content_type.partition("/")[0]
-    if "vcard" in content_type:  # a shared contact arrives as a vCard file
-        kind = "contact"
-    elif major == "image":
+    if "vcard" in content_type.lower():  # text/vcard, text/x-vcard
+        # A shared contact arrives as a vCard file behind MediaUrl0; its name and number
+        # are filled in by WhatsAppChannel.with_contact (the fetch needs the credentials).
+        # No media_id: a contact is not a file (validation = "media" asks again), as on
+        # Telegram.
+        return media_variables(media_type="contact", media_content_type=content_type)
+    if major == "image":
         kind = "photo"
     elif major == "audio":  # WhatsApp voice notes are Opus in Ogg
         kind = "voice" if "ogg" in content_type else "audio"
@@ -189,6 +200,9 @@ class WhatsAppChannel:
         self._validator: RequestValidator | None = None
         self._http: _TwilioHttpClient | None = None
         self._client: Client | None = None
+        self._media: aiohttp.ClientSession | None = None  # vCards: not twilio's client
+        self._token = ""
+        self.vcard_timeout = VCARD_TIMEOUT
         self._parts = SentParts()
 
     @classmethod
@@ -209,6 +223,8 @@ class WhatsAppChannel:
                 f"channels.whatsapp is enabled but the environment variable {env} is not set: "
                 f"export {env}=<the Auth Token shown under 'Account info' in the Twilio console>")
         self._validator = RequestValidator(token)
+        self._token = token
+        self._media = aiohttp.ClientSession()
         self._http = _TwilioHttpClient(self.config.api_base_url, SEND_TIMEOUT)
         self._client = Client(self.config.account_sid, token, http_client=self._http)
 
@@ -216,6 +232,9 @@ class WhatsAppChannel:
         if self._http is not None:
             await self._http.close()
             self._http = None
+        if self._media is not None:
+            await self._media.close()
+            self._media = None
         self._client = None
 
     # -- inbound ------------------------------------------------------------------------
@@ -244,10 +263,62 @@ class WhatsAppChannel:
         return form
 
     async def _inbound(self, request: web.Request) -> web.Response:
-        event = inbound_event(await self._signed_form(request, self.inbound_url))
+        form = await self._signed_form(request, self.inbound_url)
+        event = inbound_event(form)
+        if event.variables.get("media_type") == "contact":
+            event = await self.with_contact(event, form.get("MediaUrl0", ""))
         # A redelivered MessageSid returns False and changed nothing: same answer.
         await self.runtime.handle_inbound(event)
         return web.Response(text=EMPTY_TWIML, content_type="text/xml")
+
+    async def with_contact(self, event: Inbound, url: str) -> Inbound:
+        """`event` with `contact_name` and `contact_phone` read from the shared contact's
+        vCard at `url` (Twilio's MediaUrl0). Twilio serves media only with HTTP Basic auth,
+        Account SID and Auth Token (twilio.com/docs/messaging/api/media-resource), so the
+        credentials go to Twilio's API host only. A card that cannot be read leaves both
+        empty: the contact still reaches the flow, and the failure is logged."""
+        try:
+            contact = await self._fetch_contact(url)
+        except _VCardUnavailable as exc:
+            self.runtime.metrics["whatsapp_vcard_unread"] += 1
+            log.warning("WhatsApp contact in %s: its vCard was not read (%s); the flow gets "
+                        "the contact without name and phone", event.event_id, exc)
+            return event
+        variables = {**event.variables, "contact_name": contact.name,
+                     "contact_phone": contact.phone}
+        return dataclasses.replace(event, variables=variables)
+
+    async def _fetch_contact(self, url: str) -> vcard.Contact:
+        if self._media is None:
+            raise _VCardUnavailable("the channel is not started")
+        if not url.startswith(TWILIO_API + "/"):
+            raise _VCardUnavailable(f"{url[:60]!r} is not a Twilio media URL; the Account "
+                                    "credentials are sent to api.twilio.com only")
+        fetch = self.config.api_base_url + url[len(TWILIO_API):]
+        limit = VCARD_MAX_BYTES
+        try:
+            async with self._media.get(
+                    fetch, auth=aiohttp.BasicAuth(self.config.account_sid, self._token),
+                    timeout=aiohttp.ClientTimeout(total=self.vcard_timeout)) as resp:
+                # a redirect to Twilio's file store drops the Authorization header (aiohttp
+                # does so for another origin), as the presigned URL needs none
+                if resp.status != 200:
+                    raise _VCardUnavailable(f"Twilio answered {resp.status}" + (
+                        " (check channels.whatsapp.account_sid and the Auth Token)"
+                        if resp.status in (401, 403) else ""))
+                body = b""
+                async for chunk in resp.content.iter_chunked(8192):
+                    body += chunk
+                    if len(body) > limit:
+                        break
+                charset = resp.charset or ""
+        except (aiohttp.ClientError, TimeoutError) as exc:
+            raise _VCardUnavailable(f"fetching it failed: {type(exc).__name__}") from exc
+        text = vcard.decode(body[:limit], charset)
+        if len(body) > limit:  # the last line may be cut: drop it
+            log.info("WhatsApp contact: vCard over %d bytes, read up to there", limit)
+            text = text.rpartition("\n")[0]
+        return vcard.parse(text)
 
     async def _status(self, request: web.Request) -> web.Response:
         form = await self._signed_form(request, self.status_url)
@@ -350,6 +421,10 @@ class WhatsAppChannel:
             raise SendError(f"Twilio API unreachable: {type(exc).__name__}",
                             permanent=False) from exc
         return str(sent.sid)
+
+
+class _VCardUnavailable(Exception):
+    """A shared contact's vCard could not be read; the message goes on without it."""
 
 
 def _send_error(exc: TwilioRestException | TwilioServiceException,

@@ -3,6 +3,7 @@ answers the way Twilio does), and a harness that drives our app the way Twilio d
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import textwrap
 from collections.abc import AsyncIterator
@@ -47,9 +48,20 @@ class FakeTwilio:
         self.posts: list[dict[str, str]] = []  # every Messages.json form, failed ones too
         self.sent: list[dict[str, str]] = []  # the ones answered 201
         self.failures: list[Failure | None] = []  # answers for the next posts (None: normal)
+        # media users sent, by Media SID: (content type, bytes); served behind Basic auth
+        self.media: dict[str, tuple[str, bytes]] = {}
+        self.media_gets: list[tuple[str, bool]] = []  # (path, authorized) of each media GET
+        self.media_redirect = False  # answer 307 to a presigned file-store URL, as Twilio does
+        self.media_hang: asyncio.Event | None = None  # set: media GETs wait for it
         app = web.Application()
         app.router.add_post("/2010-04-01/Accounts/{account}/Messages.json", self._create)
+        app.router.add_get(
+            "/2010-04-01/Accounts/{account}/Messages/{message}/Media/{media}", self._media)
         self.server = TestServer(app, host="127.0.0.1")
+        # Twilio's file store, another origin: a media GET redirects there (presigned URL)
+        files = web.Application()
+        files.router.add_get("/files/{media}", self._file)
+        self.files = TestServer(files, host="127.0.0.1")
 
     @property
     def url(self) -> str:
@@ -57,9 +69,11 @@ class FakeTwilio:
 
     async def start(self) -> None:
         await self.server.start_server()
+        await self.files.start_server()
 
     async def close(self) -> None:
         await self.server.close()
+        await self.files.close()
 
     def fail_next(self, status: int, code: int, message: str, **headers: str) -> None:
         self.failures.append(Failure(status, code, message, headers))
@@ -78,10 +92,44 @@ class FakeTwilio:
                "more_info": f"https://www.twilio.com/docs/errors/{code}"}
         return web.json_response(doc, status=status, headers=headers)
 
-    async def _create(self, request: web.Request) -> web.Response:
+    def media_url(self, media_sid: str, message_sid: str = "MM" + "4" * 32) -> str:
+        """The MediaUrl Twilio posts for a stored medium (on api.twilio.com, as in real
+        webhooks: the channel sends it to its configured API base URL)."""
+        return (f"https://api.twilio.com/2010-04-01/Accounts/{self.account_sid}/Messages/"
+                f"{message_sid}/Media/{media_sid}")
+
+    def _authorized(self, request: web.Request) -> bool:
         expected = base64.b64encode(f"{self.account_sid}:{self.auth_token}".encode()).decode()
-        if (request.match_info["account"] != self.account_sid
-                or request.headers.get("Authorization") != f"Basic {expected}"):
+        return (request.match_info["account"] == self.account_sid
+                and request.headers.get("Authorization") == f"Basic {expected}")
+
+    async def _media(self, request: web.Request) -> web.StreamResponse:
+        """Media are served only with HTTP Basic auth (Account SID, Auth Token)."""
+        authorized = self._authorized(request)
+        self.media_gets.append((request.path, authorized))
+        if not authorized:
+            return self.error(401, 20003, "Authenticate")
+        if self.media_hang is not None:
+            await self.media_hang.wait()
+        sid = request.match_info["media"]
+        if sid not in self.media:
+            return self.error(404, 20404, "The requested resource was not found")
+        if self.media_redirect:
+            raise web.HTTPTemporaryRedirect(str(self.files.make_url(f"/files/{sid}")))
+        return self._medium(sid)
+
+    async def _file(self, request: web.Request) -> web.Response:
+        """The presigned file-store URL a media GET redirects to: no auth."""
+        sid = request.match_info["media"]
+        self.media_gets.append((request.path, "Authorization" in request.headers))
+        return self._medium(sid) if sid in self.media else web.Response(status=404)
+
+    def _medium(self, sid: str) -> web.Response:
+        content_type, body = self.media[sid]
+        return web.Response(body=body, headers={"Content-Type": content_type})
+
+    async def _create(self, request: web.Request) -> web.Response:
+        if not self._authorized(request):
             return self.error(401, 20003, "Authenticate")
         form = {k: v for k, v in (await request.post()).items() if isinstance(v, str)}
         self.posts.append(form)

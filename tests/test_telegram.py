@@ -1034,6 +1034,27 @@ async def test_an_input_asking_for_media_takes_a_photo_without_caption(
         assert fake.sent()[-1]["text"] == "document BQACAgIAAxkBAAIB [] application/pdf r.pdf"
 
 
+@pytest.mark.parametrize("fields", [
+    {"location": {"latitude": 52.520008, "longitude": 13.404954}},
+    {"venue": {"location": {"latitude": 52.52, "longitude": 13.4}, "title": "TV tower",
+               "address": "Panoramastr. 1A"},
+     "location": {"latitude": 52.52, "longitude": 13.4}},
+    {"contact": {"phone_number": "+4915112345678", "first_name": "Grace"}},
+])
+async def test_an_input_asking_for_media_asks_again_for_a_location_or_a_contact(
+        tmp_path: Path, fake: FakeTelegram, fields: dict[str, Any]) -> None:
+    """validation = "media" wants a file (photo, document, voice, audio, video)."""
+    async with telegram(tg_config(tmp_path, fake, flows=MEDIA_FLOWS), fake) as tg:
+        await tg.say("hello", 1)
+        await tg.post_update(media_update(2, **fields))
+        assert [p["text"] for p in fake.sent()[-2:]] == [
+            "Please send a photo, a file or a link.", "Send the receipt"]
+        await tg.post_update(media_update(3, voice={
+            "file_id": "AwACAgIAAxkBAAIC", "file_unique_id": "u2", "duration": 3,
+            "mime_type": "audio/ogg"}))
+        assert fake.sent()[-1]["text"] == "voice AwACAgIAAxkBAAIC [] audio/ogg "
+
+
 # -- media out -----------------------------------------------------------------------------
 
 MEDIA_OUT_FLOWS = """
