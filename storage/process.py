@@ -201,11 +201,13 @@ class ProcessWorker:
             self._flush()
             self._writer.close()
             self._writer = None
-        if self._reader_task is not None:
-            await self._reader_task
-            self._reader_task = None
-        await self._reap()
-        self._release()
+        try:
+            if self._reader_task is not None:
+                await self._reader_task
+                self._reader_task = None
+            await self._reap()
+        finally:  # even when cancelled: the database process holds its own copy of the lock
+            self._release()
 
     def _release(self) -> None:
         if self._held is not None:
@@ -215,8 +217,9 @@ class ProcessWorker:
     async def _reap(self) -> None:
         if self._proc is None:
             return
-        try:
-            await asyncio.wait_for(self._proc.wait(), 30)
+        try:  # not wait_for: on Python 3.11 it swallows a cancel that meets the exit
+            async with asyncio.timeout(30):
+                await self._proc.wait()
         except TimeoutError:
             log.error("the database process did not end in 30 s; killing it")
             self._proc.kill()

@@ -169,3 +169,45 @@ def _gone(pid: int) -> bool:
             return True
         time.sleep(0.01)
     return False
+
+
+async def test_closing_cancelled_as_the_database_process_exits_still_ends(
+        tmp_path: Path) -> None:
+    """Python 3.11's asyncio.wait_for returns the result, swallowing the cancellation, when
+    the awaited process exits in the same loop iteration as the cancel: a shutdown that
+    cancels the close then went on as if nothing happened. The close ends cancelled, and
+    the writer lock is let go (the database process keeps its own copy until it ends)."""
+    db = tmp_path / "p.db"
+    worker = ProcessWorker(functools.partial(Store, db), lock=db)
+    await worker.open()
+    proc = worker._proc
+    assert proc is not None
+    exited: asyncio.Future[int] = asyncio.get_running_loop().create_future()
+    waiting = asyncio.Event()
+
+    async def wait() -> int:  # the process's exit, held until the test lets it through
+        waiting.set()
+        return await exited
+
+    proc.wait = wait  # type: ignore[method-assign]
+    task = asyncio.create_task(worker.stop())
+    await asyncio.wait_for(waiting.wait(), GUARD)
+    exited.set_result(0)  # the process exits...
+    task.cancel()  # ...as the shutdown is cancelled
+    done, _ = await asyncio.wait({task}, timeout=GUARD)
+    assert task in done and task.cancelled()
+    assert worker._held is None
+    del proc.wait  # the real one again: the process ends on the closed socket
+    assert await asyncio.wait_for(proc.wait(), GUARD) == 0
+
+
+def test_no_library_code_uses_asyncio_wait_for() -> None:
+    """The same bug, kept from coming back: every timeout in bot/, channels/ and storage/
+    is an `asyncio.timeout` block."""
+    root = Path(__file__).resolve().parent.parent
+    found = [f"{path.relative_to(root)}:{n}"
+             for folder in ("bot", "channels", "storage")
+             for path in sorted((root / folder).rglob("*.py"))
+             for n, line in enumerate(path.read_text().splitlines(), 1)
+             if "asyncio.wait_for(" in line]
+    assert found == []
