@@ -152,6 +152,11 @@ class Engine:
         self._check_total(conv, before)
         return step
 
+    def restarts(self, text: str) -> bool:
+        """Whether `text` is one of `bot.restart_words` (alone, or a command with
+        arguments such as Telegram's "/start <payload>")."""
+        return self._restart(text) is not None
+
     def _restart(self, text: str) -> str | None:
         """None unless `text` is a restart word; else what followed it when it was a
         command with arguments, like Telegram's deep link "/start <payload>"

@@ -160,16 +160,23 @@ class Ledger(Store):
             return None
         conv = self.conversation(event.channel, event.user_id, new_token(), now)
         try:
-            if self._is_stranded(conv):  # its block is gone: what it wrote was meant for it
+            stranded = self._is_stranded(conv)
+            # its block is gone: what it wrote was meant for it, so it is moved and told,
+            # unless it was a restart word: that restarts, as it does anywhere
+            if stranded and not self.engine.restarts(event.text):
                 with self.savepoint():  # (ending its wait too, if the move is refused)
                     step = self._relocate(conv, now)
                 return Outcome.of(REMOVED, step)
+            # a stranded wait's kind is in its row, not in the config (its block is gone)
+            held = self.wait(conv.wait_id) if stranded and conv.wait_id is not None else None
             came_from, came_from_flow = conv.block, conv.flow
             step = self.engine.on_message(conv, event, now)
         except VariableTooLarge as exc:
             return self._refuse(conv.id, exc, now)
         cancelled = ""
-        if step.cancelled_wait:
+        if step.cancelled_wait and stranded:
+            cancelled = held.kind if held is not None and held.state == "pending" else ""
+        elif step.cancelled_wait:
             flow = self.config.flows.get(came_from_flow)
             block = flow.blocks.get(came_from or "") if flow else None
             cancelled = wait_kind(block) if block is not None else ""

@@ -270,6 +270,50 @@ async def test_a_message_to_a_stranded_conversation_moves_it(tmp_path: Path) -> 
         assert (await h.runtime.worker.run(where, "u"))[:3] == ("main", "menu", None)
 
 
+async def test_a_restart_word_from_a_stranded_conversation_restarts_it(tmp_path: Path) -> None:
+    """A restart word is a plain restart, stranded or not: the start flow (not
+    `bot.stranded_flow`), its payload kept, no "conversation was changed" message; a wait
+    it held whose block is gone ends cancelled (a late callback hears "restarted")."""
+    base = flows("", "http://127.0.0.1:9/x", other=False)
+    sorry = """
+    [flows.sorry]
+    start = "s"
+    [flows.sorry.blocks.s]
+    type = "message"
+    text = "sorry"
+    """
+    config = write_config(tmp_path, base + sorry, '[bot]\nstranded_flow = "sorry"\n')
+    async with harness(config) as h:
+        # stranded at a wait that already ended (as in the test above)
+        await h.say("hi", user="done")
+        await h.say("nap", user="done")
+        await h.runtime.worker.run(query, "UPDATE waits SET state = 'done'")
+        assert await h.texts("/start", user="done") == ["Pick"]
+        assert (await h.runtime.worker.run(where, "done"))[:3] == ("main", "menu", None)
+        # stranded at a pending WebView wait whose block is gone (a node with an older
+        # config wrote it), restarted with a deep-link payload
+        await h.say("hi", user="pay")
+        got = await h.say("pay", user="pay")
+        eid = parse_qs(urlsplit(got[0].link.url).query)["executionId"][0]  # type: ignore[union-attr]
+        await h.runtime.worker.run(query, "UPDATE waits SET block = 'pay_old' WHERE id = ?",
+                                   (eid,))
+        await h.runtime.worker.run(query, "UPDATE conversations SET block = 'pay_old' "
+                                   "WHERE user_id = 'pay'")
+        assert await h.texts("/START ref-7", user="pay") == ["Pick"]
+        assert (await h.runtime.worker.run(where, "pay"))[:3] == ("main", "menu", None)
+        assert await h.runtime.worker.run(
+            query, "SELECT state FROM waits WHERE id = ?", (eid,)) == [("cancelled",)]
+        status, body = await h.post("/webview/callback", json={"executionId": eid,
+                                                               "success": True})
+        assert status == 410 and body["error"] == "cancelled", body
+        resolved = h.runtime.stats.waits_resolved.labels("webview", "cancelled")
+        assert resolved._value.get() == 1
+        # any other text still moves a stranded conversation, and tells it
+        await h.runtime.worker.run(query, "UPDATE conversations SET block = 'gone' "
+                                   "WHERE user_id = 'pay'")
+        assert await h.texts("hello", user="pay") == [TOLD, "sorry"]
+
+
 def test_stranded_flow_must_exist(tmp_path: Path) -> None:
     with pytest.raises(ConfigError) as err:
         write_config(tmp_path, flows("", "http://127.0.0.1:9/x", other=False),
