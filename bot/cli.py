@@ -7,7 +7,6 @@ import asyncio
 import logging
 import os
 import platform
-import sqlite3
 import sys
 import traceback
 from collections.abc import Sequence
@@ -111,11 +110,29 @@ def cmd_serve(args: argparse.Namespace) -> int:
     startup.check_secrets(config)
     sqlite = config.storage.backend == "sqlite"
     db_path = Path(config.storage.path)
-    db_name = str(db_path) if sqlite else "(PostgreSQL, storage.url)"
-    if sqlite:  # PostgreSQL is reached (and checked) when its store opens
-        startup.check_database(db_path)
-        startup.check_single_writer(db_path)  # before the slow imports: refused in ~1 s
+    from storage import preflight
 
+    if sqlite:
+        preflight.check_database(db_path)
+        preflight.check_single_writer(db_path)  # before the slow imports: refused in ~1 s
+        return _serve(args, config, host, port)
+    # one server per PostgreSQL database: refused here, before the slow imports; held (on
+    # a connection of its own) until serving ends, and dropped by the server with the
+    # connection however this process ends
+    server_lock = preflight.hold_server_lock(config)
+    try:
+        return _serve(args, config, host, port)
+    finally:
+        server_lock.release()
+
+
+def _serve(args: argparse.Namespace, config: Config, host: str, port: int) -> int:
+    """`serve` once its checks passed: bind, open the database, serve until stopped."""
+    from storage import preflight
+
+    sqlite = config.storage.backend == "sqlite"
+    db_path = Path(config.storage.path)
+    db_name = preflight.where(config)
     import aiohttp
     from aiohttp import web
 
@@ -134,10 +151,10 @@ def cmd_serve(args: argparse.Namespace) -> int:
     async def announce(app: web.Application) -> None:
         # after the database and the channels started; the port is already ours
         log.info("flowbot %s started: config %s, listening on %s:%d, database %s (%s), "
-                 "channels %s; Python %s, aiohttp %s, SQLite %s", version,
-                 config_path, host, port, db_path, config.storage.worker,
+                 "channels %s; Python %s, aiohttp %s, %s", version,
+                 config_path, host, port, db_name, config.storage.worker,
                  ", ".join(enabled_channels(config)) or "none", platform.python_version(),
-                 aiohttp.__version__, sqlite3.sqlite_version)
+                 aiohttp.__version__, preflight.software(config))
         print(f"flowbot: serving {args.config} — open {where} to chat", flush=True)
 
     async def stopping(app: web.Application) -> None:
@@ -158,7 +175,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
             raise startup.StartupError(
                 f"cannot open the database {db_name}: {exc.reason} — see docs/operations.md",
                 startup.ENVIRONMENT) from exc
-        if isinstance(exc, sqlite3.Error | OSError):
+        if preflight.is_database_error(exc) or isinstance(exc, OSError):
             raise startup.StartupError(f"cannot open the database {db_name}: {exc}",
                                        startup.ENVIRONMENT) from exc
         raise

@@ -6,7 +6,6 @@ from __future__ import annotations
 import argparse
 import json
 import re
-import sqlite3
 import sys
 import time
 from collections.abc import Callable
@@ -15,32 +14,24 @@ from pathlib import Path
 from typing import Any
 
 from bot.config import Config
-from bot.errors import FlowbotError
+from bot.errors import NoDatabase, StorageError
 from bot.flow import BLOCK_TYPES, live_blocks
 from bot.stranded import per_block
-from storage.stranded import read_stranded
 
 
 def stranded_report(config: Config) -> list[str]:
     """Lines for `flowbot check`: conversations of the configured database that stand at
     blocks this config no longer has, counted per block, and what start-up will do with
     them. Read-only: nothing when the database file does not exist yet."""
-    path: object = config.storage.path
-    if config.storage.backend == "postgresql":
-        from storage.backends import read_stranded_pg
+    from storage import admin, preflight
 
-        path = "PostgreSQL (storage.url)"
-        try:
-            found = read_stranded_pg(config, live_blocks(config.flows))
-        except FlowbotError as exc:
-            return [f"{path}: could not read it to look for stranded conversations ({exc})"]
-    elif not config.storage.path.exists():
+    path = preflight.where(config)
+    try:
+        found = admin.stranded(config, live_blocks(config.flows))
+    except NoDatabase:
         return [f"{path}: no database yet (it is created at the first start)"]
-    else:
-        try:
-            found = read_stranded(str(path), live_blocks(config.flows))
-        except sqlite3.Error as exc:
-            return [f"{path}: could not read it to look for stranded conversations ({exc})"]
+    except StorageError as exc:
+        return [f"{path}: could not read it to look for stranded conversations ({exc})"]
     if not found:
         return [f"{path}: every stored conversation stands at a block this config has"]
     target = config.bot.stranded_target
@@ -88,21 +79,23 @@ def add_commands(sub: Any, load: Loader) -> None:
 
 
 def cmd_backup(args: argparse.Namespace, load: Loader) -> int:
-    from storage.backup import backup
+    """Exit 0 with the copy written; 2 when `out` is wrong (exists, no such folder); 1
+    when the database cannot be copied (unreadable; on PostgreSQL: no pg_dump, pg_dump
+    failed, server unreachable)."""
+    from storage.admin import backup
 
     config = load(args.config)
     out = Path(args.out)
     try:
-        info = backup(config.storage.path, out)
+        info, restore = backup(config, out)
     except (FileExistsError, FileNotFoundError) as exc:
         print(f"flowbot: {exc}", file=sys.stderr)
         return 2
-    except (sqlite3.Error, OSError) as exc:
-        print(f"flowbot: cannot back up {config.storage.path} to {out}: {exc}", file=sys.stderr)
+    except StorageError as exc:
+        print(f"flowbot: {exc}", file=sys.stderr)
         return 1
     print(f"{out}: {info.size / 1e6:.1f} MB in {info.seconds:.2f} s — {info.conversations} "
-          f"conversation(s), {info.pending_waits} pending wait(s). Restore: stop the "
-          "server, copy it to storage.path (delete that file's -wal and -shm), start.")
+          f"conversation(s), {info.pending_waits} pending wait(s). {restore}")
     return 0
 
 
@@ -134,7 +127,7 @@ def _when(t: float | None, now: float) -> str:
 
 
 def cmd_conversations(args: argparse.Namespace, load: Loader) -> int:
-    from storage.inspect import list_conversations
+    from storage.admin import list_conversations
 
     config = load(args.config)
     now = time.time()
@@ -145,10 +138,10 @@ def cmd_conversations(args: argparse.Namespace, load: Loader) -> int:
               "date (2026-01-31)", file=sys.stderr)
         return 2
     try:
-        rows = list_conversations(config.storage.path, waiting=args.waiting,
+        rows = list_conversations(config, waiting=args.waiting,
                                   channel=args.channel, block=args.block, idle_before=since,
                                   limit=args.limit)
-    except (FileNotFoundError, sqlite3.Error) as exc:
+    except StorageError as exc:
         print(f"flowbot: {exc}", file=sys.stderr)
         return 1
     if args.json:
@@ -178,11 +171,11 @@ def cmd_conversations(args: argparse.Namespace, load: Loader) -> int:
 
 
 def cmd_conversation(args: argparse.Namespace, load: Loader) -> int:
-    from storage.inspect import conversation_detail, find_conversations
+    from storage.admin import conversation_detail, find_conversations
 
     config = load(args.config)
     try:
-        found = find_conversations(config.storage.path, args.key_or_user)
+        found = find_conversations(config, args.key_or_user)
         if args.channel:
             found = [f for f in found if f[1] == args.channel]
         if len(found) != 1:
@@ -194,8 +187,8 @@ def cmd_conversation(args: argparse.Namespace, load: Loader) -> int:
                 print(f"flowbot: user {args.key_or_user!r} has a conversation on "
                       f"{', '.join(f[1] for f in found)}; add --channel", file=sys.stderr)
             return 2
-        doc = conversation_detail(config.storage.path, found[0][0], args.messages)
-    except (FileNotFoundError, sqlite3.Error) as exc:
+        doc = conversation_detail(config, found[0][0], args.messages)
+    except StorageError as exc:
         print(f"flowbot: {exc}", file=sys.stderr)
         return 1
     if args.json:

@@ -110,3 +110,14 @@ class VariableTooLarge(FlowbotError):
 
 class StaleState(FlowbotError):
     """A conversation changed under us (optimistic concurrency); the caller retries."""
+
+
+class StorageError(FlowbotError):
+    """An operator's command (`check`, `backup`, `conversations`) could not read or copy the
+    database: missing, unreadable, unreachable. The message is a sentence for a person; the
+    driver's error is translated in storage/ (nothing else imports a driver)."""
+
+
+class NoDatabase(StorageError):
+    """There is no database yet: no SQLite file, or no flowbot tables in PostgreSQL (both
+    are created at the first start)."""

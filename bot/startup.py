@@ -3,7 +3,8 @@
 Each failure is a `StartupError`: one or two lines saying what is wrong and what to do, and
 the exit code a supervisor can act on — 2 when the configuration is wrong (restarting will
 not help), 1 when the environment is (a busy port, a read-only disk). The checks run before
-the database is opened, so a run that fails them leaves no database file behind.
+the database is opened, so a run that fails them leaves no database file behind (the
+database's own checks are storage/preflight.py's).
 """
 
 from __future__ import annotations
@@ -11,8 +12,6 @@ from __future__ import annotations
 import errno
 import os
 import socket
-import sqlite3
-from pathlib import Path
 
 from bot.config import Config
 from bot.errors import FlowbotError
@@ -100,67 +99,3 @@ def _bind_problem(host: str, port: int, exc: OSError) -> str:
         return (f"{host} is not an address of this machine — set server.host to one "
                 "(127.0.0.1, or 0.0.0.0 for every interface)")
     return f"cannot listen on {host}:{port}: {exc.strerror}"
-
-
-def check_single_writer(path: Path) -> None:
-    """No other process serves this database (one writer per SQLite file; the server
-    takes the lock for good when its database worker starts). Raises StartupError (exit
-    1) naming the other process."""
-    from bot.errors import DatabaseInUse
-    from storage.lock import WriterLock
-
-    if not path.exists():  # nobody serves it yet; the worker's own lock settles a tie
-        return
-    try:
-        WriterLock.acquire(path).release()
-    except DatabaseInUse as exc:
-        raise StartupError(str(exc), ENVIRONMENT) from None
-
-
-def check_database(path: Path) -> None:
-    """The SQLite file can be opened for writing, or created where it should be; without
-    creating it. Raises StartupError (exit 1)."""
-    where = path.parent
-    if not path.exists():
-        if not where.is_dir():
-            raise StartupError(f"the database directory {where} does not exist — create it, "
-                               "or change storage.path", ENVIRONMENT)
-        if not os.access(where, os.W_OK | os.X_OK):
-            raise StartupError(f"cannot create the database {path}: no permission to write "
-                               f"in {where} — fix its permissions or change storage.path",
-                               ENVIRONMENT)
-        return
-    if path.is_dir():
-        # the path names something on this machine that is not what it must be: the
-        # environment's (exit 1, as a missing or unwritable folder), not the config's syntax
-        raise StartupError(f"the database {path} is a directory — storage.path must name a "
-                           f"file (e.g. {path / 'flowbot.db'}), or remove that directory",
-                           ENVIRONMENT)
-    if not os.access(path, os.R_OK | os.W_OK):
-        raise StartupError(f"cannot open the database {path} for writing: permission denied — "
-                           f"make it readable and writable by this user ({_user()})",
-                           ENVIRONMENT)
-    if not os.access(where, os.W_OK | os.X_OK):
-        # SQLite's WAL mode needs the -wal and -shm files next to the database
-        raise StartupError(f"cannot write in {where}, where the database keeps its -wal and "
-                           "-shm files — make the directory writable by this user "
-                           f"({_user()})", ENVIRONMENT)
-    try:
-        conn = sqlite3.connect(f"file:{path}?mode=ro", uri=True, timeout=5)
-        try:
-            conn.execute("PRAGMA schema_version").fetchone()
-        finally:
-            conn.close()
-    except sqlite3.DatabaseError as exc:
-        raise StartupError(f"the database {path} is unreadable ({exc}) — restore it from a "
-                           "backup or move it away to start with an empty one", ENVIRONMENT)\
-            from None
-
-
-def _user() -> str:
-    try:
-        import pwd
-
-        return pwd.getpwuid(os.geteuid()).pw_name
-    except (ImportError, KeyError):
-        return str(os.geteuid())

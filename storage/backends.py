@@ -6,35 +6,22 @@ from __future__ import annotations
 
 import asyncio
 import functools
-import os
 import shutil
 from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from bot.config import Config
-from bot.errors import FlowbotError, StorageUnavailable
+from bot.errors import StorageUnavailable
 from bot.ledger import Ledger, WebViewCheck
 from bot.runtime import Worker
-from bot.stranded import Stranded
+from storage.preflight import storage_url
 from storage.process import ProcessWorker
 from storage.store import SQLiteLedger, SQLiteStore, read_counts, read_pending_waits
 from storage.worker import DbWorker, TimerPass
 
 if TYPE_CHECKING:
     from storage.pg_worker import PgWorker
-
-
-def storage_url(config: Config) -> str:
-    """The PostgreSQL URL of `config.storage` (`url`, or the variable `url_env` names)."""
-    storage = config.storage
-    if storage.url:
-        return storage.url
-    url = os.environ.get(storage.url_env, "")
-    if not url:
-        raise FlowbotError(f"storage.url_env: the environment variable {storage.url_env} is "
-                           "not set (it should hold the postgresql:// URL)")
-    return url
 
 
 MIN_FREE_BYTES = 1 << 20  # less than this under the database: "the disk is full"
@@ -139,26 +126,5 @@ async def pending_waits(config: Config) -> dict[str, int]:
     return await asyncio.to_thread(read_pending_waits, config.storage.path)
 
 
-def read_stranded_pg(config: Config, live: list[tuple[str, str, str]]) -> list[Stranded]:
-    """`flowbot check` on PostgreSQL: the stranded conversations, in a read-only
-    transaction of a connection of its own. Raises FlowbotError when the database cannot
-    be reached or has no flowbot tables yet."""
-    import psycopg
-
-    from storage.postgres import connect_kwargs, find_stranded
-
-    try:
-        with psycopg.connect(storage_url(config), connect_timeout=10,
-                             **connect_kwargs(config.storage.prepared_statements)) as conn:
-            conn.execute("BEGIN READ ONLY")
-            try:
-                return find_stranded(conn, live)
-            finally:
-                conn.execute("ROLLBACK")
-    except psycopg.Error as exc:
-        first = (str(exc).strip().splitlines() or [""])[0][:300]
-        raise FlowbotError(f"{type(exc).__name__}: {first}") from None
-
-
 __all__ = ["TimerPass", "close_worker", "counts", "open_worker", "pending_waits", "probe",
-           "read_stranded_pg", "storage_url", "worker_for"]
+           "storage_url", "worker_for"]

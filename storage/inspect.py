@@ -1,17 +1,18 @@
 """Read-only looks into a database for operators (`flowbot conversations`, `flowbot
-conversation`): on a connection of its own, opened read-only, so it neither creates a file
-nor waits for (or holds up) the server that writes. Secrets are cut here, once: an
-executionId, a wait id or a conversation_key appears only as its first characters."""
+conversation`), in SQL both backends read alike, through a `Rows` function that
+storage/admin.py opens read-only on either (so it neither creates a file nor waits for, or
+holds up, the server that writes). Secrets are cut here, once: an executionId, a wait id
+or a conversation_key appears only as its first characters."""
 
 from __future__ import annotations
 
 import json
 import re
-import sqlite3
-from collections.abc import Iterator
-from contextlib import contextmanager
-from pathlib import Path
+from collections.abc import Callable, Sequence
 from typing import Any
+
+Rows = Callable[[str, Sequence[Any]], list[tuple[Any, ...]]]
+"""`rows(sql, args)`: every row of one query written with `?` placeholders."""
 
 SHOWN = 6  # characters of a token shown to people
 _EXECUTION_ID = re.compile(r"(executionId=)([A-Za-z0-9_-]{6})[A-Za-z0-9_%-]*")
@@ -34,24 +35,12 @@ def mask(text: str, tokens: list[str]) -> str:
     return text
 
 
-@contextmanager
-def read_only(path: Path) -> Iterator[sqlite3.Connection]:
-    """A read-only connection; FileNotFoundError when there is no database yet."""
-    if not path.exists():
-        raise FileNotFoundError(f"there is no database at {path} (storage.path)")
-    conn = sqlite3.connect(f"file:{path}?mode=ro", uri=True, timeout=10)
-    try:
-        yield conn
-    finally:
-        conn.close()
-
-
-def list_conversations(path: Path, *, waiting: bool = False, channel: str | None = None,
+def list_conversations(rows: Rows, *, waiting: bool = False, channel: str | None = None,
                        block: str | None = None, idle_before: float | None = None,
                        limit: int = 100) -> list[dict[str, Any]]:
     """Conversations, most recently active first. `block` is "flow/block" or a block id;
     `idle_before`: only those not updated since this time (s since the epoch)."""
-    where: list[str] = ["1"]
+    where: list[str] = ["1 = 1"]
     args: list[Any] = []
     if waiting:
         where.append("c.wait_id IS NOT NULL")
@@ -73,52 +62,48 @@ def list_conversations(path: Path, *, waiting: bool = False, channel: str | None
            "w.id, w.kind, w.state, w.deadline FROM conversations c "
            "LEFT JOIN waits w ON w.id = c.wait_id "
            f"WHERE {' AND '.join(where)} ORDER BY c.updated DESC LIMIT ?")
-    with read_only(path) as conn:
-        rows = conn.execute(sql, (*args, limit)).fetchall()
     return [{"id": cid, "channel": ch, "user_id": user, "key": short(key), "flow": flow,
              "block": blk, "updated": updated,
              "wait": None if wid is None else {"id": short(wid), "kind": kind,
                                               "state": state, "deadline": deadline}}
-            for cid, ch, user, key, flow, blk, updated, wid, kind, state, deadline in rows]
+            for cid, ch, user, key, flow, blk, updated, wid, kind, state, deadline
+            in rows(sql, (*args, limit))]
 
 
-def find_conversations(path: Path, key_or_user: str) -> list[tuple[int, str, str]]:
+def find_conversations(rows: Rows, key_or_user: str) -> list[tuple[int, str, str]]:
     """(id, channel, user id) of the conversation with this conversation_key, or else of
     every conversation of this user id (one per channel)."""
-    with read_only(path) as conn:
-        rows = conn.execute("SELECT id, channel, user_id FROM conversations WHERE key = ?",
-                            (key_or_user,)).fetchall()
-        if not rows:
-            rows = conn.execute("SELECT id, channel, user_id FROM conversations "
-                                "WHERE user_id = ? ORDER BY channel", (key_or_user,)).fetchall()
-    return [(int(a), str(b), str(c)) for a, b, c in rows]
+    found = rows("SELECT id, channel, user_id FROM conversations WHERE key = ?",
+                 (key_or_user,))
+    if not found:
+        found = rows("SELECT id, channel, user_id FROM conversations "
+                     "WHERE user_id = ? ORDER BY channel", (key_or_user,))
+    return [(int(a), str(b), str(c)) for a, b, c in found]
 
 
-def conversation_detail(path: Path, conversation_id: int, messages: int = 10
+def conversation_detail(rows: Rows, conversation_id: int, messages: int = 10
                         ) -> dict[str, Any]:
     """One conversation: where it stands, its variables, its open wait (and any other
     pending one), and its last `messages` outgoing messages with their delivery states."""
-    with read_only(path) as conn:
-        (cid, channel, user, key, flow, block, wait_id, variables, version, created,
-         updated) = conn.execute(
-            "SELECT id, channel, user_id, key, flow, block, wait_id, variables, version, "
-            "created, updated FROM conversations WHERE id = ?", (conversation_id,)).fetchone()
-        tokens = [key]
-        waits = []
-        ids = [wait_id] if wait_id else []
-        for wid, kind, wflow, wblock, deadline, blocking, state, wcreated in conn.execute(
-                # pending waits of this conversation: few, through the timer's index
-                "SELECT id, kind, flow, block, deadline, blocking, state, created FROM waits "
-                "WHERE (state = 'pending' AND conversation_id = ?) OR id = ? "
-                "ORDER BY created", (cid, wait_id or "")):
-            tokens.append(wid)
-            waits.append({"id": short(wid), "kind": kind, "flow": wflow, "block": wblock,
-                          "deadline": deadline, "blocking": bool(blocking), "state": state,
-                          "created": wcreated, "holds": wid in ids})
-        sent = conn.execute(
-            "SELECT id, message, state, attempts, error, platform_status, created, sent_at "
-            "FROM outbox WHERE conversation_id = ? ORDER BY id DESC LIMIT ?",
-            (cid, messages)).fetchall()
+    ((cid, channel, user, key, flow, block, wait_id, variables, version, created,
+      updated),) = rows(
+        "SELECT id, channel, user_id, key, flow, block, wait_id, variables, version, "
+        "created, updated FROM conversations WHERE id = ?", (conversation_id,))
+    tokens = [key]
+    waits = []
+    ids = [wait_id] if wait_id else []
+    for wid, kind, wflow, wblock, deadline, blocking, state, wcreated in rows(
+            # pending waits of this conversation: few, through the timer's index
+            "SELECT id, kind, flow, block, deadline, blocking, state, created FROM waits "
+            "WHERE (state = 'pending' AND conversation_id = ?) OR id = ? "
+            "ORDER BY created", (cid, wait_id or "")):
+        tokens.append(wid)
+        waits.append({"id": short(wid), "kind": kind, "flow": wflow, "block": wblock,
+                      "deadline": deadline, "blocking": bool(blocking), "state": state,
+                      "created": wcreated, "holds": wid in ids})
+    sent = rows(
+        "SELECT id, message, state, attempts, error, platform_status, created, sent_at "
+        "FROM outbox WHERE conversation_id = ? ORDER BY id DESC LIMIT ?", (cid, messages))
     values = json.loads(variables)
     for name in HIDDEN_VARIABLES:
         if isinstance(values.get(name), str):

@@ -5,12 +5,12 @@ from typing import Any
 import pytest
 
 from tests.fake_twilio import AUTH_TOKEN
-from tests.postgres import empty, pg_database, pg_summary, pg_tests
+from tests.postgres import empty, pg_database, pg_scratch, pg_summary, pg_tests
 from tests.prereq import fail_in_ci
 from tests.reliability.common import Server
 from tests.seed import RUN_SEED
 
-__all__ = ["pg_database"]  # a session fixture, defined with the PostgreSQL helpers
+__all__ = ["pg_database", "pg_scratch"]  # fixtures defined with the PostgreSQL helpers
 
 
 def pytest_addoption(parser: pytest.Parser) -> None:

@@ -56,6 +56,21 @@ def pg_database() -> Iterator[str]:
             admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
 
 
+@pytest.fixture
+def pg_scratch(pg_database: str) -> Iterator[str]:
+    """The URL of a database of this test's own with no tables at all (a fresh install, or
+    a server's first start), dropped at the end; `pg_database` decides skip or fail."""
+    url = admin_url()
+    name = f"flowbot_scratch_{os.getpid()}_{secrets.token_hex(4)}"
+    with psycopg.connect(url, autocommit=True) as admin:
+        admin.execute(f'CREATE DATABASE "{name}"')
+    try:
+        yield with_database(url, name)
+    finally:
+        with psycopg.connect(url, autocommit=True) as admin:
+            admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+
+
 def empty(url: str) -> None:
     """Delete every row (the schema stays: migrations ran once for the run)."""
     with psycopg.connect(url, autocommit=True) as conn:

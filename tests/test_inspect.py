@@ -1,6 +1,6 @@
-"""`flowbot conversations` and `flowbot conversation` on a seeded database: what waits on
-what until when, with which variables, what was sent and what failed — read-only, and
-never a full executionId or conversation_key."""
+"""`flowbot conversations` and `flowbot conversation` on a seeded database, SQLite and
+PostgreSQL alike: what waits on what until when, with which variables, what was sent and
+what failed — read-only, and never a full executionId or conversation_key."""
 
 from __future__ import annotations
 
@@ -13,6 +13,8 @@ import pytest
 from bot.cli import main
 from channels.base import SendError
 from tests.support import harness, query, write_config
+
+on_both = pytest.mark.usefixtures("both_backends")
 
 FLOWS = """
 [flows.main]
@@ -79,6 +81,7 @@ def assert_no_secret(out: str, seeded: dict[str, str]) -> None:
         assert seeded[name] not in out, name
 
 
+@on_both
 async def test_conversations_lists_and_filters(seeded: dict[str, str],
                                                capsys: pytest.CaptureFixture[str]) -> None:
     cfg = seeded["config"]
@@ -108,6 +111,7 @@ async def test_conversations_lists_and_filters(seeded: dict[str, str],
     assert code == 2 and "30m, 12h, 7d" in out
 
 
+@on_both
 async def test_conversation_shows_one_by_key_or_user(seeded: dict[str, str],
                                                      capsys: pytest.CaptureFixture[str]) -> None:
     cfg = seeded["config"]
@@ -140,8 +144,32 @@ async def test_conversation_shows_one_by_key_or_user(seeded: dict[str, str],
 
 
 def test_inspection_needs_a_database_and_creates_none(tmp_path: Path,
-                                                      capsys: pytest.CaptureFixture[str]) -> None:
+                                                      capsys: pytest.CaptureFixture[str]
+                                                      ) -> None:
     write_config(tmp_path, FLOWS)
     code, out = run(capsys, "conversations", "--config", str(tmp_path / "config.toml"))
     assert code == 1 and "no database" in out
     assert not (tmp_path / "flowbot.db").exists()
+
+
+def test_a_postgresql_database_without_tables_is_named_not_created(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str], pg_scratch: str,
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("FLOWBOT_TEST_STORAGE", pg_scratch)
+    write_config(tmp_path, FLOWS)
+    cfg = str(tmp_path / "config.toml")
+    for args in (["conversations"], ["conversation", "ann"]):
+        code, out = run(capsys, *args, "--config", cfg)
+        assert code == 1 and "has no flowbot tables yet" in out, out
+        assert pg_scratch.rsplit("/", 1)[1] in out and "Traceback" not in out
+
+
+def test_an_unreachable_postgresql_is_one_line(tmp_path: Path,
+                                               capsys: pytest.CaptureFixture[str],
+                                               monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("FLOWBOT_TEST_STORAGE", "postgresql://nobody@127.0.0.1:1/none")
+    write_config(tmp_path, FLOWS)
+    code, out = run(capsys, "conversations", "--config", str(tmp_path / "config.toml"))
+    assert code == 1 and out.startswith("flowbot: cannot reach the PostgreSQL database none "
+                                        "on 127.0.0.1:1: OperationalError"), out
+    assert len(out.strip().splitlines()) == 1

@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 
 from bot import startup
+from storage import preflight
 
 ROOT = Path(__file__).resolve().parent.parent
 EXAMPLE = (ROOT / "config.example.toml").read_text()
@@ -139,7 +140,7 @@ def test_read_only_database(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> 
     db.write_bytes(b"")
     monkeypatch.setattr(os, "access", lambda p, mode: Path(p) != db)
     with pytest.raises(startup.StartupError) as info:
-        startup.check_database(db)
+        preflight.check_database(db)
     assert info.value.exit_code == 1
     assert str(info.value).startswith(f"cannot open the database {db} for writing: permission "
                                       "denied — make it readable and writable by this user (")
@@ -148,7 +149,7 @@ def test_read_only_database(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> 
 def test_unwritable_directory(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(os, "access", lambda p, mode: Path(p) != tmp_path)
     with pytest.raises(startup.StartupError) as info:
-        startup.check_database(tmp_path / "flowbot.db")
+        preflight.check_database(tmp_path / "flowbot.db")
     assert str(info.value) == (f"cannot create the database {tmp_path / 'flowbot.db'}: no "
                                f"permission to write in {tmp_path} — fix its permissions or "
                                "change storage.path")
@@ -180,3 +181,66 @@ def test_serving_is_printed_once_the_server_answers(tmp_path: Path) -> None:
     finally:
         proc.terminate()
         assert proc.wait(timeout=30) == 0
+
+
+# -- PostgreSQL: a failed start leaves no tables and no session ----------------------------
+
+def on_postgresql(text: str, url: str) -> str:
+    """The example config with its data in PostgreSQL at `url`."""
+    head, _, rest = text.partition("[storage]\n")
+    rest = "\n".join(x for x in rest.split("\n")
+                     if not x.startswith(("path =", "path=")))
+    return f'{head}[storage]\nurl = "{url}"\n{rest}'
+
+
+def untouched(url: str) -> None:
+    """No table created, and no session of a flowbot left on the database."""
+    import psycopg
+
+    with psycopg.connect(url) as conn:
+        tables = conn.execute("SELECT tablename FROM pg_tables WHERE schemaname = "
+                              "current_schema()").fetchall()
+        sessions = conn.execute("SELECT application_name FROM pg_stat_activity WHERE "
+                                "datname = current_database() AND pid != pg_backend_pid()"
+                                ).fetchall()
+    assert tables == [] and sessions == []
+
+
+def test_postgresql_port_in_use_leaves_nothing(tmp_path: Path, pg_scratch: str) -> None:
+    config = write(tmp_path, on_postgresql(EXAMPLE, pg_scratch))
+    with socket.socket() as other:
+        other.bind(("127.0.0.1", 0))
+        other.listen()
+        port = other.getsockname()[1]
+        proc = serve(config, "--port", str(port))
+    assert_clean(proc, 1, f"flowbot: port {port} on 127.0.0.1 is in use — stop the other "
+                          "process or pass --port (or set server.port)")
+    untouched(pg_scratch)
+    assert not (tmp_path / "flowbot.db").exists()
+
+
+def test_postgresql_missing_secret_leaves_nothing(tmp_path: Path, pg_scratch: str) -> None:
+    text = EXAMPLE.replace('[channels.telegram]', '[channels.telegram]\nenabled = true', 1)
+    text = text.replace('enabled = false\ntoken_env', 'token_env')
+    proc = serve(write(tmp_path, on_postgresql(text, pg_scratch)), "--port", str(free_port()),
+                 env={"TELEGRAM_WEBHOOK_SECRET": "s3cret"})
+    assert proc.returncode == 2 and "TELEGRAM_BOT_TOKEN" in proc.stderr, proc.stderr
+    untouched(pg_scratch)
+
+
+def test_postgresql_unreachable_is_one_line(tmp_path: Path) -> None:
+    proc = serve(write(tmp_path, on_postgresql(EXAMPLE, "postgresql://x@127.0.0.1:1/none")),
+                 "--port", str(free_port()))
+    assert proc.returncode == 1, proc.stderr
+    [line] = proc.stderr.splitlines()
+    assert line.startswith("flowbot: cannot reach the PostgreSQL database none on "
+                           "127.0.0.1:1: "), line
+    assert proc.stdout == ""
+
+
+def test_postgresql_url_env_unset_is_configuration(tmp_path: Path) -> None:
+    text = on_postgresql(EXAMPLE, "x").replace('url = "x"', 'url_env = "FLOWBOT_NO_SUCH_URL"')
+    proc = serve(write(tmp_path, text), "--port", str(free_port()))
+    assert_clean(proc, 2, "flowbot: storage.url_env: the environment variable "
+                          "FLOWBOT_NO_SUCH_URL is not set (it should hold the postgresql:// "
+                          "URL)")

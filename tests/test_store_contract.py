@@ -401,5 +401,5 @@ def test_check_reads_stranded_conversations_from_postgresql(
     (tmp_path / "flowbot.toml").write_text(renamed.replace('start = "pay"', 'start = "pay2"'))
     main(["check", "--config", str(tmp_path / "flowbot.toml")])
     out = capsys.readouterr().out
-    assert "PostgreSQL (storage.url): 1 conversation(s) stand at blocks" in out, out
+    assert "on 127.0.0.1:5432: 1 conversation(s) stand at blocks" in out, out
     assert "main/pay (webview wait): 1" in out, out

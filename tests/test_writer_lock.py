@@ -1,5 +1,6 @@
-"""One writer per SQLite file: a second `flowbot serve` on a database already served
-refuses to start, at once, naming the other process; kill -9 frees the file."""
+"""One server per database: a second `flowbot serve` on a SQLite file or a PostgreSQL
+database already served refuses to start, at once, naming the other process; kill -9
+frees it."""
 
 from __future__ import annotations
 
@@ -11,13 +12,16 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 
+import psycopg
 import pytest
 
 from bot.errors import DatabaseInUse
 from storage.lock import WriterLock
+from storage.pg_lock import ServerLock
 from storage.process import ProcessWorker
 from storage.store import Store
 from storage.worker import DbWorker
+from tests.postgres import empty
 from tests.reliability.common import Server, _free_port
 
 FLOWS = """
@@ -97,3 +101,62 @@ def test_the_thread_worker_takes_the_lock_and_drops_it_when_it_stops(tmp_path: P
     second = DbWorker(Store(db), lock=db)
     second.start()
     second.join()
+
+
+def test_postgresql_one_server_per_database_and_kill_9_frees_it(
+        tmp_path: Path, pg_database: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The same on PostgreSQL: an advisory lock on a connection of the server's own, which
+    PostgreSQL drops with the session when the process is killed."""
+    empty(pg_database)
+    monkeypatch.setenv("FLOWBOT_TEST_STORAGE", pg_database)
+    server = Server(tmp_path)
+    try:
+        server.start()
+        assert server.proc is not None
+        proc, took = second_serve(server)
+        assert proc.returncode == 1, proc.stderr
+        assert took < (5.0 if "COVERAGE_PROCESS_CONFIG" in os.environ else 3.0), took
+        name = pg_database.rsplit("/", 1)[1]
+        assert proc.stderr.splitlines() == [
+            f"flowbot: the PostgreSQL database {name} on 127.0.0.1:5432 is already served by "
+            f"another flowbot process (flowbot serve (pid {server.proc.pid}) on 127.0.0.1, "
+            f"backend pid {holder_backend(pg_database)}); stop it first, or give this one "
+            "another database (storage.url)"], proc.stderr
+        assert proc.stdout == ""
+
+        server.kill9()  # PostgreSQL ends the session, and the lock, with the socket
+        server.start()
+        again, _ = second_serve(server)
+        assert again.returncode == 1 and "already served" in again.stderr
+    finally:
+        server.stop()
+    with pytest.raises(DatabaseInUse):  # a held lock, seen from this process too
+        first = ServerLock.acquire(pg_database, "db")
+        try:
+            ServerLock.acquire(pg_database, "db")
+        finally:
+            first.release()
+    ServerLock.acquire(pg_database, "db").release()  # free once the holder ended
+
+
+def test_the_postgresql_lock_is_per_schema(pg_database: str) -> None:
+    """Two flowbots may share a database in schemas of their own (search_path)."""
+    with psycopg.connect(pg_database, autocommit=True) as conn:
+        conn.execute("CREATE SCHEMA IF NOT EXISTS other")
+    first = ServerLock.acquire(pg_database, "db")
+    try:
+        other = ServerLock.acquire(pg_database + "?options=-csearch_path%3Dother", "db")
+        other.release()
+        assert first.alive()
+    finally:
+        first.release()
+    assert not first.alive()
+
+
+def holder_backend(url: str) -> int:
+    with psycopg.connect(url) as conn:
+        row = conn.execute("SELECT pid FROM pg_stat_activity WHERE application_name LIKE "
+                           "'flowbot serve (pid %%' AND datname = current_database()"
+                           ).fetchone()
+    assert row is not None
+    return int(row[0])
