@@ -194,6 +194,8 @@ def wait_kind(block: Block) -> str:
 
 _WAIT_KINDS: dict[type[Block], str] = {
     WebViewBlock: "webview", WebhookBlock: "webhook", DelayBlock: "delay", HttpBlock: "http"}
+WAIT_KINDS: tuple[str, ...] = tuple(_WAIT_KINDS.values())
+"""Every kind of wait row, in the order /metrics lists them."""
 
 
 def live_blocks(flows: Mapping[str, Flow]) -> list[tuple[str, str, str]]:

@@ -1,11 +1,12 @@
 """Prometheus metrics of one server, on a registry of its own (tests build many servers).
 
 Everything is counted where it happens, in the server process, after the database job that
-did it committed; nothing is computed by scanning tables on a scrape. Pending waits are a
-gauge kept up to date from what each transition opened and closed, started from one count
-at start-up. Both processes' CPU, memory and file descriptors come from
-prometheus-client's ProcessCollector (`process_*` for the server, `flowbot_db_process_*`
-for the database process). Names and example alerts: docs/operations.md.
+did it committed, except the pending waits: a gauge counted from the database on each
+scrape (bot/server.py), so it is exact whatever ended them (a transition, a config edit
+that stranded them, retention, another node) and however start-up and the timer
+interleave. Both processes' CPU, memory and file descriptors come from prometheus-client's
+ProcessCollector (`process_*` for the server, `flowbot_db_process_*` for the database
+process). Names and example alerts: docs/operations.md.
 """
 
 from __future__ import annotations
@@ -25,10 +26,11 @@ from prometheus_client.core import CounterMetricFamily
 from prometheus_client.exposition import generate_latest
 from prometheus_client.registry import Collector
 
+from bot.flow import WAIT_KINDS
+
 # no *_created samples: they double the exposition and no alert uses them
 disable_created_metrics()  # type: ignore[no-untyped-call]
 
-WAIT_KINDS = ("webview", "webhook", "delay", "http")
 # request latencies: a commit is ~1-50 ms; up to 10 s for a stalled disk
 LATENCY = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 10.0)
 # how late an expiry fired, and how long a message waited to be delivered
@@ -67,8 +69,8 @@ class Metrics:
             "flowbot_waits_resolved", "Waits ended, by kind and outcome (success, error, "
             "expired, failure, done, cancelled).", ["kind", "outcome"], registry=r)
         self.pending = Gauge(
-            "flowbot_pending_waits", "Waits open now, by kind (kept from transitions, "
-            "counted once at start-up).", ["kind"], registry=r)
+            "flowbot_pending_waits", "Waits open now, by kind (counted from the database "
+            "on each scrape).", ["kind"], registry=r)
         self.outbox = Counter(
             "flowbot_outbox_messages", "Outgoing messages by channel and outcome: sent, "
             "retried (a transient failure, sent again later), failed (given up).",
@@ -98,25 +100,18 @@ class Metrics:
                            for e in ("message", "callback", "webhook", "timer", "http")}
         self._pending = {k: self.pending.labels(k) for k in WAIT_KINDS}
         self._opened = {k: self.waits_opened.labels(k) for k in WAIT_KINDS}
-        self._baseline_known = False
 
     def opened(self, kind: str) -> None:
         self._opened[kind].inc()
-        self._pending[kind].inc()
 
     def resolved(self, kind: str, outcome: str) -> None:
         self.waits_resolved.labels(kind, outcome).inc()
-        self._pending[kind].dec()
 
-    def set_pending(self, counts: dict[str, int], since: dict[str, float]) -> None:
-        """Start the gauges from a count taken at start-up; `since` is what the gauges
-        moved while the count ran (kept, so no transition is lost or counted twice)."""
+    def set_pending(self, counts: Mapping[str, int]) -> None:
+        """The pending waits by kind, as the database counted them just now (a kind it
+        has none of is 0)."""
         for kind in WAIT_KINDS:
-            self._pending[kind].set(counts.get(kind, 0) + since.get(kind, 0.0))
-        self._baseline_known = True
-
-    def pending_now(self) -> dict[str, float]:
-        return {k: g._value.get() for k, g in self._pending.items()}
+            self._pending[kind].set(counts.get(kind, 0))
 
     def count_events(self, counts: Mapping[str, int]) -> None:
         """Expose the runtime's own tallies (retention prunes, stranded conversations moved,

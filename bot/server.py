@@ -88,24 +88,16 @@ async def _healthz(request: web.Request) -> web.Response:
 
 async def _metrics(request: web.Request) -> web.Response:
     runtime = request.app[RUNTIME]
+    # the pending waits, counted now on a thread with a read-only connection of its own
+    # (it neither waits for the database worker nor holds it up): exact, whoever ended them
+    try:
+        runtime.stats.set_pending(await backends.pending_waits(runtime.config))
+    except Exception:
+        log.warning("could not count the pending waits; flowbot_pending_waits keeps the "
+                    "last count", exc_info=True)
     return web.Response(body=runtime.stats.exposition(),
                         content_type="text/plain", charset="utf-8",
                         headers={"Cache-Control": "no-store"})
-
-
-async def _start_pending_gauges(runtime: Runtime) -> None:
-    """Count the pending waits once, on a thread with a read-only connection of its own
-    (0.3 s at 1M waits must not hold up the database worker); from then on transitions
-    keep the gauges."""
-    before = runtime.stats.pending_now()
-    try:
-        counts = await backends.pending_waits(runtime.config)
-    except Exception:
-        log.warning("could not count the pending waits; flowbot_pending_waits counts from 0",
-                    exc_info=True)
-        return
-    moved = {k: v - before.get(k, 0.0) for k, v in runtime.stats.pending_now().items()}
-    runtime.stats.set_pending(counts, moved)
 
 
 async def _openapi(request: web.Request) -> web.Response:
@@ -204,14 +196,10 @@ def build_app(
         await runtime.move_stranded()  # before any channel can bring a message for them
         started: list[Channel] = []
         loops: list[asyncio.Task[None]] = []
-        # counted while the channels start, done before the first request: only the
-        # database process's own timer can move the gauges meanwhile (kept, see set_pending)
-        gauges = asyncio.create_task(_start_pending_gauges(runtime), name="pending-gauges")
         try:
             for channel in channels.values():
                 await channel.start()
                 started.append(channel)
-            await gauges
             if run_background:
                 loops = [asyncio.create_task(outbox.run(), name="outbox"),
                          asyncio.create_task(runtime.run_pruning(), name="retention")]
@@ -219,10 +207,6 @@ def build_app(
                     loops.append(asyncio.create_task(timer.run(), name="timer"))
             yield
         finally:
-            if not gauges.done():
-                gauges.cancel()
-                with contextlib.suppress(asyncio.CancelledError):
-                    await gauges
             for task in loops:
                 task.cancel()
             for task in loops:

