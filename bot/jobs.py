@@ -72,6 +72,22 @@ def web_history(store: Store, user_id: str, after_id: int, limit: int = 200,
     return store.web_history(user_id, after_id, limit, newest)
 
 
+def webview_states(store: Store, channel: str, user_id: str,
+                   execution_ids: Sequence[str]) -> dict[str, str]:
+    """The state of each of these WebView waits that belongs to the user's conversation
+    (a reconnecting chat page asks about the links it still shows open); an id that is
+    unknown (pruned), not a WebView's, or another user's is left out."""
+    out: dict[str, str] = {}
+    for execution_id in execution_ids:
+        wait = store.wait(execution_id)
+        if wait is None or wait.kind != "webview":
+            continue
+        conv = store.conversation_by_id(wait.conversation_id)
+        if conv is not None and (conv.channel, conv.user_id) == (channel, user_id):
+            out[execution_id] = wait.state
+    return out
+
+
 def counts(store: Store) -> dict[str, int]:
     return store.counts()
 

@@ -32,6 +32,8 @@ _errors = ErrorLog(log)
 SESSION = re.compile(r"[A-Za-z0-9_-]{16,64}")  # made by the page: 32 hex digits
 CLIENT_ID = re.compile(r"[A-Za-z0-9_-]{1,64}")
 MESSAGE_ID = re.compile(r"[0-9]{1,18}")
+EXECUTION_ID = re.compile(r"[A-Za-z0-9_-]{16,64}")
+MAX_ASKED = 200  # WebView links one "waits" frame may ask about (a reload shows at most 200)
 MAX_TEXT = 4096  # characters of one typed message
 MAX_FRAME = 16 * 1024  # bytes of one frame from the browser
 MAX_QUEUED = 1000  # frames waiting for a slow socket before we drop it (it replays on reconnect)
@@ -146,8 +148,7 @@ class WebChannel:
 
     def webview_ended(self, session: str, execution_id: str, outcome: str) -> None:
         """A WebView wait of this session ended: its open pages turn the link inactive.
-        (A page that is not connected then keeps the link until its user presses it and
-        the WebView page says the wait is over.)"""
+        (A page that was not connected asks on its next connection: a "waits" frame.)"""
         frame = {"type": "wait_ended", "executionId": execution_id, "outcome": outcome}
         for sock in self._sockets.get(session, ()):
             sock.push(frame)
@@ -291,6 +292,9 @@ class WebChannel:
         kind, cid = doc.get("type"), doc.get("id")
         if not isinstance(cid, str) or not CLIENT_ID.fullmatch(cid):
             raise _Refused("'id' must be 1-64 characters of A-Z a-z 0-9 _ -.")
+        if kind == "waits":
+            await self._ended_waits(sock, session, doc.get("executionIds"), cid)
+            return
         error = self._check(doc, kind)
         if error:
             raise _Refused(error, cid)
@@ -312,6 +316,29 @@ class WebChannel:
                            "it was not stored.", cid) from None
         sock.push({"type": "ack", "id": cid, "duplicate": not fresh})
 
+    async def _ended_waits(self, sock: _Socket, session: str, asked: object, cid: str) -> None:
+        """A (re)connected page names the WebView links it still shows open, once it has
+        its replay ("ready"): each whose wait ended meanwhile — while the page was offline,
+        or before a reload — gets its `wait_ended` frame, as a live end would. One that the
+        database no longer has (pruned) or that is not this session's is "gone". Waits that
+        end after this socket registered are pushed live, so none is missed in between."""
+        if (not isinstance(asked, list) or len(asked) > MAX_ASKED
+                or not all(isinstance(e, str) and EXECUTION_ID.fullmatch(e) for e in asked)):
+            raise _Refused(f"'executionIds' must be a list of at most {MAX_ASKED} "
+                           "executionIds from the page's WebView links.", cid)
+        ids = list(dict.fromkeys(asked))
+        try:
+            states: dict[str, str] = await self.runtime.worker.run(
+                jobs.webview_states, self.name, session, ids)
+        except StorageUnavailable as exc:  # the links stay live until the next connection
+            _errors.error(kind_of(exc), f"web chat: {exc.message}")
+            return
+        for execution_id in ids:
+            state = states.get(execution_id, "gone")
+            if state != "pending":
+                sock.push({"type": "wait_ended", "executionId": execution_id,
+                           "outcome": state})
+
     @staticmethod
     def _check(doc: dict[str, Any], kind: object) -> str | None:
         """The error sentence for a frame's fields, or None."""
@@ -326,7 +353,7 @@ class WebChannel:
             if not isinstance(label, str) or len(label) > 256:
                 return "'label' must be a string of at most 256 characters."
         else:
-            return "'type' must be 'text' or 'button'."
+            return "'type' must be 'text', 'button' or 'waits'."
         return None
 
 

@@ -5,6 +5,7 @@ Screenshots of the key moments land in tests/screenshots/ for a person to look a
 
 from __future__ import annotations
 
+import asyncio
 import os
 import re
 import socket
@@ -55,6 +56,11 @@ class Served:
     url: str  # the chat page, e.g. http://127.0.0.1:40123/
     app: web.Application
     seen: list[tuple[str, str]] = field(default_factory=list)  # (method, path) of requests
+    # cleared: a page's WebSocket handshake waits (the page stays offline, without errors)
+    sockets_open: asyncio.Event = field(default_factory=asyncio.Event)
+
+    def __post_init__(self) -> None:
+        self.sockets_open.set()
 
 
 @asynccontextmanager
@@ -93,6 +99,8 @@ async def serve_example(tmp_path: Path, webview_url: str | None = None,
     @web.middleware
     async def record(request: web.Request, handler: Any) -> web.StreamResponse:
         served.seen.append((request.method, request.path))
+        if request.path.endswith("/ws"):
+            await served.sockets_open.wait()
         response: web.StreamResponse = await handler(request)
         return response
 
@@ -287,6 +295,38 @@ async def test_reload_keeps_the_conversation_and_reconnects(browser: Browser,
         await expect(other.locator("#status")).to_have_text("online")
         await expect(other.get_by_text("Say hi to start")).to_be_visible()
         await expect(other.locator("#log > li")).to_have_count(0)
+
+
+async def test_a_link_whose_wait_ended_while_the_page_was_offline_closes_on_reconnect(
+        browser: Browser, tmp_path: Path) -> None:
+    """The page was offline when its payment completed (its live `wait_ended` went to no
+    one): on reconnect it asks, and the link goes inactive instead of staying live until
+    pressed (then showing the WebView's 410)."""
+    async with serve_example(tmp_path) as served, chat_tab(browser, served.url) as page:
+        await write_while_waiting(page, "Eve")
+        link = page.get_by_role("link", name="Pay 9.99 EUR")
+        href = await link.get_attribute("href")
+        execution_id = re.search(r"executionId=([^&]+)", href or "")
+        assert execution_id is not None
+        served.sockets_open.clear()  # its reconnection hangs until the test lets it through
+        await served.app[OUTBOX].channels["web"].close_connections()  # type: ignore[attr-defined]
+        await expect(page.locator("#status")).not_to_have_text("online")
+        async with aiohttp.ClientSession() as http:
+            resp = await http.post(served.url + "webview/callback", json={
+                "executionId": execution_id.group(1), "success": True,
+                "data": {"reference": "PAY-515151"}})
+            assert resp.status == 200
+        await expect(page.locator("a.open.closed")).to_have_count(0)  # it heard nothing
+        served.sockets_open.set()
+        await expect(page.locator("#status")).to_have_text("online", timeout=20_000)
+        await expect(bot_bubbles(page).nth(-2)).to_have_text(
+            "Payment received, thank you Eve! Reference: PAY-515151")
+        await expect(page.locator("a.open.closed")).to_have_text("Pay 9.99 EUR · done")
+        assert await page.locator("a.open.closed").get_attribute("href") is None
+        await page.screenshot(path=SHOTS / "reconnect-1-link-closed.png", animations="disabled")
+        await page.reload()  # and it stays closed
+        await expect(page.locator("#status")).to_have_text("online")
+        await expect(page.locator("a.open.closed")).to_have_text("Pay 9.99 EUR · done")
 
 
 async def test_a_reload_shows_the_newest_messages_of_a_long_conversation(

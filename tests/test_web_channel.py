@@ -21,7 +21,7 @@ from bot.config import Config, load_config
 from bot.outbox import Outbox
 from bot.runtime import Runtime
 from bot.server import OUTBOX, RUNTIME, build_app, enabled_channels
-from channels.base import Message
+from channels.base import Inbound, Message
 from storage.store import Store
 from tests.support import write_config
 
@@ -488,6 +488,62 @@ async def test_the_page_is_told_when_a_webview_wait_ends(chat: Chat) -> None:
                                  "outcome": "expired"}
     for tab in (paid, late, restarted):  # each heard of its own wait only
         assert [f for f in tab.buffered if f["type"] == "wait_ended"] == []
+
+
+async def test_a_page_offline_when_its_webview_waits_ended_learns_it_on_reconnect(
+        chat: Chat) -> None:
+    """A wait that ended while the page had no socket (its tab asleep, its network gone, a
+    reload): the page asks about the links it still shows open, once it has its replay, and
+    hears `wait_ended` for each that ended, however it ended; nothing for one still open."""
+    async def ask(tab: Tab, ids: list[str]) -> list[dict[str, Any]]:
+        assert tab.ws is not None
+        await tab.ws.send_json({"type": "waits", "id": tab.next_id(), "executionIds": ids})
+        # a text frame after it: the server answers frames in order, so its ack comes last
+        ack = await tab.send({"type": "text", "id": tab.next_id(), "text": "are you there?"})
+        assert ack["type"] == "ack"
+        told = [f for f in tab.buffered if f["type"] == "wait_ended"]
+        tab.buffered = [f for f in tab.buffered if f["type"] != "wait_ended"]
+        return told
+
+    expired, paid, cancelled = (chat.tab(f"session-{n}-0123456789abcdef") for n in range(3))
+    eids = {}
+    for tab in (expired, paid, cancelled):
+        await tab.open()
+        eids[tab.session] = execution_id(await to_payment(tab))
+        await tab.close()  # offline from here on
+    # all three end while no page is connected
+    resp = await chat.client.post("/webview/callback", json={
+        "executionId": eids[paid.session], "success": True, "data": {"reference": "R-1"}})
+    assert resp.status == 200
+    await chat.runtime.handle_inbound(Inbound("web", cancelled.session, "restart"))
+    chat.clock.advance(121)
+    assert await chat.runtime.fire_due() == 1
+
+    tab = expired
+    await tab.open()  # resumes after its last message: the expiry's message comes back
+    assert await ask(tab, [eids[tab.session]]) == [
+        {"type": "wait_ended", "executionId": eids[tab.session], "outcome": "expired"}]
+    await paid.open(after=0)  # a reload
+    assert await ask(paid, [eids[paid.session]]) == [
+        {"type": "wait_ended", "executionId": eids[paid.session], "outcome": "success"}]
+    await cancelled.open()
+    assert await ask(cancelled, [eids[cancelled.session]]) == [
+        {"type": "wait_ended", "executionId": eids[cancelled.session], "outcome": "cancelled"}]
+    # a wait still open: nothing; an id the database no longer has (pruned) or another
+    # session's: "gone" (nothing about another session's wait is told)
+    fresh = chat.tab("session-9-0123456789abcdef")
+    await fresh.open()
+    still = execution_id(await to_payment(fresh))
+    assert await ask(fresh, [still, "x" * 24, eids[paid.session]]) == [
+        {"type": "wait_ended", "executionId": "x" * 24, "outcome": "gone"},
+        {"type": "wait_ended", "executionId": eids[paid.session], "outcome": "gone"}]
+    # a malformed question is refused, and the socket stays open
+    for bad in ("nope", ["short"], ["x" * 24] * 201, [1]):
+        assert fresh.ws is not None
+        await fresh.ws.send_json({"type": "waits", "id": "w1", "executionIds": bad})
+        refused = await fresh.frame()
+        assert refused["type"] == "error" and refused["id"] == "w1"
+        assert "executionIds" in refused["message"]
 
 
 async def test_an_input_asking_for_media_takes_a_link_in_the_web_chat(tmp_path: Path) -> None:

@@ -257,6 +257,7 @@
   // here and after a reload of this tab.
   const OUTCOME = {
     success: "done", error: "failed", expired: "expired", cancelled: "cancelled", gone: "closed",
+    removed: "closed",
   };
 
   function closeLink(a, outcome) {
@@ -276,6 +277,16 @@
     for (const a of log.querySelectorAll("a.open[data-execution]")) {
       if (a.dataset.execution === doc.executionId) closeLink(a, doc.outcome);
     }
+  }
+
+  // A WebView wait may end while this page is offline (or before a reload): once the
+  // replay is in, the page asks about the links it still shows open, and the server
+  // answers with a wait_ended frame for each that ended (most recent links, up to 200).
+  function askAboutOpenLinks(sock) {
+    const ids = new Set();
+    for (const a of log.querySelectorAll("a.open[data-execution]:not(.closed)")) ids.add(a.dataset.execution);
+    if (!ids.size) return;
+    sock.send(JSON.stringify({ type: "waits", id: randomHex(8), executionIds: [...ids].slice(-200) }));
   }
 
   // A button row the user answered by typing instead of pressing goes inactive like a
@@ -403,6 +414,7 @@
         showMine(Infinity);
         live = true;
         setStatus("online", "online");
+        askAboutOpenLinks(sock);
       } else if (doc.type === "ack") acknowledged(doc.id);
       else if (doc.type === "wait_ended") waitEnded(doc);
       else if (doc.type === "error") refused(doc);
