@@ -55,15 +55,14 @@ def lines(server: Server) -> list[dict[str, Any]]:
     return [json.loads(x) for x in server.jsonl.read_text().splitlines()]
 
 
-def wait_for(server: Server, user: str, text: str, timeout: float = 10) -> dict[str, Any]:
-    """The file channel's line carrying `text` to `user`, once the server wrote it."""
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        for line in lines(server):
-            if line["user_id"] == user and line["text"] == text:
-                return line
-        time.sleep(0.05)
-    raise AssertionError(f"{user} never got {text!r}; got {lines(server)}")
+def wait_for(server: Server, user: str, text: str) -> dict[str, Any]:
+    """The file channel's line carrying `text` to `user`, once the server wrote it (however
+    slow the machine: see `Server.until`)."""
+    def found() -> dict[str, Any] | None:
+        return next((line for line in lines(server)
+                     if line["user_id"] == user and line["text"] == text), None)
+
+    return server.until(found, f"{user} got {text!r}")
 
 
 @pytest.fixture

@@ -16,10 +16,10 @@ import sys
 import textwrap
 import time
 import urllib.request
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import pytest
 from aiohttp.test_utils import TestClient, TestServer
@@ -291,6 +291,10 @@ def _free_port() -> int:
         return int(s.getsockname()[1])
 
 
+STALL = 60.0  # s without a sign of progress from a server process: it hangs (not: it is slow)
+T = TypeVar("T")
+
+
 class Server:
     """One `flowbot serve` process at a time on a fixed port and database."""
 
@@ -353,6 +357,39 @@ class Server:
             except subprocess.TimeoutExpired:
                 self.proc.kill()
                 self.proc.wait()
+
+    def progress(self) -> tuple[tuple[int, int], ...]:
+        """Changes while the server works: its output file, its log, its database files."""
+        paths = [self.jsonl, self.log]
+        if not isinstance(self.db, str):
+            paths += [self.db, self.db.with_name(self.db.name + "-wal")]
+        out = []
+        for path in paths:
+            try:
+                st = path.stat()
+            except FileNotFoundError:
+                out.append((0, 0))
+            else:
+                out.append((st.st_size, st.st_mtime_ns))
+        return tuple(out)
+
+    def until(self, check: Callable[[], T], what: str, stall: float = STALL) -> T:
+        """Poll `check()` until it returns something true, and return that. No deadline a
+        busy machine could miss: it fails when the server exits, or when it shows no sign
+        of progress (`progress()`) for `stall` seconds — a hang."""
+        last, since = self.progress(), time.monotonic()
+        while not (got := check()):
+            if self.proc is not None and self.proc.poll() is not None:
+                raise AssertionError(f"flowbot serve exited ({self.proc.returncode}) before "
+                                     f"{what}:\n{self.log.read_text()[-3000:]}")
+            now = self.progress()
+            if now != last:
+                last, since = now, time.monotonic()
+            elif time.monotonic() - since > stall:
+                raise AssertionError(f"flowbot serve made no progress for {stall:g} s before "
+                                     f"{what}")
+            time.sleep(0.05)
+        return got
 
     def sql(self, query: str, *args: Any) -> list[tuple[Any, ...]]:
         """Rows of a read-only query, with SQLite's `?` placeholders on either backend."""
