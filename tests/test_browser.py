@@ -8,6 +8,7 @@ from __future__ import annotations
 import asyncio
 import os
 import re
+import shutil
 import socket
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -31,6 +32,7 @@ ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking",
         "--disable-component-update", "--no-first-run", "--disable-sync", "--disable-quic"]
 EXAMPLE = Path(__file__).resolve().parent.parent / "config.example.toml"
 SHOTS = Path(__file__).resolve().parent / "screenshots"
+README_SHOT = Path(__file__).resolve().parent.parent / "docs" / "chat.png"
 
 pytestmark = [
     pytest.mark.browser,
@@ -77,15 +79,16 @@ async def run_app(app: web.Application, sock: socket.socket) -> AsyncIterator[No
 @asynccontextmanager
 async def serve_example(tmp_path: Path, webview_url: str | None = None,
                         sock: socket.socket | None = None, prefix: str = "",
-                        ) -> AsyncIterator[Served]:
-    """config.example.toml as shipped, on a free port, its database in tmp_path."""
+                        public_url: str | None = None) -> AsyncIterator[Served]:
+    """config.example.toml as shipped, on a free port, its database in tmp_path.
+    `public_url`: what links say (the chat page itself talks to its own address)."""
     sock = sock or _bound_socket()
     port = sock.getsockname()[1]
     config = load_config(EXAMPLE)
     config = replace(
         config,
-        server=replace(config.server, port=port, public_url=f"http://127.0.0.1:{port}",
-                       path_prefix=prefix),
+        server=replace(config.server, port=port,
+                       public_url=public_url or f"http://127.0.0.1:{port}", path_prefix=prefix),
         storage=replace(config.storage, path=tmp_path / "browser.db"))
     if webview_url is not None:
         main = config.flows["main"]
@@ -378,3 +381,24 @@ async def test_a_refused_message_is_shown_struck_through_and_never_sent_again(
         await expect(page.locator("#status")).to_have_text("online")
         await expect(page.locator(".msg.me.refused .bubble")).to_have_text(["forbidden"])
         assert frames.count("forbidden") == 1, frames
+
+
+async def test_the_readme_screenshot_shows_the_demo_as_it_is(browser: Browser,
+                                                              tmp_path: Path) -> None:
+    """docs/chat.png, the README's picture of the web chat: the demo waiting for a webhook,
+    with the command it prints for this conversation, at the address `flowbot serve`
+    prints. Taken into tests/screenshots/readme-chat.png on every run;
+    FLOWBOT_UPDATE_README_SHOT=1 also writes it to docs/chat.png."""
+    async with serve_example(tmp_path, public_url="http://127.0.0.1:8080") as served, \
+            chat_tab(browser, served.url) as page:
+        await say(page, "hi")
+        await say(page, "Ada")
+        await expect(bot_bubbles(page).last).to_have_text(MENU.format("Ada"))
+        await page.get_by_role("button", name="Wait for a webhook", exact=True).click()
+        await expect(page.locator(".msg.bot .code pre").last).to_have_text(re.compile(
+            r"curl -X POST http://127\.0\.0\.1:8080/webhook/[A-Za-z0-9_-]{24} "
+            r"-d '\{\"order\": \{\"id\": \"A-1001\", \"status\": \"shipped\"\}\}'"))
+        shot = SHOTS / "readme-chat.png"
+        await page.screenshot(path=shot, animations="disabled")
+    if os.environ.get("FLOWBOT_UPDATE_README_SHOT") == "1":
+        shutil.copyfile(shot, README_SHOT)
