@@ -329,7 +329,9 @@ class Server:
                 [sys.executable, "-m", "bot.cli", "serve", "--config", str(self.config)],
                 stdout=log, stderr=subprocess.STDOUT)
         self.started_at = time.time()
-        deadline = time.monotonic() + 30
+        # a guard against a hang, not a bound on start-up: a busy CI machine (coverage,
+        # load 10+) may take many seconds; a process that exits fails at once (below)
+        deadline = time.monotonic() + STALL
         try:
             while time.monotonic() < deadline:
                 assert self.proc.poll() is None, self.log.read_text()[-3000:]
