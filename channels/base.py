@@ -6,6 +6,8 @@ from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Protocol
 
+import regex
+
 from bot.messages import (
     MEDIA_VARIABLES,
     Button,
@@ -22,8 +24,8 @@ if TYPE_CHECKING:
 
 __all__ = [  # the message types live in bot/ (the engine's side); channels speak them
     "MEDIA_VARIABLES", "Button", "Channel", "Delivery", "Handler", "Inbound", "InboundHandler",
-    "Link", "Media", "Message", "RateLimit", "Route", "SendError", "SentParts", "media_variables",
-    "split_text",
+    "Link", "Media", "Message", "RateLimit", "Route", "SendError", "SentParts", "cut_text",
+    "media_variables", "split_text", "utf16_len",
 ]
 
 
@@ -53,17 +55,61 @@ class RateLimit:
     burst: int = 3  # messages a chat may get at once before the per-chat rate applies
 
 
-def split_text(text: str, limit: int) -> list[str]:
-    """Text a platform would refuse as too long, in parts of at most `limit` characters,
-    cut at line breaks where possible."""
+def utf16_len(text: str) -> int:
+    """`text`'s length in UTF-16 code units, the way Telegram counts a message's 4,096 and a
+    caption's 1,024 characters (core.telegram.org/api/entities: "lengths are in UTF-16 code
+    units"): a character beyond U+FFFF (most emoji) counts 2."""
+    return len(text.encode("utf-16-le")) // 2
+
+
+_GRAPHEME = regex.compile(r"\X")  # an extended grapheme cluster (UAX #29): 👩‍💻, é, 🇩🇪
+
+
+def _fitting(text: str, limit: int, size: Callable[[str], int]) -> int:
+    """The length (in code points) of the longest start of `text` within `limit` by `size`
+    that ends between two grapheme clusters, so no emoji, flag, ZWJ sequence or combining
+    mark is torn; at least one cluster (or code point) so that splitting goes on."""
+    end = used = 0
+    for match in _GRAPHEME.finditer(text):
+        units = size(match.group())
+        if used + units > limit:
+            break
+        end, used = match.end(), used + units
+    if end:
+        return end
+    # one cluster is longer than the limit (a pathological ZWJ chain): by code point
+    for i, ch in enumerate(text):
+        used += size(ch)
+        if used > limit:
+            return max(i, 1)
+    return len(text)
+
+
+def cut_text(text: str, limit: int, size: Callable[[str], int] = len) -> tuple[str, str]:
+    """(head, rest): `head` at most `limit` by `size` (len: code points; utf16_len: what
+    Telegram counts), cut at the last line break in its second half, else the last space
+    there, else between two grapheme clusters. The break or space at the cut is dropped;
+    `rest` is "" when the whole text fits."""
+    if size(text) <= limit:
+        return text, ""
+    end = _fitting(text, limit, size)
+    head = text[:end]
+    for sep in ("\n", " "):
+        cut = head.rfind(sep)
+        if cut > end // 2 and head[:cut].rstrip(sep):
+            return head[:cut].rstrip(sep), text[cut:].lstrip(sep)
+    return head, text[end:]
+
+
+def split_text(text: str, limit: int, size: Callable[[str], int] = len) -> list[str]:
+    """Text a platform would refuse as too long, in parts of at most `limit` by `size`,
+    cut as `cut_text` cuts (line breaks, else spaces, else whole grapheme clusters)."""
     parts: list[str] = []
-    while len(text) > limit:
-        cut = text.rfind("\n", 0, limit)
-        cut = cut if cut > limit // 2 else limit
-        parts.append(text[:cut])
-        text = text[cut:].lstrip("\n")
-    parts.append(text)
-    return parts
+    while True:
+        head, text = cut_text(text, limit, size)
+        parts.append(head)
+        if not text:
+            return parts
 
 
 class SentParts:

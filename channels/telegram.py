@@ -54,8 +54,10 @@ from channels.base import (
     Route,
     SendError,
     SentParts,
+    cut_text,
     media_variables,
     split_text,
+    utf16_len,
 )
 from channels.telegram_auth import InitDataCheck
 
@@ -80,8 +82,11 @@ SECRET_HEADER = "X-Telegram-Bot-Api-Secret-Token"
 # callbacks), which such an update passes.
 MAX_UPDATE_BYTES = 1024 * 1024
 CALLBACK_DATA_BYTES = 64  # Telegram's limit for callback_data
-TEXT_LIMIT = 4000  # Telegram allows 4096 characters; keep a margin for UTF-16 counting
-CAPTION_LIMIT = 1000  # a photo's or document's caption: 1024, the same margin
+# A message's text and a caption, in UTF-16 code units after entities parsing (Bot API,
+# sendMessage "1-4096 characters", sendPhoto "0-1024 characters"; core.telegram.org/api/entities
+# counts in UTF-16): the plain text we escape is what is counted.
+TEXT_LIMIT = 4096
+CAPTION_LIMIT = 1024
 POLL_TIMEOUT = 30  # seconds a getUpdates long poll is held by Telegram
 POLL_MAX_BACKOFF = 60.0
 POISON_ATTEMPTS = 5  # an update that fails to commit this often (polling) is skipped
@@ -475,11 +480,11 @@ class TelegramChannel:
         markup = self.keyboard(m, link_button=link_button)
         caption = ""
         if m.media is not None:  # the file first, the text as its caption, the rest after
-            caption = split_text(text, CAPTION_LIMIT)[0]
-            text = text[len(caption):].lstrip("\n")
+            caption, text = cut_text(text, CAPTION_LIMIT, utf16_len)
         parts: list[str | None] = [None] if m.media is not None else []
         if text or m.media is None:
-            parts += split_text(text or (m.link.label if m.link else "…"), TEXT_LIMIT)
+            parts += split_text(text or (m.link.label if m.link else "…"), TEXT_LIMIT,
+                                utf16_len)
         message_id = ""
         for i in range(min(self._parts.first_unsent(delivery_id), len(parts) - 1), len(parts)):
             part, keys = parts[i], markup if i == len(parts) - 1 else None

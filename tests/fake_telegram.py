@@ -33,6 +33,11 @@ PAYLOADS = Path(__file__).parent / "payloads" / "telegram"
 JSON_FIELDS = {"reply_markup", "allowed_updates", "link_preview_options", "entities"}
 
 
+def utf16_len(text: str) -> int:
+    """How Telegram counts text lengths: UTF-16 code units (an astral emoji is 2)."""
+    return len(text.encode("utf-16-le")) // 2
+
+
 def payload(name: str) -> dict[str, Any]:
     """A real-shaped update from tests/payloads/telegram/<name>.json (a fresh copy)."""
     data: dict[str, Any] = json.loads((PAYLOADS / f"{name}.json").read_text())
@@ -164,6 +169,12 @@ class FakeTelegram:
                     return web.json_response({"ok": False, "error_code": 400, "description":
                                               f"Bad Request: inline keyboard button URL '{url}' "
                                               "is invalid: wrong HTTP URL"}, status=400)
+        # the text as shown: markup parsed, entities apart; at most 4,096 UTF-16 code units
+        text = html.unescape(re.sub(r"<[^>]+>", "", params["text"]))
+        if not text.strip() or utf16_len(text) > 4096:
+            return web.json_response({"ok": False, "error_code": 400, "description":
+                                      "Bad Request: message is too long" if text.strip()
+                                      else "Bad Request: message text is empty"}, status=400)
         self._next_message_id += 1
         chat_id = int(params["chat_id"])
         message: dict[str, Any] = {
@@ -171,8 +182,7 @@ class FakeTelegram:
             "from": {k: BOT_USER[k] for k in ("id", "is_bot", "first_name", "username")},
             "chat": {"id": chat_id, "first_name": "Ada", "type": "private"},
             "date": 1_700_000_000,
-            # Telegram answers with the text as shown: markup parsed, entities apart
-            "text": html.unescape(re.sub(r"<[^>]+>", "", params["text"])),
+            "text": text,
         }
         if "reply_markup" in params:
             message["reply_markup"] = params["reply_markup"]
@@ -185,9 +195,10 @@ class FakeTelegram:
         return self._file_message(params, "document")
 
     def _file_message(self, params: dict[str, Any], kind: str) -> Any:
-        """Telegram fetches a file given by URL; refuses a caption over 1,024 characters."""
+        """Telegram fetches a file given by URL; refuses a caption over 1,024 characters
+        (UTF-16 code units, counted after entities parsing)."""
         caption = html.unescape(re.sub(r"<[^>]+>", "", params.get("caption", "")))
-        if len(caption) > 1024:
+        if utf16_len(caption) > 1024:
             return web.json_response({"ok": False, "error_code": 400, "description":
                                       "Bad Request: message caption is too long"}, status=400)
         self._next_message_id += 1

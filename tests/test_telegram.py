@@ -1096,7 +1096,9 @@ async def test_a_block_sends_its_image_or_document_natively_with_the_text_as_cap
         doc, rest = calls[1][1], calls[2][1]
         assert doc["document"] == "https://cdn.example/terms.pdf"
         assert len(doc["caption"]) <= 1024 and "reply_markup" not in doc
-        assert doc["caption"] + rest["text"] == long.strip()  # cut where no line breaks
+        # no line break: cut at a space (dropped), never mid-word
+        assert doc["caption"].split()[-1] in ("Terms", "and", "conditions.")
+        assert doc["caption"] + " " + rest["text"] == long.strip()
         seats = calls[3][1]
         assert (seats["photo"], seats["caption"]) == ("https://cdn.example/seats.png",
                                                      "Pick a seat")
