@@ -12,6 +12,18 @@ from bot.toml_reader import Problems, Reader
 
 TELEGRAM_API = "https://api.telegram.org/bot"
 TWILIO_API = "https://api.twilio.com"
+# Platform bodies have limits of their own, fit to the platform, not server.max_body_bytes
+# (64 KiB, meant for callbacks). An update's JSON, far above the largest Telegram sends: a
+# 4,096-character emoji message replying to another is ~100 KB once non-ASCII is
+# \u-escaped, and an update may carry a quote, an external reply and entities besides.
+TELEGRAM_MAX_UPDATE_BYTES = 1024 * 1024
+# A Twilio webhook's form, far above what Twilio posts (a 1,600-character Body of emoji is
+# ~20 KB percent-encoded, ten MediaUrls ~2 KB).
+WHATSAPP_MAX_BODY_BYTES = 256 * 1024
+# Lower bounds `check` accepts: below, real updates would be dropped (Telegram) or refused.
+MIN_TELEGRAM_UPDATE_BYTES = 128 * 1024
+MIN_WHATSAPP_BODY_BYTES = 32 * 1024
+MAX_PLATFORM_BYTES = 16 * 1024 * 1024
 
 
 @dataclass(frozen=True)
@@ -30,6 +42,7 @@ class TelegramConfig:
     api_base_url: str = TELEGRAM_API
     webview_button: str = "url"  # url | web_app
     init_data_max_age: float = 3600.0
+    max_update_bytes: int = TELEGRAM_MAX_UPDATE_BYTES  # larger: answered 200 and ignored
 
 
 @dataclass(frozen=True)
@@ -45,6 +58,7 @@ class WhatsAppConfig:
     webview_content_sid: str = ""
     webview_url_base: str = ""  # the fixed start of the template's URL; default <public_url>/
     status_callback: bool = False
+    max_body_bytes: int = WHATSAPP_MAX_BODY_BYTES  # larger: 413
 
 
 @dataclass(frozen=True)
@@ -98,6 +112,8 @@ def _telegram(table: dict[str, Any], problems: Problems) -> TelegramConfig:
         api_base_url=_bot_api_url(r),
         webview_button=r.text("webview_button", "url", choices=("url", "web_app")),
         init_data_max_age=r.number("init_data_max_age", 3600.0, lo=1, hi=7 * 86400),
+        max_update_bytes=r.integer("max_update_bytes", TELEGRAM_MAX_UPDATE_BYTES,
+                                   lo=MIN_TELEGRAM_UPDATE_BYTES, hi=MAX_PLATFORM_BYTES),
     )
     r.done()
     return cfg
@@ -167,6 +183,8 @@ def _whatsapp(table: dict[str, Any], problems: Problems) -> WhatsAppConfig:
         webview_content_sid=webview_sid,
         webview_url_base=urls["webview_url_base"],
         status_callback=r.flag("status_callback", False),
+        max_body_bytes=r.integer("max_body_bytes", WHATSAPP_MAX_BODY_BYTES,
+                                 lo=MIN_WHATSAPP_BODY_BYTES, hi=MAX_PLATFORM_BYTES),
     )
     r.done()
     return cfg

@@ -31,6 +31,10 @@ from bot.flow import WAIT_KINDS
 # no *_created samples: they double the exposition and no alert uses them
 disable_created_metrics()  # type: ignore[no-untyped-call]
 
+PLATFORMS = ("telegram", "whatsapp")
+# why a platform update was answered 200 (so the platform stops sending it) but not used;
+# a fixed set, so the label cannot grow with what senders post
+IGNORED_REASONS = ("too_large", "bad_json", "not_an_update", "unsupported", "other")
 # request latencies: a commit is ~1-50 ms; up to 10 s for a stalled disk
 LATENCY = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 10.0)
 # how late an expiry fired, and how long a message waited to be delivered
@@ -75,6 +79,16 @@ class Metrics:
             "flowbot_outbox_messages", "Outgoing messages by channel and outcome: sent, "
             "retried (a transient failure, sent again later), failed (given up).",
             ["channel", "outcome"], registry=r)
+        self.ignored = Counter(
+            "flowbot_platform_updates_ignored", "Platform updates answered 200 (so the "
+            "platform does not send them again) but not used, by channel and reason: "
+            "too_large (over the channel's body limit), bad_json, not_an_update (no "
+            "update_id / not the platform's shape), unsupported (a kind flows do not take: "
+            "a sticker, a service message, an empty message), other.",
+            ["channel", "reason"], registry=r)
+        for platform in PLATFORMS:
+            for reason in IGNORED_REASONS:
+                self.ignored.labels(platform, reason)
         self.callback_seconds = Histogram(
             "flowbot_webview_callback_seconds", "Time to answer POST /webview/callback, from "
             "the request's arrival to the answer (the commit included).", buckets=LATENCY,
@@ -106,6 +120,11 @@ class Metrics:
 
     def resolved(self, kind: str, outcome: str) -> None:
         self.waits_resolved.labels(kind, outcome).inc()
+
+    def ignored_update(self, channel: str, reason: str) -> None:
+        """Count one platform update answered 200 but not used; a reason outside
+        IGNORED_REASONS counts as "other" (labels stay a fixed set)."""
+        self.ignored.labels(channel, reason if reason in IGNORED_REASONS else "other").inc()
 
     def set_pending(self, counts: Mapping[str, int]) -> None:
         """The pending waits by kind, as the database counted them just now (a kind it

@@ -40,7 +40,7 @@ from telegram.warnings import PTBDeprecationWarning
 
 from bot import errors
 from bot.body import parse_json, read_body
-from bot.channel_config import TelegramConfig
+from bot.channel_config import TELEGRAM_MAX_UPDATE_BYTES, TelegramConfig
 from bot.clock import Clock
 from bot.config import Config
 from bot.runtime import Runtime
@@ -76,11 +76,7 @@ warnings.filterwarnings("ignore", message=r".*attribute `retry_after`", category
 
 ALLOWED_UPDATES = ("message", "callback_query")
 SECRET_HEADER = "X-Telegram-Bot-Api-Secret-Token"
-# An update's JSON, far above the largest Telegram sends: a 4,096-character emoji message
-# replying to another is ~100 KB once non-ASCII is \u-escaped, and an update may carry
-# a quote, an external reply and entities besides. Not server.max_body_bytes (64 KiB, for
-# callbacks), which such an update passes.
-MAX_UPDATE_BYTES = 1024 * 1024
+MAX_UPDATE_BYTES = TELEGRAM_MAX_UPDATE_BYTES  # default of [channels.telegram] max_update_bytes
 CALLBACK_DATA_BYTES = 64  # Telegram's limit for callback_data
 # A message's text and a caption, in UTF-16 code units after entities parsing (Bot API,
 # sendMessage "1-4096 characters", sendPhoto "0-1024 characters"; core.telegram.org/api/entities
@@ -91,6 +87,7 @@ POLL_TIMEOUT = 30  # seconds a getUpdates long poll is held by Telegram
 POLL_MAX_BACKOFF = 60.0
 POISON_ATTEMPTS = 5  # an update that fails to commit this often (polling) is skipped
 SECRET_CHARS = re.compile(r"[A-Za-z0-9_-]{1,256}")  # what setWebhook accepts as secret_token
+_UNPARSABLE = frozenset({"bad_json", "bad_number", "bad_text", "too_deep"})  # bot/body.py
 _LINK_REFUSED = re.compile(r"url|button_type_invalid|web_?app", re.IGNORECASE)
 
 
@@ -204,12 +201,6 @@ def _media(message: TgMessage) -> dict[str, str]:
     return media_variables()
 
 
-def _ignored(code: str, message: str) -> web.Response:
-    """200 for an update we cannot use, so Telegram does not send it again; logged."""
-    log.warning("telegram: ignored an update (%s): %s", code, message)
-    return web.json_response({"status": "ignored", "reason": code, "message": message})
-
-
 class TelegramChannel:
     name = "telegram"
     rate_limit = RateLimit(per_chat_per_second=1, global_per_second=30)
@@ -217,7 +208,8 @@ class TelegramChannel:
     def __init__(self, cfg: TelegramConfig, token: str, secret: str, *, webhook_url: str,
                  inbound: InboundHandler, clock: Clock,
                  max_update_bytes: int = MAX_UPDATE_BYTES,
-                 move_chat: ChatMover | None = None) -> None:
+                 move_chat: ChatMover | None = None,
+                 on_ignored: Callable[[str], None] = lambda _reason: None) -> None:
         self.cfg = cfg
         self.bot = _make_bot(cfg, token)
         self.webhook_url = webhook_url
@@ -231,6 +223,7 @@ class TelegramChannel:
         self._tasks: set[asyncio.Task[None]] = set()
         self._parts = SentParts()
         self._move_chat = move_chat
+        self._on_ignored = on_ignored  # counts an update not used, by reason
         self._moved: dict[str, str] = {}  # old chat id → new (a group upgraded to a supergroup)
 
     @classmethod
@@ -247,7 +240,9 @@ class TelegramChannel:
                                          "e.g. use `openssl rand -hex 32`.")
         channel = cls(cfg, token, secret, webhook_url=config.server.url("/telegram"),
                       inbound=runtime.handle_inbound, clock=runtime.clock,
-                      move_chat=runtime.move_chat)
+                      max_update_bytes=cfg.max_update_bytes, move_chat=runtime.move_chat,
+                      on_ignored=lambda reason: runtime.stats.ignored_update("telegram",
+                                                                             reason))
         runtime.webview_checks["telegram"] = InitDataCheck(token, cfg.init_data_max_age)
         return channel
 
@@ -306,12 +301,20 @@ class TelegramChannel:
         try:
             update = self._parse(await read_body(request, self._max_update))
         except errors.TooLarge:
-            return _ignored("too_large", f"The update is larger than {self._max_update} "
-                            "bytes, far more than Telegram sends.")
+            return self._ignored("too_large", f"The update is larger than {self._max_update} "
+                            "bytes ([channels.telegram] max_update_bytes), more than Telegram "
+                            "sends.")
         except errors.BadRequest as exc:
-            return _ignored(exc.code, exc.message)
+            return self._ignored(exc.code, exc.message)
         await self.handle_update(update)
         return web.Response(status=200)  # only after the commit: else Telegram redelivers
+
+    def _ignored(self, code: str, message: str) -> web.Response:
+        """200 for an update we cannot use, so Telegram does not send it again (it retries
+        anything else for a day, core.telegram.org/bots/api#setwebhook); logged, counted."""
+        log.warning("telegram: ignored an update (%s): %s", code, message)
+        self._on_ignored("bad_json" if code in _UNPARSABLE else code)
+        return web.json_response({"status": "ignored", "reason": code, "message": message})
 
     def _parse(self, body: bytes) -> Update:
         data = parse_json(body)
@@ -335,6 +338,9 @@ class TelegramChannel:
             return
         query = update.callback_query
         event = self._to_inbound(update)
+        if event is None:  # a sticker, a service message, a game button, an edit, …
+            log.debug("telegram: update %d has nothing for a flow", update.update_id)
+            self._on_ignored("unsupported")
         fresh = await self._inbound(event) if event is not None else False
         if query is not None and (fresh or event is None):
             self._spawn(self._answer(query.id))

@@ -23,8 +23,8 @@ from twilio.rest import Client
 
 from bot import jobs
 from bot.body import read_body
-from bot.channel_config import TWILIO_API, WhatsAppConfig
-from bot.errors import BadRequest, FlowbotError, Forbidden
+from bot.channel_config import TWILIO_API, WHATSAPP_MAX_BODY_BYTES, WhatsAppConfig
+from bot.errors import BadRequest, FlowbotError, Forbidden, TooLarge
 from channels import vcard
 from channels.base import (
     Button,
@@ -52,9 +52,7 @@ _http_log.setLevel(logging.WARNING)
 EMPTY_TWIML = '<?xml version="1.0" encoding="UTF-8"?><Response/>'
 SEND_TIMEOUT = 15.0  # seconds for one Messages API call; the outbox retries after that
 OUTSIDE_WINDOW = "63016"
-# A Twilio webhook's form, far above what Twilio posts (a 1,600-character Body of emoji is
-# ~20 KB percent-encoded, ten MediaUrls ~2 KB): its own limit, not server.max_body_bytes.
-MAX_FORM_BYTES = 256 * 1024
+MAX_FORM_BYTES = WHATSAPP_MAX_BODY_BYTES  # default of [channels.whatsapp] max_body_bytes
 # WhatsApp's limits for Content templates sent inside the 24-hour window.
 TEMPLATE_BODY_MAX = 1024
 BODY_MAX = 1600  # characters in one WhatsApp message (Twilio error 21617 beyond)
@@ -243,7 +241,14 @@ class WhatsAppChannel:
         """The form parameters, once X-Twilio-Signature proves Twilio sent them to `url`.
         We check against the configured public URL, never the URL this server sees: behind
         a proxy or TLS terminator those differ."""
-        body = await read_body(request, MAX_FORM_BYTES)
+        limit = self.config.max_body_bytes
+        try:
+            body = await read_body(request, limit)
+        except TooLarge:
+            # unsigned as far as we know (the signature covers the whole form): refused
+            raise TooLarge("too_large", f"The form is larger than {limit} bytes "
+                           "([channels.whatsapp] max_body_bytes), more than Twilio posts."
+                           ) from None
         form = MultiDict(parse_qsl(body.decode("latin-1"), keep_blank_values=True,
                                    encoding="utf-8", errors="replace"))
         signature = request.headers.get("X-Twilio-Signature")
@@ -265,6 +270,14 @@ class WhatsAppChannel:
     async def _inbound(self, request: web.Request) -> web.Response:
         form = await self._signed_form(request, self.inbound_url)
         event = inbound_event(form)
+        if not (event.text or event.payload or event.variables.get("media_type")
+                or event.variables.get("media_count") != "0"):
+            # nothing a flow can take (a message type Twilio passes on without content):
+            # 200, so Twilio records no error; logged and counted
+            log.warning("WhatsApp message %s has no text, button or media; ignored "
+                        "(MessageType %r)", form.get("MessageSid"), form.get("MessageType", ""))
+            self.runtime.stats.ignored_update("whatsapp", "unsupported")
+            return web.Response(text=EMPTY_TWIML, content_type="text/xml")
         if event.variables.get("media_type") == "contact":
             event = await self.with_contact(event, form.get("MediaUrl0", ""))
         # A redelivered MessageSid returns False and changed nothing: same answer.
