@@ -215,3 +215,15 @@ async def test_media_validation_asks_again_for_a_location_or_a_contact(
             MessageSid="SM" + "2" * 32, NumMedia="1", MediaUrl0="https://x/v.mp4",
             MediaContentType0="video/mp4"))
         assert h.new_bodies() == ["got video"]
+
+
+async def test_a_redelivered_contact_is_handled_once(tmp_path: Path) -> None:
+    """Twilio may post a MessageSid again; the card is read again (before the commit that
+    dedupes), the flow sees the contact once."""
+    async with whatsapp_harness(tmp_path, SHOW) as h:
+        h.twilio.media[CONTACT_SID] = ("text/vcard", WA_CARD.encode())
+        body = contact_form(h.twilio.media_url(CONTACT_SID))
+        assert (await h.post("/twilio/whatsapp", body))[0] == 200
+        assert (await h.post("/twilio/whatsapp", body))[0] == 200
+        assert h.new_bodies() == ["contact||Grace Hopper|+49 151 12345678|"]
+        assert await h.sql("SELECT count(*) FROM events") == [(1,)]
