@@ -34,6 +34,7 @@ T = TypeVar("T")
 _Job = tuple[Callable[..., Any], tuple[Any, ...], Any]
 _WAKE = "wake"
 RETRIES = 3  # attempts of a job that lost a deadlock or serialization race
+MIN_SLEEP = 0.005  # s between timer passes at least, so a pass that leaves work never spins
 
 
 class PgWorker:
@@ -42,16 +43,24 @@ class PgWorker:
 
     def __init__(self, store: PgStore, max_batch: int = 512,
                  answer: Callable[[list[Any]], None] = _answer_futures,
-                 timer: TimerPass | None = None, threads: int | None = None) -> None:
+                 timer: TimerPass | None = None, threads: int | None = None, *,
+                 wall: Callable[[], float] = time.time,
+                 monotonic: Callable[[], float] = time.monotonic) -> None:
+        """`wall`: this node's clock, only for a store with `caller_clock` (tests);
+        `monotonic`: what the timer sleeps by (both injectable for tests)."""
         self.store = store
+        self._wall = wall
+        self._monotonic = monotonic
         self._answer = answer
         self._timer = timer
         self._threads_n = threads or store.pool_size
         self._queue: queue.SimpleQueue[_Job | str | None] = queue.SimpleQueue()
         self._urgent: deque[_Job] = deque()
         self._threads: list[threading.Thread] = []
-        self._due = -math.inf if timer else math.inf
-        self._skew = 0.0  # the database's clock minus ours, at the last timer pass
+        self._due = -math.inf if timer else math.inf  # on `monotonic`'s clock
+        self.passes = 0  # timer passes run (tests: no busy loop)
+        self._offset = time.time() - monotonic()  # the database's clock minus `monotonic`'s,
+        # till the first pass (at start) measures it
         self._timer_wake = threading.Condition()
         self._stopping = False
         self._count_lock = threading.Lock()
@@ -157,17 +166,36 @@ class PgWorker:
         if store.new_deadline == math.inf:
             return
         deadline, store.new_deadline = store.new_deadline, math.inf
-        with self._timer_wake:
-            if deadline - self._skew < self._due:
-                self._due = deadline - self._skew
-                self._timer_wake.notify()
+        self._set_due(self._due_at(deadline))
+
+    def _due_at(self, deadline: float) -> float:
+        """When to run the pass for `deadline` (the database's clock), on the monotonic
+        clock, through the offset between the two measured at the last pass. Never on
+        this node's wall clock, which may differ from the database's or jump (NTP), and
+        never less than MIN_SLEEP from now (a deadline that is due but still pending is
+        retried, not spun on)."""
+        return max(self._monotonic() + MIN_SLEEP, deadline - self._offset)
+
+    def _measure_offset(self, store: PgStore, now: float) -> None:
+        """The ledger's clock minus the monotonic clock: the database's `clock_timestamp()`
+        against the middle of the round trip that read it (or this node's wall clock, for
+        a store with `caller_clock`)."""
+        if store.caller_clock:
+            self._offset = now - self._monotonic()
+            return
+        before = self._monotonic()
+        row = store.conn.execute(
+            "SELECT extract(epoch from clock_timestamp())::float8").fetchone()
+        after = self._monotonic()
+        if row is not None:
+            self._offset = float(row[0]) - (before + after) / 2
 
     def _timer_loop(self) -> None:
-        """Sleeps until the earliest deadline (on our clock, corrected by the database's),
-        then queues a pass as an urgent job; its thread answers with the reply TIMER."""
+        """Sleeps until the earliest deadline, then queues a pass as an urgent job; its
+        thread answers with the reply TIMER."""
         with self._timer_wake:
             while not self._stopping:
-                delay = self._due - time.time()
+                delay = self._due - self._monotonic()
                 if delay > 0:
                     self._timer_wake.wait(None if self._due == math.inf else delay)
                     continue
@@ -176,20 +204,23 @@ class PgWorker:
 
     def _fire(self, store: PgStore) -> Any:
         assert self._timer is not None
-        now = time.time()
+        self.passes += 1
+        now = self._wall()  # used only by a store with `caller_clock`
         try:
+            self._measure_offset(store, now)
             value, nxt = self._timer(store, now)
         except BaseException:
-            self._set_due(time.time() + 1.0)  # again in a second
+            self._set_due(self._monotonic() + 1.0)  # again in a second
             raise
-        self._skew = store.transaction_time(now) - now
-        self._set_due(math.inf if nxt is None else nxt - self._skew)
+        if nxt is not None:
+            self._set_due(self._due_at(nxt))
         return value
 
     def _set_due(self, due: float) -> None:
         with self._timer_wake:
-            self._due = min(self._due, due)
-            self._timer_wake.notify()
+            if due < self._due:
+                self._due = due
+                self._timer_wake.notify()
 
 
 def _unavailable(exc: Exception) -> StorageUnavailable:
