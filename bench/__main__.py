@@ -1,5 +1,6 @@
 """`python -m bench callback|webhook|timers|scale|inbound|loadgen|profile|flood|all`: figures.
-`--storage postgresql://…` runs callback and webhook on PostgreSQL too, in the same run.
+`--storage postgresql://…` runs callback, webhook, timers and scale on PostgreSQL too, in the
+same run.
 
 Everything runs on 127.0.0.1, each run bounded in time. Tables go to stdout (Markdown),
 progress to stderr. See bench/README.md for the figures and what limits each.
@@ -60,8 +61,9 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--flood-waits", type=int, default=200_000,
                    help="flood: pending waits seeded (the callbacks resolve them)")
     p.add_argument("--storage", default="", metavar="postgresql://…",
-                   help="callback/webhook: also run flowbot on a PostgreSQL copy of the same "
-                   "database (a database flowbot_bench_<mode> is created on that server)")
+                   help="callback, webhook, timers, scale: also run flowbot on a PostgreSQL "
+                   "copy of the same database (databases flowbot_bench_* are created on "
+                   "that server)")
     p.add_argument("--workdir", type=Path, default=None,
                    help="where databases and logs go (default: a new temporary directory; "
                    "seeded templates are reused when the same directory is given again)")

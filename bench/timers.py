@@ -1,4 +1,5 @@
-"""Benchmark 3: lateness of expiries (deadline → committed) while callbacks load the server."""
+"""Benchmark 3: lateness of expiries (deadline → committed) while callbacks load the server;
+with `--storage postgresql://…` on PostgreSQL too, in the same run."""
 
 from __future__ import annotations
 
@@ -8,13 +9,16 @@ import sqlite3
 import threading
 import time
 from pathlib import Path
+from typing import Any
 
 from bench.common import (
     LoadResult,
+    Seeded,
     copy_db,
     flowbot_server,
     free_port,
     log,
+    pg_copy_of,
     run_wrk,
     seed,
     table,
@@ -33,27 +37,47 @@ def _percentile(sorted_values: list[float], p: float) -> float:
 
 
 def run(args: argparse.Namespace) -> dict[str, object]:
+    """On SQLite; with `--storage postgresql://…` then on a PostgreSQL copy of the same
+    database (same waits, same timers rebased to a fresh window), in the same run."""
     workdir: Path = args.workdir
     template, load_ids = template_db(workdir, args.waits)
-    db = copy_db(template, workdir / "timers.db")
-    prune = getattr(args, "prune", 0)
+    result = _run_on(args, template, load_ids, postgres=False)
+    if args.storage:
+        result["postgresql"] = _run_on(args, template, load_ids, postgres=True)
+    return result
+
+
+def _run_on(args: argparse.Namespace, template: Path, load_ids: Seeded, *,
+            postgres: bool) -> dict[str, object]:
+    workdir: Path = args.workdir
+    name = "timers-pg" if postgres else "timers"
+    db = copy_db(template, workdir / f"{name}.db")
+    prune = 0 if postgres else getattr(args, "prune", 0)  # migrate-storage leaves old rows
     if prune:
         seed_old(db, prune)
     n, window = args.timers, args.timer_window
-    start = time.time() + getattr(args, "timer_lead", LEAD)
+    lead = getattr(args, "timer_lead", LEAD)
+    start = time.time() + lead
     deadlines = sorted(start + random.random() * window for _ in range(n))
-    log(f"timers: {n:,} waits falling due over {window:g} s, load c={args.timer_load}")
-    seed(db, n, kind="webview", ids_file=workdir / "timers.ids",
+    log(f"{name}: {n:,} waits falling due over {window:g} s, load c={args.timer_load}")
+    seed(db, n, kind="webview", ids_file=workdir / f"{name}.ids",
          deadlines=deadlines, user_prefix="t")
+    where: Path | str = db
+    if postgres:
+        where = pg_copy_of(db, args.storage, "flowbot_bench_timers")
+        shift = time.time() + lead - start  # the copy took time: the same window, later
+        _rows(where, "UPDATE waits SET deadline = deadline + %s FROM conversations c WHERE "
+              "c.id = waits.conversation_id AND c.user_id LIKE 't%%'", (shift,))
+        start += shift
     port = free_port()
     # the first pruning round starts about when the window does (start-up takes some of
     # the lead), so the deletions overlap the expiries and callbacks being measured
-    lead = int(max(1.0, start - time.time() - 2))
-    config = write_config(workdir, db, port, "timers",
-                          f"\n[retention]\nevery_seconds = {lead}\n" if prune else "")
+    every = int(max(1.0, start - time.time() - 2))
+    config = write_config(workdir, where, port, name,
+                          f"\n[retention]\nevery_seconds = {every}\n" if prune else "")
     load: list[LoadResult] = []
     progress: list[int] = []  # old event ids left at the window's start and end
-    with flowbot_server(config, port, workdir / "timers-server.log") as srv:
+    with flowbot_server(config, port, workdir / f"{name}-server.log") as srv:
         if time.time() > start:
             log("warning: the server started after the first deadline; lateness includes it")
         load_for = start + window + 2 - time.time()
@@ -74,26 +98,22 @@ def run(args: argparse.Namespace) -> dict[str, object]:
             time.sleep(max(0.0, load_for))
 
         def expired() -> int:
-            con = sqlite3.connect(f"file:{db}?mode=ro", uri=True)
-            try:
-                return int(con.execute("SELECT count(*) FROM waits WHERE kind = 'webview' AND "
-                                       "state = 'expired'").fetchone()[0])
-            finally:
-                con.close()
+            return int(_rows(where, "SELECT count(*) FROM waits WHERE kind = 'webview' AND "
+                             "state = 'expired'")[0][0])
 
         wait_until(lambda: expired() >= n, 30)
-    con = sqlite3.connect(db)
-    late = sorted((r[0] * 1000, r[1] - start) for r in con.execute(
-        "SELECT w.resolved_at - w.deadline, w.deadline FROM waits w JOIN conversations c "
-        "ON c.id = w.conversation_id WHERE c.user_id LIKE 't%' AND w.state = 'expired'"))
-    con.close()
+    late = sorted((r[0] * 1000, r[1] - start) for r in _rows(
+        where, "SELECT w.resolved_at - w.deadline, w.deadline FROM waits w JOIN "
+        "conversations c ON c.id = w.conversation_id WHERE c.user_id LIKE 't%%' "
+        "AND w.state = 'expired'", ()))
     lateness = [ms for ms, _at in late]
     p50, p99 = _percentile(lateness, 50), _percentile(lateness, 99)
     worst = lateness[-1] if lateness else float("nan")
     rps = load[0].rps if load else 0.0
-    print(f"\n### timers: {n:,} expiries due over {window:g} s, "
-          f"callback load c={args.timer_load} on {args.waits:,} pending waits"
-          + (f", pruning {prune:,} old rows of each kind meanwhile" if prune else "") + "\n")
+    print(f"\n### timers on {'PostgreSQL' if postgres else 'SQLite'}: {n:,} expiries due "
+          f"over {window:g} s, callback load c={args.timer_load} on {args.waits:,} pending "
+          "waits" + (f", pruning {prune:,} old rows of each kind meanwhile" if prune else "")
+          + "\n")
     print(table(["expired", "lateness p50 ms", "p99 ms", "max ms", "callbacks/s meanwhile",
                  "callback p99 ms"],
                 [[len(lateness), p50, p99, worst, rps, load[0].p99_ms if load else "-"]]))
@@ -112,6 +132,25 @@ def run(args: argparse.Namespace) -> dict[str, object]:
               f"{at_end:,}, after the run {_old_events(db):,} (of {prune:,}; the outbox rows "
               "and ended waits go in the same rounds).")
     return {"expired": len(lateness), "p50": p50, "p99": p99, "max": worst, "rps": rps}
+
+
+def _rows(db: Path | str, sql: str, args: tuple[object, ...] | None = None
+          ) -> list[tuple[Any, ...]]:
+    """Rows of one statement (`%s` placeholders, `%%` for a literal %) on the SQLite file
+    or the PostgreSQL URL `db`; committed."""
+    if isinstance(db, str):
+        import psycopg
+
+        with psycopg.connect(db, autocommit=True) as conn:
+            cur = conn.execute(sql, args)
+            return cur.fetchall() if cur.description else []
+    con = sqlite3.connect(db, timeout=30)
+    try:
+        with con:
+            return con.execute(sql.replace("%%", "%").replace("%s", "?"), args or ()
+                               ).fetchall()
+    finally:
+        con.close()
 
 
 def _old_events(db: Path) -> int:
