@@ -6,6 +6,9 @@ Same interface as storage.worker.DbWorker (`run`, `submit`, `start`, `join`, the
 hook and the optional `timer`), so storage/process.py runs either in the database process.
 Urgent jobs (the timer's) are taken before queued ones by the next free thread.
 
+A job runs speculative first (storage/postgres.py: its writes deferred to COMMIT, guarded
+in the database, so a callback is two round trips); one whose speculation did not hold (a
+lost claim, a stale conversation, any failing write) runs again at once, not speculative.
 A job failing on a deadlock or serialization error is retried (it was rolled back whole);
 one failing because the database is unreachable or slow answers `StorageUnavailable` (503).
 """
@@ -26,7 +29,7 @@ import psycopg
 from psycopg import errors as pg_errors
 
 from bot.errors import StorageUnavailable
-from storage.postgres import PgStore
+from storage.postgres import PgStore, SpeculationLost, first_wait
 from storage.worker import TIMER, TimerPass, _answer_futures
 
 log = logging.getLogger(__name__)
@@ -131,19 +134,27 @@ class PgWorker:
                 self._answer([self._run(store, item)])
 
     def _run(self, store: PgStore, job: _Job) -> tuple[_Job, bool, Any]:
+        """The job in a transaction of its own: speculative first (see storage/postgres.py:
+        a callback in 2 round trips), again not speculative if that did not hold."""
         fn, args, _ = job
-        for attempt in range(RETRIES):
+        speculative = True
+        attempt = 0
+        while True:
             try:
                 with store.pool.connection() as conn:
-                    store.begin(conn)
+                    store.begin(conn, first_wait(fn, args), speculative=speculative)
                     try:
                         value = fn(store, *args)
                     except BaseException:
                         store.rollback()
                         raise
                     store.commit()
+            except SpeculationLost:
+                speculative = False
+                continue
             except (pg_errors.DeadlockDetected, pg_errors.SerializationFailure) as exc:
-                if attempt + 1 < RETRIES:
+                attempt += 1
+                if attempt < RETRIES:
                     continue
                 return job, False, _unavailable(exc)
             except psycopg.Error as exc:
@@ -158,7 +169,6 @@ class PgWorker:
                     self.jobs += 1
                 self._note_deadlines(store)
                 return job, True, value
-        raise AssertionError("unreachable")
 
     # -- the worker's own timer -----------------------------------------------------------
 

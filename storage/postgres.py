@@ -2,9 +2,10 @@
 
 A store object is bound to one pooled connection for one transaction at a time
 (`storage.pg_worker.PgWorker` gives each of its threads a copy). The connection is in
-autocommit mode and the store sends BEGIN/COMMIT itself: BEGIN travels with the query that
-reads the database clock and sets the transaction's timeouts (`SET LOCAL`, so it works
-behind PgBouncer in transaction mode), which saves a round trip per transaction.
+autocommit mode and the store sends BEGIN/COMMIT itself, pipelined with other statements:
+BEGIN travels with the query that reads the database clock and sets the transaction's
+timeouts (`SET LOCAL`, so it works behind PgBouncer in transaction mode) and with the job's
+first read; in the worker, a transition's writes travel with COMMIT ("transactions" below).
 
 Guarantees (see bot/store.py): a transition locks its conversation (`FOR UPDATE`; a new
 one is created with `INSERT … ON CONFLICT DO NOTHING`) before its wait; a wait is claimed
@@ -39,8 +40,8 @@ STATEMENT_TIMEOUT = "30s"  # a statement running longer is cancelled (its job fa
 IDLE_IN_TRANSACTION_TIMEOUT = "60s"  # a transaction left open (a stuck client) is ended
 EARLY_STATUS_TTL = 86400.0  # s a status for an unknown message id is kept
 
-_BEGIN = (
-    "BEGIN; SELECT extract(epoch from now())::float8,"  # noqa: S608 - constants
+_CLOCK = (  # sent with BEGIN; SET LOCAL's effect, so it works behind PgBouncer too
+    "SELECT extract(epoch from now())::float8,"  # noqa: S608 - constants
     f" set_config('statement_timeout', '{STATEMENT_TIMEOUT}', true),"
     f" set_config('idle_in_transaction_session_timeout', '{IDLE_IN_TRANSACTION_TIMEOUT}', true)"
 )
@@ -48,6 +49,38 @@ _CONV = "id, channel, user_id, key, flow, block, wait_id, variables, version"
 _WAIT = "id, kind, flow, block, deadline, blocking, request, conversation_id, state"
 _WAIT_W = ", ".join(f"w.{c}" for c in _WAIT.split(", "))
 _CONV_C = ", ".join(f"c.{c}" for c in _CONV.split(", "))
+_WAIT_AND_CONV = (  # the wait, with its conversation locked (see PgStore.wait)
+    f"SELECT {_WAIT_W}, {_CONV_C} FROM waits w "  # noqa: S608 - fixed fragments
+    "JOIN conversations c ON c.id = w.conversation_id WHERE w.id = %s FOR UPDATE OF c")
+_RELEASE = "RELEASE SAVEPOINT part"
+_CLAIM = ("UPDATE waits SET state = %s, resolved_at = %s "
+          "WHERE id = %s AND state = 'pending' AND {deadline_test}")
+_SAVE = ("UPDATE conversations SET flow = %s, block = %s, wait_id = %s, variables = %s, "
+         "version = version + 1, updated = %s WHERE id = %s AND version = %s")
+
+
+def _guarded(update: str) -> str:
+    """`update`, failing with an error (division_by_zero) when it changes no row: in a
+    pipeline the error skips every statement after it, COMMIT included."""
+    return f"WITH changed AS ({update} RETURNING 1) SELECT 1 / count(*) FROM changed"  # noqa: S608
+
+
+_CLAIM_GUARDED = {due: _guarded(_CLAIM.format(deadline_test="deadline <= %s" if due
+                                              else "deadline > %s")) for due in (False, True)}
+_SAVE_GUARDED = _guarded(_SAVE)
+_WRITE = object()  # a deferred write (no reader)
+_MANY = object()  # a deferred write sent with executemany
+
+
+class _Mark:
+    """Stands in `_deferred` for a savepoint's SAVEPOINT until it is sent."""
+
+
+class SpeculationLost(BaseException):
+    """A speculative transaction (see PgStore) found that a deferred write did not hold
+    (a lost claim, a stale conversation) or failed: nothing of it is kept and the worker
+    runs the job again, not speculative. A BaseException, so the ledger's handlers that
+    let one failing part of a job go on with the rest do not catch it."""
 
 
 _PRUNE = {  # (cutoff, limit) → rows deleted, as storage/store.py's
@@ -103,6 +136,12 @@ class PgStore(contract.Store):
         self.db_time = 0.0  # the database's clock at the start of the bound transaction
         self._conn: psycopg.Connection[tuple[Any, ...]] | None = None
         self._locked: Conversation | None = None  # see wait()
+        self._read_first: tuple[str, tuple[Any, ...] | None] | None = None  # see begin()
+        # (sql, params, what reads its cursor: None, a _Mark, _MANY); see _flush()
+        self._deferred: list[tuple[str, Any, Any]] = []
+        self._speculative = False  # see begin()
+        self._doomed = False  # a speculative flush failed: the job runs again
+        self._seen: dict[str, tuple[str, float]] = {}  # wait id → (state, deadline) read
 
     def for_thread(self) -> PgStore:
         """A copy sharing the pool (and, for a ledger, the engine) with a connection slot of
@@ -110,11 +149,20 @@ class PgStore(contract.Store):
         twin = copy.copy(self)
         twin._conn = None
         twin._locked = None
+        twin._read_first = None
+        twin._deferred = []
+        twin._seen = {}
         twin.new_deadline = math.inf
         return twin
 
     @property
     def conn(self) -> psycopg.Connection[tuple[Any, ...]]:
+        """The bound connection, the deferred statements (see below) sent first, so a
+        caller using it directly finds the transaction as the store left it."""
+        self._flush()
+        return self._bound()
+
+    def _bound(self) -> psycopg.Connection[tuple[Any, ...]]:
         if self._conn is None:
             raise RuntimeError("PgStore used outside a transaction")
         return self._conn
@@ -123,34 +171,133 @@ class PgStore(contract.Store):
         self.pool.close()
 
     # -- transactions (used by PgWorker) ----------------------------------------------
+    #
+    # A statement costs this process (psycopg's Python) and a postgres backend more CPU
+    # than most of ours take to run, and each round trip two context switches on top, on
+    # a machine whose two cores the server shares with them (bench/README.md, "SQLite vs
+    # PostgreSQL"). So a transition sends few, in few round trips: statements whose
+    # answer nobody reads now wait in `_deferred` and go out in one pipeline with the
+    # next statement that is read, or with COMMIT: BEGIN and the clock with the job's
+    # first read (for a callback, its wait: `first_wait`), and savepoints.
+    #
+    # `speculative` (the worker's first attempt at a job) defers the writes of a
+    # transition too: the claim of a wait this transaction read as pending, the step's
+    # writes, the outbox marks. They go out with COMMIT, each guarded in the database
+    # (the claim and the conversation's version check fail with an error when they
+    # match no row, and an error in a pipeline skips everything after it, COMMIT
+    # included), so a callback is 2 round trips: BEGIN + clock + wait, then claim + step
+    # + COMMIT. If anything in a pipeline that carried deferred writes fails, nothing
+    # of the job is kept and it raises `SpeculationLost`; the worker runs the job again
+    # not speculative (every statement sent where it is made), which answers exactly as
+    # before: a lost race (the claim) or a stale conversation costs one more transaction.
 
-    def begin(self, conn: psycopg.Connection[tuple[Any, ...]]) -> None:
-        """Bind `conn` and open a transaction on it; reads the database clock."""
+    def begin(self, conn: psycopg.Connection[tuple[Any, ...]],
+              first_wait: str | None = None, *, speculative: bool = False) -> None:
+        """Bind `conn` and open a transaction on it (sent with its first statement);
+        `first_wait`: the id of the wait the job reads first, sent at once with BEGIN
+        and the clock (one round trip) for `wait` to find."""
         self._conn = conn
         self._locked = None
-        cur = conn.execute(_BEGIN, prepare=False)
-        cur.nextset()
+        self._read_first = None
+        self._seen = {}
+        self._doomed = False
+        self._speculative = speculative
+        self.db_time = math.nan
+        self._deferred = [("BEGIN", None, None), (_CLOCK, None, self._set_clock)]
+        if first_wait is not None:
+            def keep(cur: psycopg.Cursor[tuple[Any, ...]]) -> None:
+                self._read_first = (first_wait, cur.fetchone())
+
+            self._deferred.append((_WAIT_AND_CONV, (_text(first_wait),), keep))
+            try:
+                self._flush()
+            except BaseException:
+                self.rollback()
+                raise
+
+    def _set_clock(self, cur: psycopg.Cursor[tuple[Any, ...]]) -> None:
         row = cur.fetchone()
         self.db_time = float(row[0]) if row else 0.0
 
+    def broken(self) -> bool:
+        """Whether the bound connection is lost (and its transaction with it)."""
+        return self._conn is None or self._conn.closed or self._conn.broken
+
     def commit(self) -> None:
         try:
-            self.conn.execute("COMMIT")
+            if len(self._deferred) == 2 and self._deferred[0][0] == "BEGIN":
+                self._deferred = []  # BEGIN and the clock, nothing else: nothing to send
+            else:
+                self._deferred.append(("COMMIT", None, None))
+                self._flush()
         finally:
             self._conn = None
+            self._deferred = []
 
     def rollback(self) -> None:
         conn, self._conn = self._conn, None
+        self._deferred = []
         if conn is not None and not conn.closed and (
                 conn.info.transaction_status != psycopg.pq.TransactionStatus.IDLE):
             conn.execute("ROLLBACK")
 
     def transaction_time(self, now: float) -> float:
-        return now if self.caller_clock else self.db_time
+        if self.caller_clock:
+            return now
+        if self.db_time != self.db_time:  # nan: the clock is still deferred
+            self._flush()
+        return self.db_time
+
+    def _defer(self, sql: str, params: Any = None, *, many: bool = False) -> None:
+        """A write whose answer is not read: sent now, or with the next statement if
+        speculative (so only a write guarded in the database, see above)."""
+        self._deferred.append((sql, params, _MANY if many else _WRITE))
+        if not self._speculative:
+            self._flush()
+
+    def _execute(self, sql: str, params: Any = None) -> psycopg.Cursor[tuple[Any, ...]]:
+        """`conn.execute`, the deferred statements in the same round trip."""
+        got: list[psycopg.Cursor[tuple[Any, ...]]] = []
+        self._deferred.append((sql, params, got.append))
+        self._flush()
+        return got[0]
+
+    def _flush(self) -> None:
+        """Send the deferred statements in one round trip (a pipeline if several), then
+        hand each reader its cursor."""
+        deferred, self._deferred = self._deferred, []
+        if not deferred:
+            return
+        if self._doomed:
+            raise SpeculationLost("this transaction's speculation already failed")
+        conn = self._bound()
+        done: list[tuple[Any, psycopg.Cursor[tuple[Any, ...]]]] = []
+        writes = False
+        try:
+            if len(deferred) == 1 and deferred[0][2] is not _MANY:  # no pipeline needed
+                sql, params, then = deferred[0]
+                done.append((then, conn.execute(sql, params)))
+            else:
+                with conn.pipeline():
+                    for sql, params, then in deferred:
+                        if then is _MANY:
+                            conn.cursor().executemany(sql, params)
+                        else:
+                            done.append((then, conn.execute(sql, params)))
+                        writes = writes or then is _WRITE or then is _MANY
+        except psycopg.Error as exc:
+            if writes and self._speculative and not self.broken():
+                self._doomed = True
+                raise SpeculationLost(f"{type(exc).__name__}: {exc}") from exc
+            raise
+        for then, cur in done:
+            if callable(then):
+                then(cur)
 
     @contextmanager
     def transaction(self) -> Iterator[PgStore]:
-        """One transaction outside the worker (CLI, tests, benchmarks' setup)."""
+        """One transaction outside the worker (CLI, tests, benchmarks' setup): nothing
+        speculative, every statement sent where it is made."""
         with self.pool.connection() as conn:
             self.begin(conn)
             try:
@@ -162,15 +309,28 @@ class PgStore(contract.Store):
 
     @contextmanager
     def savepoint(self) -> Iterator[None]:
-        """Inside a job: undo only this block if it raises."""
-        self.conn.execute("SAVEPOINT part")
+        """Inside a job: undo only this block if it raises. Its SAVEPOINT is sent only
+        with a statement the block has to send (a read); a block that ends before that
+        costs nothing, and one that raises before it just drops what it deferred."""
+        mark = _Mark()
+        self._deferred.append(("SAVEPOINT part", None, mark))
         try:
             yield
         except BaseException:
-            self.conn.execute("ROLLBACK TO SAVEPOINT part")
-            self.conn.execute("RELEASE SAVEPOINT part")
+            at = next((i for i, d in enumerate(self._deferred) if d[2] is mark), None)
+            if at is not None:  # never sent: neither was anything after it
+                del self._deferred[at:]
+            elif not self._doomed:
+                self._deferred = []  # all made in this block since its last round trip
+                conn = self.conn
+                conn.execute("ROLLBACK TO SAVEPOINT part")
+                conn.execute(_RELEASE)
             raise
-        self.conn.execute("RELEASE SAVEPOINT part")
+        at = next((i for i, d in enumerate(self._deferred) if d[2] is mark), None)
+        if at is not None:  # never sent: what it deferred joins the enclosing block
+            del self._deferred[at]
+        else:
+            self._deferred.append((_RELEASE, None, None))
 
     # -- inbound events ---------------------------------------------------------------
 
@@ -246,36 +406,38 @@ class PgStore(contract.Store):
                             version=version)
 
     def save(self, conv: Conversation, step: Step, now: float) -> None:
-        """Persist one step in one round trip (pipeline mode): the conversation, its new
-        and cancelled waits, its messages."""
-        conn = self.conn
+        """Persist one step: the conversation, its new and cancelled waits, its messages,
+        in one round trip (a pipeline); speculative (see above), deferred to COMMIT's,
+        the version check then failing in the database."""
         self._locked = None
-        with conn.pipeline():
-            cur = conn.execute(
-                "UPDATE conversations SET flow = %s, block = %s, wait_id = %s, variables = %s, "
-                "version = version + 1, updated = %s WHERE id = %s AND version = %s",
-                (conv.flow, conv.block, conv.wait_id, _dumps(conv.variables), now, conv.id,
-                 conv.version))
-            if step.cancelled_wait:
-                conn.execute(
-                    "UPDATE waits SET state = 'cancelled', resolved_at = %s "
-                    "WHERE id = %s AND state = 'pending'", (now, step.cancelled_wait))
-            if step.waits:
-                self.new_deadline = min(self.new_deadline, *(w.deadline for w in step.waits))
-                conn.cursor().executemany(
-                    "INSERT INTO waits (id, conversation_id, kind, flow, block, deadline, "
-                    "blocking, request, created) VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s)",
-                    [(w.id, conv.id, w.kind, w.flow, w.block, w.deadline, w.blocking,
-                      _dumps(w.request) if w.request is not None else None, now)
-                     for w in step.waits])
-            if step.messages:
-                conn.cursor().executemany(
-                    "INSERT INTO outbox (conversation_id, channel, user_id, message, "
-                    "next_attempt, created) VALUES (%s, %s, %s, %s, %s, %s)",
-                    [(conv.id, conv.channel, conv.user_id, m.to_json(), now, now)
-                     for m in step.messages])
-        if cur.rowcount != 1:
-            raise StaleState(f"conversation {conv.id} changed under us")
+        values = (conv.flow, conv.block, conv.wait_id, _dumps(conv.variables), now, conv.id,
+                  conv.version)
+        checked: list[psycopg.Cursor[tuple[Any, ...]]] = []
+        add = self._deferred.append
+        if self._speculative:
+            add((_SAVE_GUARDED, values, _WRITE))
+        else:
+            add((_SAVE, values, checked.append))
+        if step.cancelled_wait:
+            add(("UPDATE waits SET state = 'cancelled', resolved_at = %s "
+                 "WHERE id = %s AND state = 'pending'", (now, step.cancelled_wait), _WRITE))
+            self._seen.pop(step.cancelled_wait, None)
+        if step.waits:
+            self.new_deadline = min(self.new_deadline, *(w.deadline for w in step.waits))
+            add(("INSERT INTO waits (id, conversation_id, kind, flow, block, deadline, "
+                 "blocking, request, created) VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s)",
+                 [(w.id, conv.id, w.kind, w.flow, w.block, w.deadline, w.blocking,
+                   _dumps(w.request) if w.request is not None else None, now)
+                  for w in step.waits], _MANY))
+        if step.messages:
+            add(("INSERT INTO outbox (conversation_id, channel, user_id, message, "
+                 "next_attempt, created) VALUES (%s, %s, %s, %s, %s, %s)",
+                 [(conv.id, conv.channel, conv.user_id, m.to_json(), now, now)
+                  for m in step.messages], _MANY))
+        if not self._speculative:
+            self._flush()
+            if checked[0].rowcount != 1:
+                raise StaleState(f"conversation {conv.id} changed under us")
         conv.version += 1
 
     # -- waits ------------------------------------------------------------------------
@@ -285,10 +447,11 @@ class PgStore(contract.Store):
         conversation first; the wait row itself is not locked here). The conversation is
         kept for the `conversation_by_id` that a transition asks next, saving it a round
         trip; `save` and a new transaction drop it."""
-        row = self.conn.execute(
-            f"SELECT {_WAIT_W}, {_CONV_C} FROM waits w "  # noqa: S608 - fixed fragments
-            "JOIN conversations c ON c.id = w.conversation_id WHERE w.id = %s "
-            "FOR UPDATE OF c", (_text(wait_id),)).fetchone()
+        first, self._read_first = self._read_first, None
+        if first is not None and first[0] == wait_id:  # read with BEGIN (see begin())
+            row = first[1]
+        else:
+            row = self._execute(_WAIT_AND_CONV, (_text(wait_id),)).fetchone()
         if row is None:  # a wait whose conversation is gone (or no such wait)
             row = self.conn.execute(
                 f"SELECT {_WAIT} FROM waits WHERE id = %s", (_text(wait_id),)).fetchone()  # noqa: S608
@@ -298,17 +461,26 @@ class PgStore(contract.Store):
             conv = self._conversation(row[9:])
             self._locked = conv
         wid, kind, flow, block, deadline, blocking, request, cid, state = row[:9]
+        self._seen[wid] = (state, deadline)
         return Wait(wid, kind, flow, block, deadline, bool(blocking),
                     json.loads(request) if request else None, cid, state)
 
     def claim(self, wait_id: str, outcome: str, now: float, *, due: bool) -> bool:
         """The one conditional UPDATE that decides; `now` is the database's `now()` (see
-        `transaction_time`), so a node's clock decides nothing."""
+        `transaction_time`), so a node's clock decides nothing. Speculative, a claim of a
+        wait this transaction read as pending, in time, is deferred to COMMIT, failing
+        there (and the job running again) if the row did not change after all."""
+        seen = self._seen.get(wait_id)
+        if self._speculative and seen is not None and seen[0] == "pending" and (
+                seen[1] <= now if due else seen[1] > now):
+            self._defer(_CLAIM_GUARDED[due], (outcome, now, wait_id, now))
+            self._seen[wait_id] = (outcome, seen[1])
+            return True
         deadline_test = "deadline <= %s" if due else "deadline > %s"
-        cur = self.conn.execute(
-            f"UPDATE waits SET state = %s, resolved_at = %s "  # noqa: S608 - fixed fragments
-            f"WHERE id = %s AND state = 'pending' AND {deadline_test}",
-            (outcome, now, wait_id, now))
+        cur = self._execute(_CLAIM.format(deadline_test=deadline_test),
+                            (outcome, now, wait_id, now))
+        if cur.rowcount == 1 and seen is not None:
+            self._seen[wait_id] = (outcome, seen[1])
         return cur.rowcount == 1
 
     def due_waits(self, now: float, limit: int) -> list[tuple[str, str]]:
@@ -378,8 +550,8 @@ class PgStore(contract.Store):
         return [EarlyWebhook(cid, None, received) for cid, received in rows]
 
     def mark_webhook_ended(self, conversation_id: int, now: float) -> None:
-        self.conn.execute("UPDATE conversations SET webhook_ended = %s WHERE id = %s",
-                          (now, conversation_id))
+        self._defer("UPDATE conversations SET webhook_ended = %s WHERE id = %s",
+                    (now, conversation_id))
 
     def webhook_ended(self, conversation_id: int) -> float | None:
         row = self.conn.execute("SELECT webhook_ended FROM conversations WHERE id = %s",
@@ -464,9 +636,9 @@ class PgStore(contract.Store):
 
     def mark_all_sent(self, rows: list[tuple[int, float, str | None]]) -> None:
         if all(platform_id is None for _, _, platform_id in rows):
-            self.conn.cursor().executemany(  # one round trip (pipelined) for the lot
+            self._defer(  # pipelined, with COMMIT when speculative
                 "UPDATE outbox SET state = 'sent', sent_at = %s, attempts = attempts + 1 "
-                "WHERE id = %s", [(now, outbox_id) for outbox_id, now, _ in rows])
+                "WHERE id = %s", [(now, outbox_id) for outbox_id, now, _ in rows], many=True)
             return
         for outbox_id, now, platform_id in rows:
             self.mark_sent(outbox_id, now, platform_id)
@@ -524,6 +696,17 @@ class PgStore(contract.Store):
 
     def counts(self) -> dict[str, int]:
         return count_rows(self.conn)
+
+
+_READS_A_WAIT_FIRST = (Ledger.webview_callback, Ledger.http_answer)
+
+
+def first_wait(fn: Any, args: Sequence[Any]) -> str | None:
+    """The id of the wait a job reads first (`PgStore.begin` reads it along with BEGIN):
+    a callback's and an http block's answer's; None for other jobs."""
+    if fn in _READS_A_WAIT_FIRST and args and isinstance(args[0], str):
+        return args[0]
+    return None
 
 
 class PgLedger(Ledger, PgStore):
