@@ -193,9 +193,9 @@ class PgWorker:
         if store.caller_clock:
             self._offset = now - self._monotonic()
             return
+        conn = store.conn  # sends BEGIN first (deferred): this round trip alone is timed
         before = self._monotonic()
-        row = store.conn.execute(
-            "SELECT extract(epoch from clock_timestamp())::float8").fetchone()
+        row = conn.execute("SELECT extract(epoch from clock_timestamp())::float8").fetchone()
         after = self._monotonic()
         if row is not None:
             self._offset = float(row[0]) - (before + after) / 2
