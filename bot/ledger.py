@@ -95,6 +95,8 @@ class Outcome:
     resolved: Wait | None = None  # the wait this transition ended (kind, block, deadline)
     cancelled: str = ""  # the kind of a wait a restart word cancelled
     cancelled_id: str = ""  # and its id
+    removed: str = ""  # the kind of a wait this job ended because its block is gone
+    removed_id: str = ""  # and its id
     refused: str = ""  # why the event was refused (state TOO_LARGE): a sentence for the caller
 
     @classmethod
@@ -165,8 +167,7 @@ class Ledger(Store):
             # unless it was a restart word: that restarts, as it does anywhere
             if stranded and not self.engine.restarts(event.text):
                 with self.savepoint():  # (ending its wait too, if the move is refused)
-                    step = self._relocate(conv, now)
-                return Outcome.of(REMOVED, step)
+                    return self._relocate(conv, now)
             # a stranded wait's kind is in its row, not in the config (its block is gone)
             held = self.wait(conv.wait_id) if stranded and conv.wait_id is not None else None
             came_from, came_from_flow = conv.block, conv.flow
@@ -225,8 +226,7 @@ class Ledger(Store):
         block = self._block(wait) if wait else None
         if (wait is not None and wait.state == "pending" and wait.kind == "webhook"
                 and self._live_block(wait) is None):
-            self._strand_wait(wait, conv, now)  # committed; the caller hears 410
-            return Outcome(REMOVED, False)
+            return self._strand_wait(wait, conv, now)  # committed; the caller hears 410
         if wait is None or wait.state != "pending" or not isinstance(block, WebhookBlock):
             return self._early(conv, payload, signature, now)
         message_id = signature.verify(block_scheme(self.config.webhooks, block), now)
@@ -336,9 +336,10 @@ class Ledger(Store):
                 with self.savepoint():
                     conv = self.conversation_by_id(s.conversation_id)
                     if conv is not None:
-                        results.append(Outcome.of(REMOVED, self._relocate(conv, now)))
-                    elif s.wait_id is not None:
-                        self.end_removed(s.wait_id, now)
+                        results.append(self._relocate(conv, now))
+                    elif s.wait_id is not None and (wait := self.wait(s.wait_id)) is not None:
+                        results.append(self._strand_wait(
+                            wait, self.conversation_by_id(wait.conversation_id), now))
             except Exception as exc:
                 errors.append(exc)
         return StrandedPass(found, results, len(found) == limit, errors)
@@ -468,21 +469,30 @@ class Ledger(Store):
         flow = self.config.flows.get(conv.flow)
         return flow is None or conv.block not in flow.blocks
 
-    def _relocate(self, conv: Conversation, now: float) -> Step:
+    def _relocate(self, conv: Conversation, now: float) -> Outcome:
         """End the conversation's open wait as removed, move it to `bot.stranded_flow`."""
-        if conv.wait_id is not None:
-            self.end_removed(conv.wait_id, now)
+        held = self.wait(conv.wait_id) if conv.wait_id is not None else None
+        if held is not None:
+            self.end_removed(held.id, now)
+        came_from = conv.block
         step = self.engine.relocate(conv, now)
         self.save(conv, step, now)
-        return step
+        result = Outcome.of(REMOVED, step, conv, came_from)
+        if held is not None and held.state == "pending":  # the metrics and the chat page
+            result.removed, result.removed_id = held.kind, held.id
+        return result
 
     def _strand_wait(self, wait: Wait, conv: Conversation | None, now: float) -> Outcome:
         """A pending wait whose block is gone: end it, and move the conversation it holds
-        (`conv`, locked by this job). `won` is False: a caller hears 410 `gone`."""
-        self.end_removed(wait.id, now)
-        if conv is None or conv.wait_id != wait.id:
-            return Outcome(REMOVED, False)
-        step = self._relocate(conv, now)
-        return Outcome(REMOVED, False, len(step.messages), step.waits)
+        (`conv`, its conversation, locked by this job). `won` is False: a caller hears 410
+        `gone`."""
+        if conv is not None and conv.wait_id == wait.id:
+            result = self._relocate(conv, now)
+            result.won = False
+            return result
+        self.end_removed(wait.id, now)  # a non-blocking WebView's: its conversation went on
+        return Outcome(REMOVED, False, conversation=conv.id if conv else 0,
+                       channel=conv.channel if conv else "", user=conv.user_id if conv else "",
+                       removed=wait.kind, removed_id=wait.id)
 
 

@@ -71,7 +71,8 @@ class Metrics:
             registry=r)
         self.waits_resolved = Counter(
             "flowbot_waits_resolved", "Waits ended, by kind and outcome (success, error, "
-            "expired, failure, done, cancelled).", ["kind", "outcome"], registry=r)
+            "expired, failure, done, cancelled, removed: its block is gone from the config).",
+            ["kind", "outcome"], registry=r)
         self.pending = Gauge(
             "flowbot_pending_waits", "Waits open now, by kind (counted from the database "
             "on each scrape).", ["kind"], registry=r)

@@ -346,6 +346,14 @@ class Runtime:
                 tell(result.user, result.cancelled_id, "cancelled")
             event("wait cancelled", conv, channel, "%s at %s, by a restart",
                   result.cancelled, result.came_from)
+        if result.removed:  # its block is gone from the config (bot/stranded.py)
+            stats.resolved(result.removed, REMOVED)
+            tell = self.on_webview_ended.get(channel) if result.removed == "webview" else None
+            if tell is not None and result.removed_id:
+                tell(result.user, result.removed_id, REMOVED)
+            event("wait removed", conv, channel, "%s (id %s): its block is gone; %s → %s",
+                  result.removed, short(result.removed_id), result.came_from or "-",
+                  result.went_to or "(end)")
         for wait in result.waits:
             stats.opened(wait.kind)
             event("wait opened", conv, channel, "%s at %s, due in %.0f s (id %s)", wait.kind,

@@ -201,6 +201,10 @@ async def test_pending_gauges_are_what_the_database_holds(tmp_path: Path) -> Non
         await h.say("hello", "b")
         await h.say("/start", "c")
         assert await gauges(h) == {"webview": 4, "webhook": 0, "delay": 0, "http": 0}
+        m = await scrape(h)  # and the counters say how each ended
+        assert m["flowbot_waits_resolved_total{kind=webhook,outcome=removed}"] == 1  # a's
+        assert m["flowbot_waits_resolved_total{kind=webview,outcome=removed}"] == 1  # b's
+        assert m["flowbot_waits_resolved_total{kind=webview,outcome=cancelled}"] == 1  # c's
         # another node resolved d's wait
         await h.runtime.worker.run(query, "UPDATE waits SET state = 'success' WHERE id = "
                                    "(SELECT wait_id FROM conversations WHERE user_id = 'd')")

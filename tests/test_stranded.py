@@ -17,6 +17,7 @@ from aiohttp import web
 from bot.config import BotConfig
 from bot.errors import ConfigError
 from bot.ledger import Ledger
+from bot.signatures import SignedBody
 from storage.store import Store
 from tests.support import Harness, harness, query, write_config
 
@@ -308,6 +309,18 @@ async def test_a_restart_word_from_a_stranded_conversation_restarts_it(tmp_path:
         assert status == 410 and body["error"] == "cancelled", body
         resolved = h.runtime.stats.waits_resolved.labels("webview", "cancelled")
         assert resolved._value.get() == 1
+        # a webhook meeting a stranded wait moves its conversation on, and says what it
+        # wrote and ended (the outbox and the timer are woken for it, the metrics count it)
+        assert await h.texts("hook", user="pay") == ["Waiting for the shop"]
+        key = (await h.runtime.worker.run(where, "pay"))[3]
+        await h.runtime.worker.run(query, "UPDATE waits SET block = 'hook_old' WHERE id = "
+                                   "(SELECT wait_id FROM conversations WHERE user_id = 'pay')")
+        moved = await h.runtime.worker.run(Ledger.webhook, key, {}, SignedBody(b"{}", {}),
+                                           h.clock.now())
+        assert (moved.state, moved.won, moved.messages, moved.removed) == (
+            "removed", False, 2, "webhook")
+        await h.flush()
+        assert [m.text for m in h.new_messages("pay")] == [TOLD, "sorry"]
         # any other text still moves a stranded conversation, and tells it
         await h.runtime.worker.run(query, "UPDATE conversations SET block = 'gone' "
                                    "WHERE user_id = 'pay'")

@@ -23,7 +23,7 @@ from bot.runtime import Runtime
 from bot.server import OUTBOX, RUNTIME, build_app, enabled_channels
 from channels.base import Inbound, Message
 from storage.store import Store
-from tests.support import write_config
+from tests.support import query, write_config
 
 EXAMPLE = Path(__file__).resolve().parent.parent / "config.example.toml"
 SESSION = "a1b2c3d4e5f6a7b8c9d0e1f2a3b4c5d6"
@@ -544,6 +544,25 @@ async def test_a_page_offline_when_its_webview_waits_ended_learns_it_on_reconnec
         refused = await fresh.frame()
         assert refused["type"] == "error" and refused["id"] == "w1"
         assert "executionIds" in refused["message"]
+
+
+async def test_the_page_is_told_when_a_webview_wait_is_removed_with_its_block(
+        chat: Chat) -> None:
+    """A wait whose block is gone (a node with an older config wrote it) ends "removed"
+    when a callback or the timer meets it: its page hears it as of any other end."""
+    tab = chat.tab()
+    await tab.open()
+    eid = execution_id(await to_payment(tab))
+    await chat.runtime.worker.run(query, "UPDATE waits SET block = 'old_pay' WHERE id = ?",
+                                  (eid,))
+    await chat.runtime.worker.run(query, "UPDATE conversations SET block = 'old_pay'")
+    resp = await chat.client.post("/webview/callback", json={"executionId": eid,
+                                                             "success": True})
+    assert resp.status == 410 and (await resp.json())["error"] == "gone"
+    while (frame := await tab.frame())["type"] != "wait_ended":
+        pass
+    assert frame == {"type": "wait_ended", "executionId": eid, "outcome": "removed"}
+    assert texts(await tab.messages())[0].startswith("Sorry, this conversation was changed")
 
 
 async def test_an_input_asking_for_media_takes_a_link_in_the_web_chat(tmp_path: Path) -> None:
