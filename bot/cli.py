@@ -7,6 +7,7 @@ import asyncio
 import logging
 import os
 import platform
+import signal
 import sys
 import traceback
 from collections.abc import Sequence
@@ -120,6 +121,12 @@ def cmd_serve(args: argparse.Namespace) -> int:
     # a connection of its own) until serving ends, and dropped by the server with the
     # connection however this process ends
     server_lock = preflight.hold_server_lock(config)
+
+    def lost(sentence: str) -> None:  # another server took the database: stop this one
+        log.error("%s; stopping", sentence)
+        os.kill(os.getpid(), signal.SIGTERM)
+
+    server_lock.watch(lost)
     try:
         return _serve(args, config, host, port)
     finally:

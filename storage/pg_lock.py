@@ -14,7 +14,10 @@ timeout off for itself alone.
 from __future__ import annotations
 
 import hashlib
+import logging
 import os
+import threading
+from collections.abc import Callable
 from typing import Any
 
 import psycopg
@@ -22,6 +25,8 @@ import psycopg
 from bot.errors import DatabaseInUse, StorageUnavailable
 
 CONNECT_TIMEOUT = 10  # s to reach the server before start-up gives up
+CHECK_EVERY = 10.0  # s between checks that the lock's connection still answers
+log = logging.getLogger(__name__)
 
 
 def lock_key(schema: str) -> int:
@@ -34,9 +39,12 @@ def lock_key(schema: str) -> int:
 class ServerLock:
     """The held lock: its connection, kept open (and idle) until `release`."""
 
-    def __init__(self, conn: psycopg.Connection[tuple[Any, ...]], where: str) -> None:
+    def __init__(self, conn: psycopg.Connection[tuple[Any, ...]], url: str, where: str
+                 ) -> None:
         self.conn = conn
+        self.url = url
         self.where = where
+        self._stop = threading.Event()
 
     @classmethod
     def acquire(cls, url: str, where: str) -> ServerLock:
@@ -59,7 +67,7 @@ class ServerLock:
             key = lock_key(row[0] if row else "")
             got = conn.execute("SELECT pg_try_advisory_xact_lock(%s)", (key,)).fetchone()
             if got and got[0]:
-                return cls(conn, where)
+                return cls(conn, url, where)
             holder = _holder(conn, key)
         except BaseException:
             conn.close()
@@ -78,8 +86,46 @@ class ServerLock:
             return False
         return True
 
+    def watch(self, on_lost: Callable[[str], None], every: float = CHECK_EVERY
+              ) -> threading.Thread:
+        """`check` every `every` s on a thread of its own, until the lock is released or
+        lost (then `on_lost(sentence)` was called once: the caller stops serving, since
+        two servers must not run on one database)."""
+        def loop() -> None:
+            while not self._stop.wait(every) and self.check(on_lost):
+                pass
+
+        thread = threading.Thread(target=loop, name="flowbot-pg-lock", daemon=True)
+        thread.start()
+        return thread
+
+    def check(self, on_lost: Callable[[str], None]) -> bool:
+        """Whether the lock is still ours. When its connection no longer answers (the
+        database restarted, an administrator or a pooler's timeout ended the session),
+        take it again on a new connection; when another process took it meanwhile, call
+        `on_lost(sentence)` and answer False. A database that cannot be reached now is
+        tried again at the next check (True)."""
+        if self.alive():
+            return True
+        try:
+            again = ServerLock.acquire(self.url, self.where)
+        except DatabaseInUse as exc:
+            on_lost(f"lost the one-server lock on the {self.where}: {exc}")
+            return False
+        except StorageUnavailable as exc:
+            log.warning("the one-server lock's connection is gone and the database cannot "
+                        "be reached to take it again: %s", exc)
+            return True
+        old, self.conn = self.conn, again.conn
+        old.close()
+        log.warning("the one-server lock's connection was ended; the lock is held again on "
+                    "a new one")
+        return True
+
     def release(self) -> None:
-        """End the transaction and the connection (the lock goes with them)."""
+        """Stop watching; end the transaction and the connection (the lock goes with
+        them)."""
+        self._stop.set()
         if not self.conn.closed:
             self.conn.close()
 

@@ -8,6 +8,7 @@ import functools
 import os
 import subprocess
 import sys
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -194,3 +195,51 @@ def holder_backend(url: str) -> int:
                            ).fetchone()
     assert row is not None
     return int(row[0])
+
+
+def terminate(url: str, lock: ServerLock) -> None:
+    """End the lock's session from outside, as an administrator (or a pooler) would."""
+    with psycopg.connect(url, autocommit=True) as admin:
+        admin.execute("SELECT pg_terminate_backend(%s)", (lock.conn.info.backend_pid,))
+
+
+def test_a_lock_whose_session_was_ended_is_taken_again_or_reported_lost(
+        pg_database: str) -> None:
+    lost: list[str] = []
+    lock = ServerLock.acquire(pg_database, "db")
+    try:
+        first = lock.conn.info.backend_pid
+        terminate(pg_database, lock)
+        assert lock.check(lost.append) and lost == []  # taken again, on a new session
+        assert lock.conn.info.backend_pid != first and lock.alive()
+        with pytest.raises(DatabaseInUse):
+            ServerLock.acquire(pg_database, "db")
+
+        terminate(pg_database, lock)
+        other = ServerLock.acquire(pg_database, "db")  # another server got in first
+        try:
+            assert not lock.check(lost.append)
+            assert len(lost) == 1 and lost[0].startswith(
+                "lost the one-server lock on the db: the db is already served by another "
+                "flowbot process"), lost
+        finally:
+            other.release()
+    finally:
+        lock.release()
+
+
+def test_the_watch_thread_retakes_the_lock(pg_database: str) -> None:
+    lock = ServerLock.acquire(pg_database, "db")
+    try:
+        thread = lock.watch(lambda sentence: None, every=0.02)
+        first = lock.conn.info.backend_pid
+        terminate(pg_database, lock)
+        end = time.monotonic() + 10
+        # a broken connection reads backend pid 0 until the thread swaps in the new one
+        while lock.conn.info.backend_pid in (first, 0) and time.monotonic() < end:
+            time.sleep(0.01)
+        assert lock.conn.info.backend_pid not in (first, 0) and lock.alive()
+    finally:
+        lock.release()
+    thread.join(5)
+    assert not thread.is_alive()
