@@ -53,7 +53,7 @@ class StorageConfig:
     worker: str = "process"
     url: str = ""  # postgresql://… without a password (libpq's PGPASSWORD / .pgpass work)
     url_env: str = ""
-    pool_size: int = 8  # PostgreSQL connections, one per transition running at once
+    pool_size: int = 16  # PostgreSQL connections, one per transition running at once
     prepared_statements: bool = True  # false behind PgBouncer < 1.21 in transaction mode
 
     @property
@@ -169,7 +169,7 @@ def _storage(r: Reader, base: Path) -> StorageConfig:
     worker = r.text("worker", "process", choices=WORKERS)
     url: str = r.text("url", "")
     url_env: str = r.text("url_env", "")
-    pool_size = r.integer("pool_size", 8, lo=1, hi=256)
+    pool_size = r.integer("pool_size", 16, lo=1, hi=256)
     prepared = r.flag("prepared_statements", True)
     if url and url_env:
         r.problems.error(r.at("url_env"), "give either url or url_env, not both")

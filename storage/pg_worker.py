@@ -37,6 +37,8 @@ T = TypeVar("T")
 _Job = tuple[Callable[..., Any], tuple[Any, ...], Any]
 _WAKE = "wake"
 RETRIES = 3  # attempts of a job that lost a deadlock or serialization race
+ANSWER_GROUP = 8  # answers sent together at most while jobs are queued (see _answered)
+ANSWER_WAIT = 0.005  # s an answer waits at most for others to go with it
 MIN_SLEEP = 0.005  # s between timer passes at least, so a pass that leaves work never spins
 
 
@@ -67,6 +69,8 @@ class PgWorker:
         self._timer_wake = threading.Condition()
         self._stopping = False
         self._count_lock = threading.Lock()
+        self._done: list[tuple[_Job, bool, Any]] = []  # answers not sent yet
+        self._done_since = 0.0  # monotonic time the oldest of them was made
         self.commits = 0
         self.jobs = 0
 
@@ -123,15 +127,36 @@ class PgWorker:
         while True:
             item = self._queue.get()
             if item is None:
+                with self._count_lock:
+                    done, self._done = self._done, []
+                if done:
+                    self._answer(done)
                 return
             while self._urgent:
                 try:
                     job = self._urgent.popleft()
                 except IndexError:
                     break
-                self._answer([self._run(store, job)])
+                self._answer([self._run(store, job)])  # urgent: not held back
             if not isinstance(item, str):
-                self._answer([self._run(store, item)])
+                self._answered(self._run(store, item))
+
+    def _answered(self, ran: tuple[_Job, bool, Any]) -> None:
+        """Send a job's answer, together with others while more jobs are queued: in the
+        database process each send is a frame to the server and a wake-up of its event
+        loop, which under load cost more than the few ms an answer waits here for the
+        next jobs to finish (at most ANSWER_GROUP answers, ANSWER_WAIT seconds). The
+        thread that finds the queue empty sends what is there."""
+        now = time.monotonic()
+        with self._count_lock:
+            if not self._done:
+                self._done_since = now
+            self._done.append(ran)
+            if (len(self._done) < ANSWER_GROUP and not self._queue.empty()
+                    and now - self._done_since < ANSWER_WAIT):
+                return
+            done, self._done = self._done, []
+        self._answer(done)
 
     def _run(self, store: PgStore, job: _Job) -> tuple[_Job, bool, Any]:
         """The job in a transaction of its own: speculative first (see storage/postgres.py:

@@ -4,6 +4,7 @@ speculation that did not hold run again, not speculative, with nothing of it kep
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -16,8 +17,8 @@ from bot.errors import StaleState
 from bot.ledger import Ledger
 from bot.messages import Inbound
 from bot.state import Step
-from storage.pg_worker import PgWorker
-from storage.postgres import PgLedger
+from storage.pg_worker import ANSWER_GROUP, PgWorker
+from storage.postgres import PgLedger, PgStore
 from tests.postgres import empty
 
 FLOW = """
@@ -169,3 +170,25 @@ def test_a_savepoint_that_sent_nothing_costs_nothing(ledger: PgLedger) -> None:
         [(sql, _, _)] = store._deferred  # the claim; no SAVEPOINT, no RELEASE
         assert sql.startswith("WITH changed AS (UPDATE waits")
         store.rollback()
+
+
+async def test_answers_go_back_together_while_jobs_are_queued(ledger: PgLedger) -> None:
+    """Each send is a frame (and an event-loop wake-up) in the database process: under
+    load answers are grouped, and every job still hears back, the last ones included."""
+    from storage.worker import _answer_futures
+
+    sends: list[int] = []
+
+    def answer(ran: list[Any]) -> None:
+        sends.append(len(ran))
+        _answer_futures(ran)
+
+    worker = PgWorker(ledger, answer=answer, threads=4)
+    await worker.open()
+    try:
+        results = await asyncio.gather(*(worker.run(PgStore.record_event, f"e{i}", 0.0)
+                                          for i in range(200)))
+    finally:
+        await worker.stop()
+    assert results == [True] * 200
+    assert sum(sends) == 200 and len(sends) < 200 and max(sends) <= ANSWER_GROUP
