@@ -112,7 +112,10 @@ class Store(Protocol):
         supergroup): the conversation at `old_user_id` — key, variables, open wait, pending
         messages — moves to `new_user_id`. A conversation already there (started by an
         update from the new address that came first) is set aside under
-        "<new>~replaced~<its id>". False when nothing is at `old_user_id` (moved already)."""
+        "<new>~replaced~<its id>", unless it is the older of the two: then it is the real
+        one, moved before, and the one at `old_user_id` (started by a late update from the
+        old address) is set aside under "<old>~replaced~<its id>" and False returned. False
+        when nothing is at `old_user_id` (moved already)."""
         ...
 
     def save(self, conv: Conversation, step: Step, now: float) -> None:

@@ -352,7 +352,7 @@ class TelegramChannel:
             if query.data is None:  # a game button: nothing for a flow to do
                 return None
             chat = query.message.chat.id if query.message is not None else query.from_user.id
-            return Inbound(self.name, str(chat), text=_pressed_label(update), payload=query.data,
+            return Inbound(self.name, self._current(chat), text=_pressed_label(update), payload=query.data,
                            user_name=query.from_user.full_name, event_id=event_id,
                            variables=media_variables())  # no earlier photo lingers
         message = update.message
@@ -361,7 +361,7 @@ class TelegramChannel:
         name = message.from_user.full_name if message.from_user else ""
         if message.web_app_data is not None:
             data = message.web_app_data.data
-            return Inbound(self.name, str(message.chat.id), text=data, user_name=name,
+            return Inbound(self.name, self._current(message.chat.id), text=data, user_name=name,
                            event_id=event_id,
                            variables={"web_app_data": data, **media_variables()})
         media = _media(message)
@@ -369,8 +369,15 @@ class TelegramChannel:
             return None
         text = self._without_mention(message.text) if message.text is not None \
             else message.caption or ""
-        return Inbound(self.name, str(message.chat.id), text=text, user_name=name,
+        return Inbound(self.name, self._current(message.chat.id), text=text, user_name=name,
                        event_id=event_id, variables=media)
+
+    def _current(self, chat_id: int) -> str:
+        """The chat's id now: an update from a group that became a supergroup, delivered
+        late (webhooks reorder), belongs to the conversation that moved to the new id; else
+        it would start a second conversation at the old id, which the other migration
+        notice would then move over the real one."""
+        return self._moved.get(str(chat_id), str(chat_id))
 
     def _without_mention(self, text: str) -> str:
         """"/start@our_bot" (commands in groups) → "/start", so restart words match."""

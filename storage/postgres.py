@@ -383,6 +383,12 @@ class PgStore(contract.Store):
             (channel, _text(old_user_id), _text(new_user_id)))}
         if old_user_id not in rows:
             return False
+        if new_user_id in rows and rows[new_user_id][0] < rows[old_user_id][0]:
+            # the older one, at the new id, is the real one (see SQLite's)
+            cid = rows[old_user_id][0]
+            self.conn.execute("UPDATE conversations SET user_id = %s, updated = %s WHERE id = %s",
+                              (f"{old_user_id}~replaced~{cid}", now, cid))
+            return False
         if new_user_id in rows:
             there = rows[new_user_id][0]
             self.conn.execute("UPDATE conversations SET user_id = %s, updated = %s WHERE id = %s",

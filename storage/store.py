@@ -155,6 +155,12 @@ class SQLiteStore(contract.Store):
             return False
         there = self.conn.execute("SELECT id FROM conversations WHERE channel = ? AND "
                                   "user_id = ?", (channel, new_user_id)).fetchone()
+        if there is not None and there[0] < row[0]:
+            # the one at the new id is the older, the real one (moved by the other notice
+            # or a failed send); this one was started by a late update from the old id
+            self.conn.execute("UPDATE conversations SET user_id = ?, updated = ? WHERE id = ?",
+                              (f"{old_user_id}~replaced~{row[0]}", now, row[0]))
+            return False
         if there is not None:
             self.conn.execute("UPDATE conversations SET user_id = ?, updated = ? WHERE id = ?",
                               (f"{new_user_id}~replaced~{there[0]}", now, there[0]))

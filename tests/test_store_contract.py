@@ -75,6 +75,20 @@ def test_a_conversation_moves_to_a_new_address(store: Store) -> None:
         assert [r.user_id for r in store.pending_deliveries(10, 10)] == ["-200"]
 
 
+def test_a_move_never_sets_aside_the_conversation_that_moved_first(store: Store) -> None:
+    """The group moved (one migration notice), then a late update from the old address
+    started a conversation there: the other notice must not move that one over the real
+    one. The older conversation stays at the new address; the younger is set aside."""
+    with store.transaction():
+        real = store.conversation("telegram", "-100", "K-real", 0)
+        assert store.move_conversation("telegram", "-100", "-200", 1)
+        late = store.conversation("telegram", "-100", "K-late", 2)
+        assert not store.move_conversation("telegram", "-100", "-200", 3)
+    with store.transaction():
+        assert store.conversation("telegram", "-200", "unused", 4).key == real.key
+        assert store.conversation_by_key("K-late").user_id == f"-100~replaced~{late.id}"  # type: ignore[union-attr]
+
+
 def test_save_is_optimistic(store: Store) -> None:
     with store.transaction():
         conv = store.conversation("tg", "1", "K", 0)

@@ -881,6 +881,32 @@ async def test_an_update_from_the_supergroup_before_the_notice_starts_no_second_
         assert [r[0] for r in rows] == [str(SUPERGROUP), f"{SUPERGROUP}~replaced~2"]
 
 
+@pytest.mark.parametrize("first", ["to", "from", "send"])
+async def test_a_late_update_from_the_old_group_reaches_the_moved_conversation(
+        tmp_path: Path, fake: FakeTelegram, first: str) -> None:
+    """Webhooks reorder: an update the old group sent just before the upgrade can arrive
+    after the conversation moved (a notice, or a send refused with migrate_to_chat_id). It
+    answers the moved conversation; it does not start a second one at the old id, which
+    the other notice would then move over the real one (losing its key, variables, wait)."""
+    async with telegram(tg_config(tmp_path, fake), fake) as tg:
+        await tg.post_update(group_text(1, "hello"))
+        [(_, key, _, _)] = await conversations(tg)
+        if first == "send":
+            fake.fail_next("sendMessage", 400, "Bad Request: group chat was upgraded to a "
+                           "supergroup chat", {"migrate_to_chat_id": SUPERGROUP})
+            await tg.post_update(group_text(2, "Ada"))
+        else:
+            await tg.post_update(group_text(2, "Ada"))
+            await tg.post_update(migration_notice(10, first))
+        await tg.post_update(group_text(3, "Pay with a web page"))  # late, from the old id
+        for i, side in enumerate(["to", "from"]):
+            await tg.post_update(migration_notice(20 + i, side))
+        [(user_id, moved_key, block, variables)] = await conversations(tg)
+        assert (user_id, moved_key, block) == (str(SUPERGROUP), key, "pay")
+        assert '"name":"Ada"' in variables
+        assert sent_to(fake, SUPERGROUP)[-1] == "Press the button to pay."
+
+
 # -- recovery: what a user sees when Telegram or our side fails ----------------------------
 
 
