@@ -88,6 +88,8 @@ POLL_MAX_BACKOFF = 60.0
 POISON_ATTEMPTS = 5  # an update that fails to commit this often (polling) is skipped
 SECRET_CHARS = re.compile(r"[A-Za-z0-9_-]{1,256}")  # what setWebhook accepts as secret_token
 _UNPARSABLE = frozenset({"bad_json", "bad_number", "bad_text", "too_deep"})  # bot/body.py
+# a bot command with the bot's username: "/start@some_bot", then a space, a line or the end
+_MENTION = re.compile(r"(?P<command>/[A-Za-z0-9_]{1,64})@(?P<bot>[A-Za-z0-9_]{1,64})(?=\s|$)")
 _LINK_REFUSED = re.compile(r"url|button_type_invalid|web_?app", re.IGNORECASE)
 
 
@@ -338,7 +340,7 @@ class TelegramChannel:
             return
         query = update.callback_query
         event = self._to_inbound(update)
-        if event is None:  # a sticker, a service message, a game button, an edit, …
+        if event is None:  # a sticker, a service message, a game button, another bot's command
             log.debug("telegram: update %d has nothing for a flow", update.update_id)
             self._on_ignored("unsupported")
         fresh = await self._inbound(event) if event is not None else False
@@ -369,6 +371,8 @@ class TelegramChannel:
             return None
         text = self._without_mention(message.text) if message.text is not None \
             else message.caption or ""
+        if text is None:  # another bot's command
+            return None
         return Inbound(self.name, self._current(message.chat.id), text=text, user_name=name,
                        event_id=event_id, variables=media)
 
@@ -379,16 +383,20 @@ class TelegramChannel:
         notice would then move over the real one."""
         return self._moved.get(str(chat_id), str(chat_id))
 
-    def _without_mention(self, text: str) -> str:
-        """"/start@our_bot" (commands in groups) → "/start", so restart words match."""
-        command, at, rest = text.partition(" ")
-        head, _, bot_name = command.partition("@")
-        if not (text.startswith("/") and bot_name):
+    def _without_mention(self, text: str) -> str | None:
+        """"/start@our_bot …" (commands in groups) → "/start …", so restart words match;
+        None for a command addressed to another bot ("/start@other_bot ref"): in a group
+        with several bots (or privacy mode off) it is not an answer to our question."""
+        mention = _MENTION.match(text)
+        if mention is None:
             return text
-        with contextlib.suppress(RuntimeError):  # username is known after getMe
-            if bot_name.casefold() == self.bot.username.casefold():
-                return head + at + rest
-        return text
+        try:
+            ours = self.bot.username  # known after getMe
+        except RuntimeError:
+            return text
+        if mention["bot"].casefold() != ours.casefold():
+            return None
+        return mention["command"] + text[mention.end():]
 
     async def _answer(self, query_id: str) -> None:
         try:
@@ -503,7 +511,7 @@ class TelegramChannel:
             part, keys = parts[i], markup if i == len(parts) - 1 else None
             if part is None:
                 assert m.media is not None
-                sent = await self._send_media(chat_id, m.media, caption, keys)
+                sent = await self._send_media_or_link(chat_id, m.media, caption, keys)
             else:
                 sent = await self.bot.send_message(
                     chat_id, html.escape(part, quote=False), parse_mode=ParseMode.HTML,
@@ -512,6 +520,28 @@ class TelegramChannel:
             message_id = str(sent.message_id)
         self._parts.done(delivery_id)
         return message_id
+
+    async def _send_media_or_link(self, chat_id: int | str, media: Media, caption: str,
+                                  markup: InlineKeyboardMarkup | None) -> TgMessage:
+        """The file; when Telegram cannot take it (it downloads the URL itself: a host that
+        is down, an HTML page, an image too large, a bad URL), the caption with the URL as
+        text instead, so the text and its buttons still reach the user."""
+        try:
+            return await self._send_media(chat_id, media, caption, markup)
+        except ChatMigrated:
+            raise
+        except BadRequest as exc:
+            log.warning("telegram: %s %s… refused (%s); sending its link as text",
+                        media.kind, media.url[:40], exc.message)
+        parts = split_text(f"{caption}\n\n{media.url}" if caption else media.url or "…",
+                           TEXT_LIMIT, utf16_len)
+        sent: TgMessage | None = None
+        for i, part in enumerate(parts):
+            sent = await self.bot.send_message(
+                chat_id, html.escape(part, quote=False), parse_mode=ParseMode.HTML,
+                reply_markup=markup if i == len(parts) - 1 else None)
+        assert sent is not None
+        return sent
 
     async def _send_media(self, chat_id: int | str, media: Media, caption: str,
                           markup: InlineKeyboardMarkup | None) -> TgMessage:

@@ -413,7 +413,10 @@ text = "Thanks {{name}}"
     (CHAT, "/start", True, ""),  # a plain /start clears the last payload
     (-1001234567890, "/start@flowbot_test_bot ref-7", True, "ref-7"),  # in a group
     (-1001234567890, "/START@FlowBot_Test_Bot  ref-7 ", True, "ref-7"),
+    (-1001234567890, "/start@flowbot_test_bot\nref-7", True, "ref-7"),
     (-1001234567890, "/start@other_bot ref-7", False, None),  # another bot's command
+    (-1001234567890, "/START@other_bot", False, None),
+    (-1001234567890, "/help@other_bot\nmore", False, None),
 ])
 async def test_deep_link_start_restarts_with_its_payload(
         tmp_path: Path, fake: FakeTelegram, chat: int, text: str, restarts: bool,
@@ -439,9 +442,11 @@ async def test_deep_link_start_restarts_with_its_payload(
             assert got == [f"Payload: [{start_payload}]", "Your name?"]
             assert conv.variables["start_payload"] == start_payload
             assert "name" not in conv.variables
-        else:
-            assert got == [f"Thanks {text}"]  # an answer like any other text
+        else:  # not ours: no restart, and no answer to our question either
+            assert got == []
             assert conv.variables["start_payload"] == "old"
+            assert "name" not in conv.variables and conv.block == "ask"
+            assert tg.runtime.stats.ignored.labels("telegram", "unsupported")._value.get() == 1
 
 
 async def test_web_app_data_becomes_text_and_a_variable(
@@ -1130,3 +1135,27 @@ async def test_a_block_sends_its_image_or_document_natively_with_the_text_as_cap
                                                      "Pick a seat")
         assert [row[0]["text"] for row in keyboard(seats)] == ["Window", "Aisle"]
         assert all(r[0] == "sent" for r in await tg.outbox_rows())
+
+
+@pytest.mark.parametrize("refusal", [
+    "Bad Request: failed to get HTTP URL content",
+    "Bad Request: wrong type of the web page content",
+    "Bad Request: wrong file identifier/HTTP URL specified",
+    "Bad Request: IMAGE_PROCESS_FAILED",
+])
+async def test_a_file_telegram_cannot_fetch_still_delivers_the_text_and_the_buttons(
+        tmp_path: Path, fake: FakeTelegram, refusal: str) -> None:
+    """Telegram downloads the file itself and refuses the whole sendPhoto when it cannot
+    (the host is down, the page is HTML, the image too large): the question and its
+    buttons must still reach the user, with the file as a link, or the user is stuck."""
+    flows = MEDIA_OUT_FLOWS.replace("{long}", "Terms")
+    async with telegram(tg_config(tmp_path, fake, flows=flows), fake) as tg:
+        fake.fail_next("sendPhoto", 400, refusal)
+        fake.fail_next("sendPhoto", 400, refusal)
+        await tg.say("hello", 1, first_name="Ada", last_name="")
+        texts = [p["text"] for p in fake.sent()]
+        assert texts == ["Your &lt;ticket&gt;, Ada\n\nhttps://cdn.example/t/Ada.png",
+                         "Pick a seat\n\nhttps://cdn.example/seats.png"]
+        assert [row[0]["text"] for row in keyboard(fake.sent()[-1])] == ["Window", "Aisle"]
+        assert all(r[0] == "sent" for r in await tg.outbox_rows())
+        assert [c.method for c in fake.calls].count("sendDocument") == 1  # its own went
