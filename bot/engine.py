@@ -39,6 +39,7 @@ from bot.template import (
     json_size,
     lookup,
     render,
+    render_file_url,
     render_json,
     render_request_url,
     render_url,
@@ -426,12 +427,17 @@ class Engine:
 
 def _media(block: MessageBlock | InputBlock | ButtonsBlock,
            variables: Mapping[str, Any]) -> Media | None:
-    """The file a block sends with its text, its URL rendered; None without one."""
-    if block.image:
-        return Media("image", render_url(block.image, variables))
-    if block.document:
-        return Media("document", render_url(block.document, variables))
-    return None
+    """The file a block sends with its text, its URL rendered; None without one, or when
+    the URL came out empty or is no http(s) URL (a variable not set): the text goes alone."""
+    kind, template = ("image", block.image) if block.image else ("document", block.document)
+    if not template:
+        return None
+    url = render_file_url(template, variables)
+    if not url:
+        log.warning("%s.%s: its %s URL %r came out as no http(s) URL; the text goes without "
+                    "it", block.id, kind, kind, template[:60])
+        return None
+    return Media(kind, url)
 
 
 def _media_answer(event: Inbound) -> str | None:

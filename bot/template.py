@@ -66,6 +66,24 @@ def render_url(template: str, variables: Mapping[str, Any]) -> str:
     return render(template, variables, lambda v: quote(v, safe=""))
 
 
+def render_file_url(template: str, variables: Mapping[str, Any]) -> str:
+    """The URL of a file a block sends (`image`, `document`): a template that starts with
+    a placeholder takes that value as the start of the URL as is (`{{photo_url}}`, a URL an
+    http block fetched; `{{cdn}}/a/{{id}}.png`), later values are percent-encoded as in
+    `render_url`. "" unless the result is one http(s) URL: no file is sent then, only the
+    text (a platform refuses the whole message for a file it cannot fetch)."""
+    template = template.strip()
+    first = _PLACEHOLDER.match(template)
+    if first is None:
+        url = render_url(template, variables)
+    else:
+        url = (as_text(lookup(variables, first.group(1))).strip()
+               + render_url(template[first.end():], variables))
+    if not url.lower().startswith(("http://", "https://")) or any(c.isspace() for c in url):
+        return ""
+    return url if len(url) > len(url.partition("://")[0]) + 3 else ""
+
+
 # What the admin wrote between placeholders stays as written (their own %-escapes too);
 # only characters a URL can't carry (spaces, non-ASCII) are encoded.
 _PATH_SAFE = "!$&'()*+,;=:@%~"

@@ -1159,3 +1159,42 @@ async def test_a_file_telegram_cannot_fetch_still_delivers_the_text_and_the_butt
         assert [row[0]["text"] for row in keyboard(fake.sent()[-1])] == ["Window", "Aisle"]
         assert all(r[0] == "sent" for r in await tg.outbox_rows())
         assert [c.method for c in fake.calls].count("sendDocument") == 1  # its own went
+
+
+FILE_FROM_VARIABLE_FLOWS = """
+[flows.main]
+start = "ask"
+[flows.main.blocks.ask]
+type = "input"
+text = "Which picture?"
+variable = "pic"
+next = "show"
+[flows.main.blocks.show]
+type = "message"
+text = "Here"
+image = "{{pic}}"
+next = "ask"
+"""
+
+
+@pytest.mark.parametrize(("answer", "photo"), [
+    ("https://cdn.example/a/b.png?size=2&x=%20", "https://cdn.example/a/b.png?size=2&x=%20"),
+    ("  http://cdn.example/c.jpg ", "http://cdn.example/c.jpg"),
+    ("not a url", None),  # no http(s) URL: the text goes alone
+    ("https://", None),
+    ("javascript:alert(1)", None),
+])
+async def test_a_file_url_taken_from_a_variable_is_sent_as_it_is(
+        tmp_path: Path, fake: FakeTelegram, answer: str, photo: str | None) -> None:
+    """`image = "{{pic}}"` passes `check`; the URL the variable holds is the file's URL, not
+    a percent-encoded value (https%3A%2F%2F… Telegram cannot fetch)."""
+    flows = FILE_FROM_VARIABLE_FLOWS
+    async with telegram(tg_config(tmp_path, fake, flows=flows), fake) as tg:
+        await tg.say("hi", 1)
+        await tg.say(answer, 2)
+        photos = fake.sent("sendPhoto")
+        if photo is None:
+            assert photos == [] and fake.sent()[-2]["text"] == "Here"
+        else:
+            assert [(p["photo"], p["caption"]) for p in photos] == [(photo, "Here")]
+        assert fake.sent()[-1]["text"] == "Which picture?"
