@@ -52,6 +52,7 @@ _http_log.setLevel(logging.WARNING)
 EMPTY_TWIML = '<?xml version="1.0" encoding="UTF-8"?><Response/>'
 SEND_TIMEOUT = 15.0  # seconds for one Messages API call; the outbox retries after that
 OUTSIDE_WINDOW = "63016"
+INVALID_MEDIA_URL = "21620"  # Twilio refuses a MediaUrl it cannot use (400, at create time)
 MAX_FORM_BYTES = WHATSAPP_MAX_BODY_BYTES  # default of [channels.whatsapp] max_body_bytes
 # WhatsApp's limits for Content templates sent inside the 24-hour window.
 TEMPLATE_BODY_MAX = 1024
@@ -416,9 +417,23 @@ class WhatsAppChannel:
         if media is not None:
             parts[0]["media_url"] = media.url  # Twilio fetches it (images, PDFs, …)
         sid = ""
-        for i in range(self._parts.first_unsent(delivery.id), len(parts)):
-            sid = await self._create(delivery.user_id, parts[i])
+        i = self._parts.first_unsent(delivery.id)
+        while i < len(parts):
+            try:
+                sid = await self._create(delivery.user_id, parts[i])
+            except SendError as exc:
+                if media is None or "media_url" not in parts[i] or exc.code != INVALID_MEDIA_URL:
+                    raise
+                # Twilio refused the file's URL: the text still goes, with the URL in it (a
+                # question whose buttons never arrive leaves the user stuck)
+                log.warning("outbox %d: Twilio refused the media URL %s… (%s); sending it "
+                            "as text", delivery.id, media.url[:40], exc)
+                text = "\n\n".join(t for t in (delivery.message.text, media.url) if t)
+                fallback = plain_text(dataclasses.replace(delivery.message, text=text))
+                parts = [{**params, "body": part} for part in split_text(fallback, BODY_MAX)]
+                continue
             self._parts.sent(delivery.id, i + 1)
+            i += 1
         self._parts.done(delivery.id)
         return sid
 
