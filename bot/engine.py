@@ -117,7 +117,10 @@ class Engine:
 
         restart = self._restart(event.text)
         if restart is not None or conv.block is None:
-            self._set(conv, "start_payload", restart or "")
+            # a deep link starts a conversation with "/start <payload>" whatever the
+            # restart words are: a new user's referral must not be lost
+            payload = restart if restart is not None else _start_argument(event.text)
+            self._set(conv, "start_payload", payload)
             if conv.wait_id is not None:
                 step.cancelled_wait = conv.wait_id
                 conv.wait_id = None
@@ -423,6 +426,13 @@ class Engine:
         wait = Wait(self.new_id(), kind, conv.flow, block.id, deadline, True, request)
         step.waits.append(wait)
         conv.wait_id = wait.id
+
+
+def _start_argument(text: str) -> str:
+    """What follows "/start" in Telegram's deep link message "/start <payload>"
+    (t.me/<bot>?start=<payload>); "" for any other text."""
+    command, *rest = text.split(maxsplit=1) if text.strip() else ("",)
+    return rest[0] if command.casefold() == "/start" and rest else ""
 
 
 def _media(block: MessageBlock | InputBlock | ButtonsBlock,

@@ -1198,3 +1198,22 @@ async def test_a_file_url_taken_from_a_variable_is_sent_as_it_is(
         else:
             assert [(p["photo"], p["caption"]) for p in photos] == [(photo, "Here")]
         assert fake.sent()[-1]["text"] == "Which picture?"
+
+
+async def test_a_deep_link_starts_a_new_conversation_with_its_payload_whatever_the_restart_words(
+        tmp_path: Path, fake: FakeTelegram) -> None:
+    """With `/start` not among restart_words, a new user arriving by t.me/<bot>?start=ref_9
+    still starts the flow with start_payload = ref_9 (it is the first message); later,
+    "/start x" is an answer like any text."""
+    config = write_config(tmp_path, DEEP_LINK_FLOWS, f"""
+        [channels.telegram]
+        enabled = true
+        api_base_url = "{fake.base_url}"
+        [bot]
+        restart_words = ["menu"]
+    """)
+    async with telegram(config, fake) as tg:
+        sent = await tg.say("/start ref_9", 1)
+        assert [p["text"] for p in sent] == ["Payload: [ref_9]", "Your name?"]
+        assert [p["text"] for p in await tg.say("/start other", 2)] == ["Thanks /start other"]
+        assert [p["text"] for p in await tg.say("hello", 3)] == ["Payload: []", "Your name?"]
