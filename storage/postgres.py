@@ -321,7 +321,10 @@ class PgStore(contract.Store):
             if at is not None:  # never sent: neither was anything after it
                 del self._deferred[at:]
             elif not self._doomed:
-                self._deferred = []  # all made in this block since its last round trip
+                # all made in this block since its last round trip, so dropped; but an
+                # inner savepoint that was sent is released first, or ROLLBACK TO would
+                # find it instead of this block's
+                self._deferred = [d for d in self._deferred if d[0] == _RELEASE]
                 conn = self.conn
                 conn.execute("ROLLBACK TO SAVEPOINT part")
                 conn.execute(_RELEASE)

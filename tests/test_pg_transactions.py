@@ -192,3 +192,18 @@ async def test_answers_go_back_together_while_jobs_are_queued(ledger: PgLedger) 
         await worker.stop()
     assert results == [True] * 200
     assert sum(sends) == 200 and len(sends) < 200 and max(sends) <= ANSWER_GROUP
+
+
+def test_an_inner_savepoint_sent_and_released_does_not_stop_the_outer_rollback(
+        ledger: PgLedger) -> None:
+    """The outer block raises after an inner one that sent its SAVEPOINT (a read) ended
+    well: the outer block's own writes are undone too."""
+    _waiting(ledger)
+    with ledger.transaction():
+        with pytest.raises(ValueError), ledger.savepoint():
+            ledger.record_event("outer", 0.0)  # sent: the outer SAVEPOINT with it
+            with ledger.savepoint():
+                ledger.record_event("inner", 0.0)  # sent: the inner SAVEPOINT with it
+            raise ValueError("undo both")
+        assert ledger.record_event("outer", 0.0)  # not kept: new again
+        assert ledger.record_event("inner", 0.0)
