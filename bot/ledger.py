@@ -21,7 +21,7 @@ from bot.flow import Block, WebhookBlock, WebViewBlock, live_blocks, wait_kind
 from bot.messages import Inbound, Message
 from bot.state import TIMEOUT_OUTCOME, Conversation, EarlyWebhook, Step, Wait
 from bot.store import Store
-from bot.stranded import REMOVED, Stranded
+from bot.stranded import CHECKED_BLOCKS, REMOVED, Stranded, fingerprint
 from bot.template import render
 from bot.webhook_config import SignatureScheme, block_scheme, webhook_blocks
 
@@ -124,12 +124,15 @@ class FirePass:
 
 @dataclass(frozen=True)
 class StrandedPass:
-    """One batch of stranded conversations moved (and orphaned waits ended) at start-up."""
+    """One batch of stranded conversations moved (and orphaned waits ended) at start-up.
+    `checked`: the database had been checked against this config's blocks already (no
+    scan ran), or this batch finished the check."""
 
     found: list[Stranded]
     results: list[Outcome]
     more: bool
     errors: list[Exception]
+    checked: bool = False
 
 
 class Ledger(Store):
@@ -326,9 +329,19 @@ class Ledger(Store):
     def move_stranded(self, now: float, limit: int = STRANDED_BATCH) -> StrandedPass:
         """Up to `limit` conversations whose block is gone from the config, each moved to
         the start of `bot.stranded_flow` and told so, and pending waits whose block is gone
-        ended (a late callback or webhook then gets 410), each in its own savepoint."""
+        ended (a late callback or webhook then gets 410), each in its own savepoint.
+
+        Only a config edit strands anything: the batch that finds the last of them keeps
+        the fingerprint of this config's blocks (`bot.stranded.CHECKED_BLOCKS`), and while
+        it matches no scan runs (a start-up with 1 M conversations does not read them all).
+        A row the scan found is moved only if it is still stranded once locked: an event
+        may have moved it since (each event path checks its own conversation)."""
         now = self.transaction_time(now)
-        found = self.stranded(live_blocks(self.config.flows), limit)
+        live = live_blocks(self.config.flows)
+        checked = fingerprint(live)
+        if self.setting(CHECKED_BLOCKS) == checked:
+            return StrandedPass([], [], False, [], checked=True)
+        found = self.stranded(live, limit)
         results: list[Outcome] = []
         errors: list[Exception] = []
         for s in found:
@@ -336,13 +349,18 @@ class Ledger(Store):
                 with self.savepoint():
                     conv = self.conversation_by_id(s.conversation_id)
                     if conv is not None:
-                        results.append(self._relocate(conv, now))
-                    elif s.wait_id is not None and (wait := self.wait(s.wait_id)) is not None:
+                        if self._is_stranded(conv):
+                            results.append(self._relocate(conv, now))
+                    elif (s.wait_id is not None and (wait := self.wait(s.wait_id)) is not None
+                          and wait.state == "pending" and self._live_block(wait) is None):
                         results.append(self._strand_wait(
                             wait, self.conversation_by_id(wait.conversation_id), now))
             except Exception as exc:
                 errors.append(exc)
-        return StrandedPass(found, results, len(found) == limit, errors)
+        more = len(found) == limit
+        if not more and not errors:  # every row is checked: the next start need not scan
+            self.set_setting(CHECKED_BLOCKS, checked)
+        return StrandedPass(found, results, more, errors, checked=not more and not errors)
 
     # -- inside a job -------------------------------------------------------------------
 

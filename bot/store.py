@@ -196,6 +196,15 @@ class Store(Protocol):
         """End a pending wait as `removed` (its block is gone)."""
         ...
 
+    def setting(self, name: str) -> str | None:
+        """A value flowbot keeps in the database about itself (`bot.stranded.CHECKED_BLOCKS`);
+        None when it was never set (a database written by an older release, or a copy)."""
+        ...
+
+    def set_setting(self, name: str, value: str) -> None:
+        """Keep `value` under `name`, in this transaction."""
+        ...
+
     def has_removed_webhook(self, conversation_id: int, since: float | None = None) -> bool:
         """Whether a Webhook wait of this conversation ended as `removed` (at or after
         `since`, when given)."""

@@ -3,10 +3,15 @@ no longer has. Found by the store (`Store.stranded`), moved by the ledger at sta
 
 from __future__ import annotations
 
+import hashlib
+import json
 from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass
 
+CHECKED_BLOCKS = "checked_blocks"
+"""The setting (`Store.setting`) that holds the `fingerprint` of the blocks of the last
+config every stored conversation and wait was checked against."""
 REMOVED = "removed"
 """The state a wait ends in when its block is gone; a late callback or webhook gets 410."""
 
@@ -34,3 +39,11 @@ class Stranded:
 def per_block(found: Sequence[Stranded]) -> list[tuple[str, int]]:
     """("flow/block (kind wait)", how many) for a report, most first."""
     return Counter(s.place() for s in found).most_common()
+
+
+def fingerprint(live: Sequence[tuple[str, str, str]]) -> str:
+    """A digest of a config's (flow, block, wait kind) triples (`bot.flow.live_blocks`), in
+    any order: what decides which conversations are stranded. Equal digests mean the same
+    block set, so a database already checked against one needs no scan for the other."""
+    text = json.dumps(sorted(live), separators=(",", ":"))
+    return hashlib.sha256(text.encode("utf-8")).hexdigest()

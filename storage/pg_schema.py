@@ -4,8 +4,8 @@ never run a step twice (the second waits, then finds it applied).
 
 Version 1 is the SQLite schema as its migrations m001…m006 left it (storage/schema.py);
 later steps are appended here and in storage/schema.py alike (2 = m007, 3 = m008,
-4 = m009). Times are seconds since the epoch (double precision), as in SQLite, so both
-stores hand the engine the same values.
+4 = m009, 5 = m011; m010 is an index SQLite alone needs). Times are seconds since the
+epoch (double precision), as in SQLite, so both stores hand the engine the same values.
 """
 
 from __future__ import annotations
@@ -99,6 +99,9 @@ MIGRATIONS: list[tuple[int, str, str]] = [
         CREATE INDEX early_webhooks_by_conversation ON early_webhooks (conversation_id, id);
         CREATE INDEX early_webhooks_expiry ON early_webhooks (expires);
         ALTER TABLE conversations ADD COLUMN webhook_ended double precision;
+    """),
+    (5, "settings", """
+        CREATE TABLE settings (name text PRIMARY KEY, value text NOT NULL);
     """),
 ]
 

@@ -517,6 +517,15 @@ class PgStore(contract.Store):
         self.conn.execute("UPDATE waits SET state = %s, resolved_at = %s "
                           "WHERE id = %s AND state = 'pending'", (REMOVED, now, wait_id))
 
+    def setting(self, name: str) -> str | None:
+        row = self.conn.execute("SELECT value FROM settings WHERE name = %s",
+                                (name,)).fetchone()
+        return str(row[0]) if row else None
+
+    def set_setting(self, name: str, value: str) -> None:
+        self.conn.execute("INSERT INTO settings (name, value) VALUES (%s, %s) ON CONFLICT "
+                          "(name) DO UPDATE SET value = excluded.value", (name, value))
+
     def has_removed_webhook(self, conversation_id: int, since: float | None = None) -> bool:
         return self.conn.execute(
             "SELECT 1 FROM waits WHERE conversation_id = %s AND state = 'removed' "

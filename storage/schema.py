@@ -173,3 +173,15 @@ def m010_pending_waits_by_kind(db: Database) -> None:
         CREATE INDEX waits_due ON waits (deadline, kind) WHERE state = 'pending';
         """
     )
+
+
+@migrations()
+def m011_settings(db: Database) -> None:
+    """What flowbot keeps about itself: the fingerprint of the blocks the stored
+    conversations were last checked against, so start-up scans them only after a config
+    edit changed the block set (bot/stranded.py)."""
+    db.executescript(
+        """
+        CREATE TABLE settings (name TEXT PRIMARY KEY, value TEXT NOT NULL) WITHOUT ROWID;
+        """
+    )

@@ -259,6 +259,14 @@ class SQLiteStore(contract.Store):
         self.conn.execute("UPDATE waits SET state = ?, resolved_at = ? "
                           "WHERE id = ? AND state = 'pending'", (REMOVED, now, wait_id))
 
+    def setting(self, name: str) -> str | None:
+        row = self.conn.execute("SELECT value FROM settings WHERE name = ?", (name,)).fetchone()
+        return str(row[0]) if row else None
+
+    def set_setting(self, name: str, value: str) -> None:
+        self.conn.execute("INSERT OR REPLACE INTO settings (name, value) VALUES (?, ?)",
+                          (name, value))
+
     def has_removed_webhook(self, conversation_id: int, since: float | None = None) -> bool:
         return self.conn.execute(
             # the literal state: the partial index waits_removed covers only those rows

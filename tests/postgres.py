@@ -20,7 +20,8 @@ import pytest
 from tests.prereq import require
 
 DEFAULT_URL = "postgresql://postgres@127.0.0.1:5432/postgres"
-TABLES = ("conversations", "waits", "outbox", "events", "early_statuses", "early_webhooks")
+TABLES = ("conversations", "waits", "outbox", "events", "early_statuses", "early_webhooks",
+          "settings")
 
 
 def admin_url() -> str:

@@ -269,7 +269,7 @@ text = "expired"
 def test_migrations_run_once_under_an_advisory_lock(pg_url: str) -> None:
     with psycopg.connect(pg_url, autocommit=True) as conn:
         conn.execute("DROP TABLE IF EXISTS conversations, waits, outbox, events, "
-                     "early_statuses, early_webhooks, flowbot_migrations")
+                     "early_statuses, early_webhooks, settings, flowbot_migrations")
     errors: list[BaseException] = []
 
     def start() -> None:
@@ -287,7 +287,7 @@ def test_migrations_run_once_under_an_advisory_lock(pg_url: str) -> None:
     with psycopg.connect(pg_url) as conn:
         assert conn.execute("SELECT version, name FROM flowbot_migrations").fetchall() == [
             (1, "initial"), (2, "removed_waits"), (3, "retention"),
-            (4, "early_webhooks")]
+            (4, "early_webhooks"), (5, "settings")]
 
 
 def test_transitions_use_the_database_clock_not_the_nodes(pg_url: str, tmp_path: Path
