@@ -90,6 +90,8 @@ SECRET_CHARS = re.compile(r"[A-Za-z0-9_-]{1,256}")  # what setWebhook accepts as
 _UNPARSABLE = frozenset({"bad_json", "bad_number", "bad_text", "too_deep"})  # bot/body.py
 # a bot command with the bot's username: "/start@some_bot", then a space, a line or the end
 _MENTION = re.compile(r"(?P<command>/[A-Za-z0-9_]{1,64})@(?P<bot>[A-Za-z0-9_]{1,64})(?=\s|$)")
+# what PTB's lax de_json lets through and using the fields then raises
+_SHAPE_ERRORS = (KeyError, TypeError, ValueError, AttributeError, OverflowError)
 _LINK_REFUSED = re.compile(r"url|button_type_invalid|web_?app", re.IGNORECASE)
 
 
@@ -302,6 +304,7 @@ class TelegramChannel:
         # the same update again for a day. An update we cannot use is logged and dropped.
         try:
             update = self._parse(await read_body(request, self._max_update))
+            self._to_inbound(update)  # a field of the wrong shape: found before any commit
         except errors.TooLarge:
             return self._ignored("too_large", f"The update is larger than {self._max_update} "
                             "bytes ([channels.telegram] max_update_bytes), more than Telegram "
@@ -325,7 +328,7 @@ class TelegramChannel:
                                     "has no integer update_id).")
         try:
             return Update.de_json(data, self.bot)
-        except (KeyError, TypeError, ValueError, AttributeError) as exc:
+        except _SHAPE_ERRORS as exc:
             raise errors.BadRequest("not_an_update", "The body is not a Telegram Update "
                                     f"({type(exc).__name__}).") from None
 
@@ -339,7 +342,13 @@ class TelegramChannel:
             await self._chat_moved(str(message.migrate_from_chat_id), str(message.chat.id))
             return
         query = update.callback_query
-        event = self._to_inbound(update)
+        try:
+            event = self._to_inbound(update)
+        except errors.BadRequest as exc:  # polling: the webhook checked before
+            log.warning("telegram: ignored update %d (%s): %s", update.update_id, exc.code,
+                        exc.message)
+            self._on_ignored(exc.code)
+            return
         if event is None:  # a sticker, a service message, a game button, another bot's command
             log.debug("telegram: update %d has nothing for a flow", update.update_id)
             self._on_ignored("unsupported")
@@ -348,6 +357,23 @@ class TelegramChannel:
             self._spawn(self._answer(query.id))
 
     def _to_inbound(self, update: Update) -> Inbound | None:
+        """The update as an event for the flow; None when it has nothing for one. Raises
+        BadRequest (not_an_update) for an update whose fields have the wrong shape (PTB's
+        de_json does not check types): answered 200 and logged, as one Telegram would
+        otherwise send again for a day, failing each time."""
+        try:
+            event = self._event(update)
+        except _SHAPE_ERRORS as exc:
+            raise errors.BadRequest("not_an_update", "The update has a field of the wrong "
+                                    f"shape ({type(exc).__name__}).") from None
+        if event is not None and not (
+                isinstance(event.text, str) and isinstance(event.payload, str | None)
+                and all(isinstance(v, str) for v in event.variables.values())):
+            raise errors.BadRequest("not_an_update", "The update has a text, a button or a "
+                                    "file field that is not a string.")
+        return event
+
+    def _event(self, update: Update) -> Inbound | None:
         event_id = f"telegram:{update.update_id}"
         query = update.callback_query
         if query is not None:
