@@ -230,7 +230,10 @@ def cmd_migrate_storage(args: argparse.Namespace) -> int:
         print("flowbot: --to must be a postgresql:// URL (or env:VARIABLE holding one)",
               file=sys.stderr)
         return 2
-    copied = copy_sqlite_to_postgres(source.removeprefix("sqlite:"), target)
+    from storage.preflight import checked_url
+
+    copied = copy_sqlite_to_postgres(source.removeprefix("sqlite:"),
+                                     checked_url(target, "--to"))
     rows = ", ".join(f"{n} {table}" for table, n in copied.rows.items())
     print(f"flowbot: copied {rows}; {copied.pending_waits} pending wait(s) and "
           f"{copied.pending_outbox} undelivered message(s); counts verified. Now set "

@@ -7,6 +7,7 @@ Each failure is a `bot.startup.StartupError` (exit 1: the environment is wrong).
 from __future__ import annotations
 
 import os
+import re
 import sqlite3
 import sys
 from pathlib import Path
@@ -25,12 +26,45 @@ def storage_url(config: Config) -> str:
     Raises FlowbotError when that variable is not set."""
     storage = config.storage
     if storage.url:
-        return storage.url
+        return checked_url(storage.url, "storage.url")
     url = os.environ.get(storage.url_env, "")
     if not url:
         raise FlowbotError(f"storage.url_env: the environment variable {storage.url_env} is "
                            "not set (it should hold the postgresql:// URL)")
+    return checked_url(url, f"storage.url_env: the URL in {storage.url_env}")
+
+
+def checked_url(url: str, what: str) -> str:
+    """`url` if libpq can parse it. Raises FlowbotError starting with `what`, with libpq's
+    reason and the password masked: libpq quotes the piece it choked on, which may be
+    the password ("unexpected spaces found in \"se cret\""), and that message would
+    otherwise reach logs, terminals and monitoring."""
+    from psycopg.conninfo import conninfo_to_dict
+
+    try:
+        conninfo_to_dict(url)
+    except Exception as exc:
+        raise FlowbotError(f"{what} is not a valid PostgreSQL URL: "
+                           f"{mask_secrets(str(exc).strip(), url)}") from None
     return url
+
+
+def mask_secrets(text: str, url: str) -> str:
+    """`text` with every password `url` may carry (between `user:` and `@`, or a
+    `password=` parameter; as written and percent-decoded) replaced by `***`. Works on
+    URLs libpq refuses too: it is for the messages about them."""
+    from urllib.parse import unquote
+
+    rest = url.split("://", 1)[-1]
+    userinfo = rest.rsplit("@", 1)[0] if "@" in rest else ""
+    found = [userinfo.split(":", 1)[1]] if ":" in userinfo else []
+    for part in re.split(r"[?&\s]", url):
+        if part.lower().startswith("password="):
+            found.append(part[len("password="):])
+    for secret in sorted({s for f in found for s in (f, unquote(f)) if s}, key=len,
+                         reverse=True):
+        text = text.replace(secret, "***")
+    return text
 
 
 def where(config: Config) -> str:

@@ -1,0 +1,60 @@
+"""A PostgreSQL URL's password never reaches a terminal, a log or monitoring: libpq quotes
+the piece of a URL it cannot parse, and that piece can be the password."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from storage.preflight import mask_secrets
+from tests.test_startup import EXAMPLE, on_postgresql
+
+SECRET = "Hunter2s3cret"
+# URLs libpq refuses, each quoting (part of) the password in its error
+BAD_URLS = [
+    f"postgresql://bot:{SECRET} x@127.0.0.1:5432/flowbot",  # a space in the password
+    f"postgresql://bot:{SECRET}%zz@127.0.0.1:5432/flowbot",  # a bad percent escape
+    f"postgresql://bot@127.0.0.1:5432/flowbot?password={SECRET}%zz",
+    f"postgresql://bot:{SECRET}@127.0.0.1:5432/flowbot?bogus=1",
+]
+
+
+def run(tmp_path: Path, url: str, *args: str) -> subprocess.CompletedProcess[str]:
+    config = tmp_path / "bot.toml"
+    config.write_text(on_postgresql(EXAMPLE, "x").replace('url = "x"',
+                                                          'url_env = "FLOWBOT_TEST_BAD_URL"'))
+    argv = [a.replace("CONFIG", str(config)) for a in args]
+    return subprocess.run([sys.executable, "-m", "bot.cli", *argv], capture_output=True,
+                          text=True, cwd=tmp_path, timeout=60,
+                          env={**os.environ, "FLOWBOT_TEST_BAD_URL": url})
+
+
+@pytest.mark.parametrize("url", BAD_URLS)
+@pytest.mark.parametrize("command", [
+    ("serve", "--config", "CONFIG", "--port", "1"),
+    ("check", "--config", "CONFIG"),
+    ("conversations", "--config", "CONFIG"),
+    ("backup", "--config", "CONFIG", "out.dump"),
+    ("migrate-storage", "--from", "sqlite:empty.db", "--to", "env:FLOWBOT_TEST_BAD_URL"),
+])
+def test_unparsable_url_is_reported_without_its_password(
+        tmp_path: Path, url: str, command: tuple[str, ...]) -> None:
+    (tmp_path / "empty.db").touch()
+    proc = run(tmp_path, url, *command)
+    out = proc.stdout + proc.stderr
+    assert proc.returncode == 2, out
+    assert "Traceback" not in out
+    assert SECRET not in out and SECRET.lower() not in out.lower(), out
+    assert "is not a valid PostgreSQL URL" in proc.stderr, out
+    assert not (tmp_path / "out.dump").exists()
+
+
+def test_mask_secrets_forms() -> None:
+    url = "postgresql://bot:p%40ss%20w@h/db?password=other&sslmode=require"
+    text = "p%40ss%20w / p@ss w / other / sslmode"
+    assert mask_secrets(text, url) == "*** / *** / *** / sslmode"
+    assert mask_secrets("no secret here", "postgresql://bot@h/db") == "no secret here"
