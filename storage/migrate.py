@@ -20,8 +20,9 @@ from typing import Any
 
 import psycopg
 
-from bot.errors import FlowbotError
-from storage.postgres import PgStore
+from bot.errors import DatabaseInUse, FlowbotError
+from storage.lock import WriterLock
+from storage.postgres import PgStore, _text
 from storage.store import SQLiteStore
 
 EVENT_WINDOW = 7 * 86400.0  # s of inbound event ids copied (platforms redeliver for ~1 day)
@@ -65,9 +66,26 @@ def copy_sqlite_to_postgres(path: str | Path, url: str, *, now: float | None = N
     path = Path(path)
     if not path.is_file():
         raise MigrationError(f"{path}: no such SQLite file")
+    try:  # a server still on the file would go on answering 200 for what is not copied
+        lock = WriterLock.acquire(path)
+    except DatabaseInUse as exc:
+        raise MigrationError(f"{exc} — migrate-storage copies a stopped server's database, "
+                             "so that no callback it accepts afterwards is left behind") \
+            from None
+    try:  # held to the end: a server started meanwhile refuses the file
+        return _copy_all(path, url, now)
+    finally:
+        lock.release()
+
+
+def _copy_all(path: Path, url: str, now: float | None) -> Copied:
     SQLiteStore(path).close()  # brings an older file's schema up to date, as a start would
     source = sqlite3.connect(f"file:{path}?mode=ro", uri=True, timeout=10)
-    target = PgStore(url, pool_size=1)  # creates the schema
+    try:
+        target = PgStore(url, pool_size=1)  # creates the schema
+    except BaseException:
+        source.close()
+        raise
     try:
         source.execute("BEGIN")  # one snapshot of the file for the whole copy
         if now is None:  # the window ends at the last event the stopped server saw
@@ -83,6 +101,10 @@ def copy_sqlite_to_postgres(path: str | Path, url: str, *, now: float | None = N
             copied = _verify(source, conn, rows, since)
         source.rollback()
         return copied
+    except psycopg.Error as exc:  # the transaction rolled back: nothing was written
+        first = (str(exc).strip().splitlines() or [""])[0][:300]
+        raise MigrationError(f"PostgreSQL refused the copy, so nothing was written: "
+                             f"{type(exc).__name__}: {first}") from None
     finally:
         source.close()
         target.close()
@@ -106,7 +128,8 @@ def _copy(source: sqlite3.Connection, conn: psycopg.Connection[Any], table: str,
     n = 0
     with conn.cursor().copy(f"COPY {table} ({cols}) FROM STDIN") as copy:
         for row in cur:
-            copy.write_row([bool(v) if flag and v is not None else v
+            copy.write_row([bool(v) if flag and v is not None else
+                            _text(v) if isinstance(v, str) else v
                             for v, flag in zip(row, flags, strict=True)])
             n += 1
     return n

@@ -132,3 +132,53 @@ def test_bad_arguments_say_what_to_give(tmp_path: Path, capsys: pytest.CaptureFi
         assert main(["migrate-storage", *argv]) == 2
         assert said in capsys.readouterr().err
     assert not os.path.exists(tmp_path / "none.db")
+
+
+async def test_a_running_server_s_database_is_refused(
+        tmp_path: Path, pg_url: str, monkeypatch: pytest.MonkeyPatch,
+        capsys: pytest.CaptureFixture[str]) -> None:
+    """A callback the SQLite server answers 200 after the copy would be lost in the move."""
+    monkeypatch.delenv("FLOWBOT_TEST_STORAGE", raising=False)
+    async with harness(write_config(tmp_path, FLOWS)) as h:
+        await h.say("hi", "ann")
+        code = main(["migrate-storage", "--from", f"sqlite:{tmp_path / 'flowbot.db'}",
+                     "--to", pg_url])
+        err = capsys.readouterr().err
+        assert code == 2, err
+        assert "already served by another flowbot process (pid" in err
+        assert "copies a stopped server's database" in err
+        with psycopg.connect(pg_url) as conn:
+            assert conn.execute("SELECT count(*) FROM conversations").fetchone() == (0,)
+    # stopped: the copy goes through, and a server can take the file again afterwards
+    assert main(["migrate-storage", "--from", f"sqlite:{tmp_path / 'flowbot.db'}",
+                 "--to", pg_url]) == 0
+    async with harness(write_config(tmp_path, FLOWS)):
+        pass
+
+
+def test_nul_characters_in_sqlite_text_are_copied_as_the_store_writes_them(
+        tmp_path: Path, pg_url: str, capsys: pytest.CaptureFixture[str]) -> None:
+    """SQLite text may hold NUL (a library's error text, an odd user id), PostgreSQL text
+    cannot: the copy maps it as the PostgreSQL store maps what it is given (U+FFFD)."""
+    import sqlite3
+
+    from storage.store import SQLiteStore
+
+    db = tmp_path / "flowbot.db"
+    SQLiteStore(db).close()
+    with sqlite3.connect(db) as conn:
+        conn.execute("INSERT INTO conversations (channel, user_id, key, created, updated) "
+                     "VALUES ('web', ?, 'k1', 1, 1)", ("u\x00x",))
+        conn.execute("INSERT INTO outbox (conversation_id, channel, user_id, message, state, "
+                     "next_attempt, error, created) VALUES (1, 'web', ?, '{}', 'pending', 1, "
+                     "?, 1)", ("u\x00x", "boom\x00"))
+        conn.execute("INSERT INTO events (id, at) VALUES (?, 1)", ("ev\x00",))
+    code = main(["migrate-storage", "--from", f"sqlite:{db}", "--to", pg_url])
+    out = capsys.readouterr()
+    assert code == 0, out.err
+    assert "Traceback" not in out.err
+    with psycopg.connect(pg_url) as conn:
+        assert conn.execute("SELECT user_id FROM conversations").fetchone() == ("u\ufffdx",)
+        assert conn.execute("SELECT user_id, error FROM outbox").fetchone() == (
+            "u\ufffdx", "boom\ufffd")
+        assert conn.execute("SELECT id FROM events").fetchone() == ("ev\ufffd",)
