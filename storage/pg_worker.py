@@ -164,7 +164,10 @@ class PgWorker:
         fn, args, _ = job
         speculative = True
         attempt = 0
+        reconnects = 0
         while True:
+            conn = None
+            committing = False
             try:
                 with store.pool.connection() as conn:
                     store.begin(conn, first_wait(fn, args), speculative=speculative)
@@ -173,6 +176,7 @@ class PgWorker:
                     except BaseException:
                         store.rollback()
                         raise
+                    committing = True
                     store.commit()
             except SpeculationLost:
                 speculative = False
@@ -183,6 +187,15 @@ class PgWorker:
                     continue
                 return job, False, _unavailable(exc)
             except psycopg.Error as exc:
+                if (not committing and conn is not None and conn.broken
+                        and reconnects < store.pool_size):
+                    # a pooled connection had died (the server restarted, the session was
+                    # ended) and the pool may hold more: COMMIT was never sent, so nothing
+                    # of the job is kept. Again on the next one (each dead one is dropped;
+                    # a new one that cannot connect ends it) rather than a 503 per
+                    # dead connection.
+                    reconnects += 1
+                    continue
                 log.error("database job %s failed: %s: %s", getattr(fn, "__qualname__", fn),
                           type(exc).__name__, str(exc).strip()[:300])
                 return job, False, _unavailable(exc)
