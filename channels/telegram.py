@@ -229,6 +229,7 @@ class TelegramChannel:
         self._move_chat = move_chat
         self._on_ignored = on_ignored  # counts an update not used, by reason
         self._moved: dict[str, str] = {}  # old chat id → new (a group upgraded to a supergroup)
+        self._albums: dict[tuple[str, str], int] = {}  # (chat, media_group_id) → first update
 
     @classmethod
     def create(cls, config: Config, runtime: Runtime) -> TelegramChannel:
@@ -352,6 +353,12 @@ class TelegramChannel:
         if event is None:  # a sticker, a service message, a game button, another bot's command
             log.debug("telegram: update %d has nothing for a flow", update.update_id)
             self._on_ignored("unsupported")
+        elif message is not None and message.media_group_id and self._album_seen(
+                event.user_id, message.media_group_id, update.update_id):
+            log.info("telegram: update %d is one more item of an album the flow has; ignored",
+                     update.update_id)
+            self._on_ignored("unsupported")
+            return
         fresh = await self._inbound(event) if event is not None else False
         if query is not None and (fresh or event is None):
             self._spawn(self._answer(query.id))
@@ -483,6 +490,18 @@ class TelegramChannel:
             return await self._send_or_link_text(delivery, new_id)
         except TelegramError as exc:
             raise send_error(exc, self._token) from None
+
+    def _album_seen(self, chat: str, group: str, update_id: int) -> bool:
+        """Whether another item of album `group` reached this chat's flow already. Several
+        photos sent at once come as one update each with one media_group_id: the first to
+        arrive answers the open question, the others would answer the next ones. Marked
+        before the commit (the items arrive together); the same update redelivered is
+        not "another"."""
+        first = self._albums.setdefault((chat, group), update_id)
+        if len(self._albums) > 10_000:
+            self._albums.clear()
+            self._albums[(chat, group)] = first
+        return first != update_id
 
     async def _chat_moved(self, old_id: str, new_id: str) -> None:
         """Remember the new id for rows already read, and move the conversation."""

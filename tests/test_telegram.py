@@ -1257,3 +1257,47 @@ async def test_a_deep_link_starts_a_new_conversation_with_its_payload_whatever_t
         assert [p["text"] for p in sent] == ["Payload: [ref_9]", "Your name?"]
         assert [p["text"] for p in await tg.say("/start other", 2)] == ["Thanks /start other"]
         assert [p["text"] for p in await tg.say("hello", 3)] == ["Payload: []", "Your name?"]
+
+
+ALBUM_FLOWS = """
+[flows.main]
+start = "receipt"
+[flows.main.blocks.receipt]
+type = "input"
+text = "Photo of the receipt?"
+validation = "media"
+variable = "receipt"
+next = "id"
+[flows.main.blocks.id]
+type = "input"
+text = "Photo of your ID?"
+validation = "media"
+variable = "id_photo"
+next = "done"
+[flows.main.blocks.done]
+type = "end"
+text = "Got {{receipt}} and {{id_photo}}"
+"""
+
+
+def photo(file_id: str) -> list[dict[str, Any]]:
+    return [{"file_id": f"{file_id}-s", "file_unique_id": "s", "width": 90, "height": 90},
+            {"file_id": file_id, "file_unique_id": "l", "width": 800, "height": 800}]
+
+
+@pytest.mark.parametrize("order", [[0, 1, 2], [2, 0, 1]])
+async def test_an_album_answers_one_question_not_the_ones_after_it(
+        tmp_path: Path, fake: FakeTelegram, order: list[int]) -> None:
+    """Several photos sent at once reach a bot as one update each, sharing a
+    media_group_id (webhooks may reorder them). The album answers the open question once;
+    its other photos must not silently answer the questions that follow."""
+    async with telegram(tg_config(tmp_path, fake, flows=ALBUM_FLOWS), fake) as tg:
+        await tg.say("hi", 1)
+        album = [media_update(10 + i, photo=photo(f"P{i}"), media_group_id="13579")
+                 for i in range(3)]
+        for i in order:
+            assert (await tg.post_update(album[i]))[0] == 200
+        assert [p["text"] for p in fake.sent()] == ["Photo of the receipt?", "Photo of your ID?"]
+        assert (await tg.post_update(album[order[0]]))[0] == 200  # redelivered: nothing new
+        await tg.post_update(media_update(20, photo=photo("ID")))
+        assert fake.sent()[-1]["text"] == f"Got P{order[0]} and ID"
