@@ -177,8 +177,9 @@ def _pressed_label(update: Update) -> str:
     return ""
 
 
-_FILE_KINDS = {"document": "document", "voice": "voice", "audio": "audio", "video": "video",
-               "video_note": "video", "animation": "video"}  # Telegram's field → media_type
+# Telegram's field → media_type; `animation` before `document`: a GIF carries both
+_FILE_KINDS = {"animation": "video", "video_note": "video", "video": "video", "voice": "voice",
+               "audio": "audio", "document": "document"}
 
 
 def _media(message: TgMessage) -> dict[str, str]:

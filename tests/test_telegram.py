@@ -1074,6 +1074,12 @@ def media_update(update_id: int, **fields: Any) -> dict[str, Any]:
     ({"video": {"file_id": "BAACAgIAAxkBAAID", "file_unique_id": "u3", "width": 640,
                 "height": 480, "duration": 5}, "caption": "look"},
      "video|BAACAgIAAxkBAAID|look|,|/"),
+    # a GIF: Telegram sets both `animation` and `document` (backward compatibility)
+    ({"animation": {"file_id": "CgACAgIAAxkBAAIE", "file_unique_id": "u4", "width": 320,
+                    "height": 240, "duration": 2, "mime_type": "video/mp4"},
+      "document": {"file_id": "CgACAgIAAxkBAAIE", "file_unique_id": "u4",
+                   "mime_type": "video/mp4"}},
+     "video|CgACAgIAAxkBAAIE||,|/"),
     ({"location": {"latitude": 52.520008, "longitude": 13.404954}},
      "location|||52.520008,13.404954|/"),
     ({"contact": {"phone_number": "+4915112345678", "first_name": "Grace",
