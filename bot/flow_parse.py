@@ -84,6 +84,9 @@ def _target(r: Reader, key: str, *, required: bool = False) -> str | None:
     return value or None
 
 
+_HOST = re.compile(r"https?://[^/?#:@\s]+")  # a host, written or a template
+
+
 def _media(r: Reader) -> dict[str, str]:
     """`image` or `document`: the URL of a file sent with the block's text."""
     found = {key: r.text(key, "") for key in ("image", "document")}
@@ -93,6 +96,9 @@ def _media(r: Reader) -> dict[str, str]:
                              "can fetch (Telegram and Twilio download it)")
         elif url and any(c.isspace() for c in url.strip()):
             r.problems.error(r.at(key), "must be one URL, without spaces")
+        elif url and not url.startswith("{{") and not _HOST.match(url):
+            r.problems.error(r.at(key), "needs a host after http(s)://, e.g. "
+                             "https://cdn.example.com/ticket.png")
     if found["image"] and found["document"]:
         r.problems.error(r.at("document"), "a block sends one file: `image` or `document`")
     return found
