@@ -39,6 +39,15 @@ from storage import pg_schema
 STATEMENT_TIMEOUT = "30s"  # a statement running longer is cancelled (its job fails)
 IDLE_IN_TRANSACTION_TIMEOUT = "60s"  # a transaction left open (a stuck client) is ended
 EARLY_STATUS_TTL = 86400.0  # s a status for an unknown message id is kept
+# s a job waits for a pooled connection before its request answers 503 (psycopg_pool's
+# default, 30 s, outlasts the caller: a browser or a webhook sender gives up first). A
+# worker thread has a connection of its own, so only a database that cannot be reached
+# makes one wait that long.
+POOL_TIMEOUT = 5.0
+# s psycopg_pool retries one lost connection (backing off 1, 2, 4… s) before it gives up
+# and the next request starts afresh; its default, 5 min, backs off so far that after an
+# outage the server stayed on 503 for about as long again once the database was back
+RECONNECT_TIMEOUT = 5.0
 
 _CLOCK = (  # sent with BEGIN; SET LOCAL's effect, so it works behind PgBouncer too
     "SELECT extract(epoch from now())::float8,"  # noqa: S608 - constants
@@ -129,7 +138,8 @@ class PgStore(contract.Store):
             raise StorageUnavailable(
                 "storage_unavailable", f"cannot reach PostgreSQL: {first}") from None
         self.pool: ConnectionPool[psycopg.Connection[tuple[Any, ...]]] = ConnectionPool(
-            url, min_size=1, max_size=pool_size, kwargs=kwargs, open=True, name="flowbot")
+            url, min_size=1, max_size=pool_size, kwargs=kwargs, open=True, name="flowbot",
+            timeout=POOL_TIMEOUT, reconnect_timeout=RECONNECT_TIMEOUT)
         self.pool_size = pool_size
         self.caller_clock = caller_clock
         self.new_deadline = math.inf  # the earliest deadline save() wrote; the worker resets it

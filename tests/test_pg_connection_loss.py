@@ -5,12 +5,19 @@ no request a 503, and nothing is half applied."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import socket
+import threading
+import time
+from collections.abc import Iterator
 from pathlib import Path
 from urllib.parse import parse_qs, urlsplit
 
 import psycopg
 import pytest
 
+from storage import postgres
+from storage.backends import PROBE_TIMEOUT
 from tests.postgres import empty
 from tests.support import Harness, harness, write_config
 
@@ -76,3 +83,100 @@ async def test_callbacks_after_every_session_was_ended_get_200(
         await h.flush()
         for user in users:
             assert [m.text for m in h.channel.messages(user)] == ["Pay", "paid"]
+
+
+class Link:
+    """127.0.0.1:`port` → PostgreSQL on 5432, which `cut()` takes down the way a crashed or
+    unreachable server is: every connection through it dropped, new ones refused."""
+
+    def __init__(self, target: int = 5432) -> None:
+        self.target = target
+        self.up = True
+        self._socks: list[socket.socket] = []
+        self._listener = socket.create_server(("127.0.0.1", 0))
+        self.port = int(self._listener.getsockname()[1])
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def _accept(self) -> None:
+        while True:
+            try:
+                down, _ = self._listener.accept()
+            except OSError:
+                return
+            if not self.up:
+                down.close()
+                continue
+            up = socket.create_connection(("127.0.0.1", self.target))
+            self._socks += [down, up]
+            for a, b in ((down, up), (up, down)):
+                threading.Thread(target=self._pipe, args=(a, b), daemon=True).start()
+
+    @staticmethod
+    def _pipe(a: socket.socket, b: socket.socket) -> None:
+        with contextlib.suppress(OSError):
+            while data := a.recv(65536):
+                b.sendall(data)
+        for s in (a, b):
+            with contextlib.suppress(OSError):
+                s.shutdown(socket.SHUT_RDWR)
+
+    def cut(self) -> None:
+        self.up = False
+        for s in self._socks:
+            with contextlib.suppress(OSError):
+                s.shutdown(socket.SHUT_RDWR)
+        self._socks = []
+
+    def close(self) -> None:
+        self.cut()
+        self._listener.close()
+
+
+@contextlib.contextmanager
+def link() -> Iterator[Link]:
+    made = Link()
+    try:
+        yield made
+    finally:
+        made.close()
+
+
+def test_waits_for_the_database_are_shorter_than_its_callers_patience() -> None:
+    """A browser or a webhook sender waits ~10-30 s: the 503 must come before."""
+    assert postgres.POOL_TIMEOUT <= PROBE_TIMEOUT / 2
+    assert postgres.RECONNECT_TIMEOUT <= 10
+
+
+async def test_an_unreachable_database_answers_503_soon_and_the_server_recovers(
+        tmp_path: Path, pg_database: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Database down: a clear 503 with Retry-After within the pool's wait (it was 30 s,
+    past the caller's patience), /healthz 503, nothing applied; back up: the next
+    callback goes through at once (psycopg_pool's backoff kept it on 503 about as long
+    as the outage had lasted)."""
+    empty(pg_database)
+    monkeypatch.setattr(postgres, "POOL_TIMEOUT", 0.5)  # the defaults' behaviour, faster
+    monkeypatch.setattr(postgres, "RECONNECT_TIMEOUT", 0.5)
+    with link() as db:
+        monkeypatch.setenv("FLOWBOT_TEST_STORAGE",
+                           pg_database.replace("127.0.0.1:5432", f"127.0.0.1:{db.port}"))
+        async with harness(write_config(tmp_path, FLOWS)) as h:
+            eids = await waiting(h, ["ann", "bob"])
+            db.cut()
+            for user in ("ann", "ann", "bob"):
+                began = time.monotonic()
+                resp = await h.client.post(
+                    "/webview/callback", json={"executionId": eids[user], "success": True})
+                assert resp.status == 503 and resp.headers["Retry-After"]
+                assert (await resp.json())["error"] == "storage_unavailable"
+                assert time.monotonic() - began < 3
+            assert (await h.client.get("/healthz")).status == 503
+            db.up = True
+            began = time.monotonic()
+            resp = await h.client.post("/webview/callback",
+                                       json={"executionId": eids["ann"], "success": True})
+            assert resp.status == 200, await resp.text()
+            assert time.monotonic() - began < 3
+            assert (await h.client.get("/healthz")).status == 200
+            await h.flush()
+            assert [m.text for m in h.channel.messages("ann")] == ["Pay", "paid"]
+            assert [m.text for m in h.channel.messages("bob")] == ["Pay"]
