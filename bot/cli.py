@@ -208,7 +208,13 @@ def _secret_values(config: Config) -> list[str]:
     """The values of the secret variables the config names, for the log's redaction."""
     from bot.startup import secret_names
 
-    return [v for name in secret_names(config) if (v := os.environ.get(name, ""))]
+    values = [v for name in secret_names(config) if (v := os.environ.get(name, ""))]
+    if config.storage.backend == "postgresql":  # the URL's password, should a line carry it
+        from storage.preflight import url_passwords
+
+        url = config.storage.url or os.environ.get(config.storage.url_env, "")
+        values += url_passwords(url)
+    return values
 
 
 def cmd_migrate_storage(args: argparse.Namespace) -> int:

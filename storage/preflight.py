@@ -53,6 +53,15 @@ def mask_secrets(text: str, url: str) -> str:
     """`text` with every password `url` may carry (between `user:` and `@`, or a
     `password=` parameter; as written and percent-decoded) replaced by `***`. Works on
     URLs libpq refuses too: it is for the messages about them."""
+    for secret in url_passwords(url):
+        text = text.replace(secret, "***")
+    return text
+
+
+def url_passwords(url: str) -> list[str]:
+    """The passwords a PostgreSQL URL may carry (between `user:` and `@`, or a `password=`
+    parameter), as written and percent-decoded, longest first: for `mask_secrets` and the
+    log's redaction."""
     from urllib.parse import unquote
 
     rest = url.split("://", 1)[-1]
@@ -61,10 +70,7 @@ def mask_secrets(text: str, url: str) -> str:
     for part in re.split(r"[?&\s]", url):
         if part.lower().startswith("password="):
             found.append(part[len("password="):])
-    for secret in sorted({s for f in found for s in (f, unquote(f)) if s}, key=len,
-                         reverse=True):
-        text = text.replace(secret, "***")
-    return text
+    return sorted({s for f in found for s in (f, unquote(f)) if s}, key=len, reverse=True)
 
 
 def where(config: Config) -> str:

@@ -58,3 +58,23 @@ def test_mask_secrets_forms() -> None:
     text = "p%40ss%20w / p@ss w / other / sslmode"
     assert mask_secrets(text, url) == "*** / *** / *** / sslmode"
     assert mask_secrets("no secret here", "postgresql://bot@h/db") == "no secret here"
+
+
+def test_the_log_redacts_the_url_password(tmp_path: Path,
+                                          monkeypatch: pytest.MonkeyPatch) -> None:
+    """A warning or error that quotes it (a library's message, a traceback) shows
+    [secret], as for the channels' tokens."""
+    import logging
+
+    from bot.cli import _secret_values
+    from bot.config import load_config
+    from bot.logs import Redact
+
+    config = tmp_path / "bot.toml"
+    config.write_text(on_postgresql(EXAMPLE, "x").replace('url = "x"',
+                                                          'url_env = "FLOWBOT_TEST_URL"'))
+    monkeypatch.setenv("FLOWBOT_TEST_URL", f"postgresql://bot:{SECRET}%21@127.0.0.1/db")
+    record = logging.LogRecord("x", logging.ERROR, __file__, 1, "failed: %s / %s", (
+        f"{SECRET}%21", f"{SECRET}!"), None)
+    Redact(_secret_values(load_config(config))).filter(record)
+    assert record.getMessage() == "failed: [secret] / [secret]"
