@@ -79,9 +79,11 @@ async def run_app(app: web.Application, sock: socket.socket) -> AsyncIterator[No
 @asynccontextmanager
 async def serve_example(tmp_path: Path, webview_url: str | None = None,
                         sock: socket.socket | None = None, prefix: str = "",
-                        public_url: str | None = None) -> AsyncIterator[Served]:
+                        public_url: str | None = None,
+                        hello: dict[str, str] | None = None) -> AsyncIterator[Served]:
     """config.example.toml as shipped, on a free port, its database in tmp_path.
-    `public_url`: what links say (the chat page itself talks to its own address)."""
+    `public_url`: what links say (the chat page itself talks to its own address);
+    `hello`: fields changed on the first block (e.g. a document it sends)."""
     sock = sock or _bound_socket()
     port = sock.getsockname()[1]
     config = load_config(EXAMPLE)
@@ -95,6 +97,10 @@ async def serve_example(tmp_path: Path, webview_url: str | None = None,
         pay = main.blocks["pay"]
         assert isinstance(pay, WebViewBlock)
         blocks = {**main.blocks, "pay": replace(pay, url=webview_url)}
+        config = replace(config, flows={**config.flows, "main": replace(main, blocks=blocks)})
+    if hello is not None:
+        main = config.flows["main"]
+        blocks = {**main.blocks, "hello": replace(main.blocks["hello"], **hello)}
         config = replace(config, flows={**config.flows, "main": replace(main, blocks=blocks)})
     app = build_app(config, channel_factories=enabled_channels(config))
     served = Served(f"http://127.0.0.1:{port}{prefix}/", app)
@@ -193,6 +199,24 @@ async def open_payment_page(page: Page, name: str, shot: str) -> Page:
     await expect(webview.locator("#params")).to_contain_text("executionId")
     await webview.screenshot(path=SHOTS / f"{shot}-2-webview.png", animations="disabled")
     return webview
+
+
+@pytest.mark.parametrize(("url", "label"), [
+    ("https://cdn.example/Terms%20of%20sale.pdf", "Terms of sale.pdf"),
+    ("https://cdn.example/report%ZZ.pdf?x=1", "report%ZZ.pdf"),  # not a valid %-escape
+    ("https://cdn.example/", "https://cdn.example/"),
+])
+async def test_a_document_is_a_link_whatever_its_url_holds(
+        browser: Browser, tmp_path: Path, url: str, label: str) -> None:
+    """The link's label is the file name, %-decoded where that is valid; a URL a flow sends
+    (check lets a literal % through) must not stop the page from showing the message."""
+    async with serve_example(tmp_path, hello={"document": url}) as served, \
+            chat_tab(browser, served.url) as page:
+        await say(page, "hi")
+        await expect(bot_bubbles(page)).to_have_text([HELLO, "What's your name?"])
+        link = page.locator(".msg.bot a.media")
+        await expect(link).to_have_text(label)
+        assert await link.get_attribute("href") == url
 
 
 async def test_pay_on_the_demo_page_then_the_chat_goes_on(browser: Browser,

@@ -194,6 +194,18 @@
     }
   }
 
+  // the last path segment, %-decoded; as written when that is not valid %-encoding (a
+  // URL a flow sends may hold a lone "%": decodeURIComponent would throw, and the whole
+  // message would not be shown)
+  function fileName(href) {
+    const name = href.split(/[?#]/)[0].split("/").pop();
+    try {
+      return decodeURIComponent(name);
+    } catch {
+      return name;
+    }
+  }
+
   function showBot(doc) {
     if (typeof doc.id !== "number" || doc.id <= lastId) return; // shown already
     showMine(doc.id);
@@ -210,7 +222,7 @@
         img.alt = doc.text || "image";
         li.append(img);
       } else {
-        const a = el("a", "media", decodeURIComponent(href.split(/[?#]/)[0].split("/").pop()) || href);
+        const a = el("a", "media", fileName(href) || href);
         a.href = href;
         a.target = "_blank";
         a.rel = "noopener noreferrer";
