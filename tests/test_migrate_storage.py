@@ -182,3 +182,24 @@ def test_nul_characters_in_sqlite_text_are_copied_as_the_store_writes_them(
         assert conn.execute("SELECT user_id, error FROM outbox").fetchone() == (
             "u\ufffdx", "boom\ufffd")
         assert conn.execute("SELECT id FROM events").fetchone() == ("ev\ufffd",)
+
+
+def test_every_sqlite_table_and_column_is_copied_or_deliberately_left(tmp_path: Path) -> None:
+    """A migration that adds a table or a column to SQLite must say whether it moves:
+    otherwise migrate-storage would drop that data silently."""
+    import sqlite3
+
+    from storage.migrate import _PLAN
+    from storage.store import SQLiteStore
+
+    left = {"_sqlite_migrations", "settings"}  # each backend's own bookkeeping
+    db = tmp_path / "flowbot.db"
+    SQLiteStore(db).close()
+    plan = {table: set(columns) for table, columns, *_ in _PLAN}
+    with sqlite3.connect(db) as conn:
+        tables = {r[0] for r in conn.execute(
+            "SELECT name FROM sqlite_master WHERE type = 'table'")} - left
+        assert tables == set(plan)
+        for table in tables:
+            columns = {r[1] for r in conn.execute(f"PRAGMA table_info({table})")}
+            assert columns == plan[table], table
