@@ -870,6 +870,7 @@ def sent_to(fake: FakeTelegram, chat: int) -> list[str]:
     return [p["text"] for p in fake.sent() if int(p["chat_id"]) == chat]
 
 
+@pytest.mark.usefixtures("both_backends")
 async def test_a_send_to_an_upgraded_group_follows_it_with_the_conversation(
         tmp_path: Path, fake: FakeTelegram) -> None:
     async with telegram(tg_config(tmp_path, fake), fake) as tg:
@@ -891,6 +892,7 @@ async def test_a_send_to_an_upgraded_group_follows_it_with_the_conversation(
 
 
 @pytest.mark.parametrize("notices", [["to"], ["from"], ["to", "from"], ["from", "to"]])
+@pytest.mark.usefixtures("both_backends")
 async def test_migration_notices_move_the_conversation_and_its_open_wait(
         tmp_path: Path, fake: FakeTelegram, notices: list[str]) -> None:
     async with telegram(tg_config(tmp_path, fake), fake) as tg:
@@ -927,6 +929,7 @@ async def test_an_update_from_the_supergroup_before_the_notice_starts_no_second_
 
 
 @pytest.mark.parametrize("first", ["to", "from", "send"])
+@pytest.mark.usefixtures("both_backends")
 async def test_a_late_update_from_the_old_group_reaches_the_moved_conversation(
         tmp_path: Path, fake: FakeTelegram, first: str) -> None:
     """Webhooks reorder: an update the old group sent just before the upgrade can arrive
