@@ -549,9 +549,11 @@ class TelegramChannel:
         if m.media is not None:  # the file first, the text as its caption, the rest after
             caption, text = cut_text(text, CAPTION_LIMIT, utf16_len)
         parts: list[str | None] = [None] if m.media is not None else []
-        if text or m.media is None:
-            parts += split_text(text or (m.link.label if m.link else "…"), TEXT_LIMIT,
-                                utf16_len)
+        if text.strip() or m.media is None:
+            # Telegram refuses, for good, a message of only spaces and line breaks
+            # ("message text is empty"): a blank text, or a blank part of a long one
+            parts += [part for part in split_text(text, TEXT_LIMIT, utf16_len)
+                      if part.strip()] or [m.link.label if m.link else "…"]
         message_id = ""
         for i in range(min(self._parts.first_unsent(delivery_id), len(parts) - 1), len(parts)):
             part, keys = parts[i], markup if i == len(parts) - 1 else None
@@ -593,7 +595,8 @@ class TelegramChannel:
                           markup: InlineKeyboardMarkup | None) -> TgMessage:
         """sendPhoto or sendDocument by URL: Telegram fetches the file itself."""
         send = self.bot.send_photo if media.kind == "image" else self.bot.send_document
-        return await send(chat_id, media.url, caption=html.escape(caption, quote=False) or None,
+        return await send(chat_id, media.url,
+                          caption=html.escape(caption, quote=False) if caption.strip() else None,
                           parse_mode=ParseMode.HTML, reply_markup=markup)
 
     def keyboard(self, m: Message, *, link_button: bool = True) -> InlineKeyboardMarkup | None:

@@ -1310,3 +1310,26 @@ async def test_an_album_answers_one_question_not_the_ones_after_it(
         assert (await tg.post_update(album[order[0]]))[0] == 200  # redelivered: nothing new
         await tg.post_update(media_update(20, photo=photo("ID")))
         assert fake.sent()[-1]["text"] == f"Got P{order[0]} and ID"
+
+
+@pytest.mark.parametrize("text", ["{{greeting}} {{name}}", "\\n\\n{{name}}\\n"])
+async def test_a_question_whose_text_renders_blank_still_brings_its_buttons(
+        tmp_path: Path, fake: FakeTelegram, text: str) -> None:
+    """Telegram refuses a message of only spaces and line breaks ("message text is
+    empty"), for good: the buttons with it never arrived and the user was stuck."""
+    flows = f"""
+[flows.main]
+start = "pick"
+[flows.main.blocks.pick]
+type = "buttons"
+text = "{text}"
+choices = [{{ label = "Yes", next = "bye" }}, {{ label = "No", next = "bye" }}]
+[flows.main.blocks.bye]
+type = "end"
+text = "Bye"
+"""
+    async with telegram(tg_config(tmp_path, fake, flows=flows), fake) as tg:
+        [sent] = await tg.say("hi", 1)
+        assert sent["text"] == "…"
+        assert [row[0]["text"] for row in keyboard(sent)] == ["Yes", "No"]
+        assert all(r[0] == "sent" for r in await tg.outbox_rows())
