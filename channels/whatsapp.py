@@ -371,7 +371,7 @@ class WhatsAppChannel:
         """Quick-reply template with len(buttons) buttons. Variables: {{1}} the text, then
         per button i (1-based) {{2i}} its label and {{2i+1}} its id, our payload."""
         sid = self.buttons_templates.get(len(buttons))
-        if (not sid or not text or len(text) > TEMPLATE_BODY_MAX
+        if (not sid or not text.strip() or len(text) > TEMPLATE_BODY_MAX
                 or any(not 0 < len(b.label) <= BUTTON_TITLE_MAX for b in buttons)):
             return None
         variables = {"1": text}
@@ -387,7 +387,7 @@ class WhatsAppChannel:
         sid = self.config.webview_content_sid
         base = self.webview_url_base
         suffix = link.url[len(base):] if link.url.startswith(base) else ""
-        if (not sid or not text or not suffix or len(text) > TEMPLATE_BODY_MAX
+        if (not sid or not text.strip() or not suffix or len(text) > TEMPLATE_BODY_MAX
                 or not 0 < len(link.label) <= BUTTON_TITLE_MAX):
             return None
         variables = {"1": text, "2": suffix, "3": link.label}
@@ -401,8 +401,8 @@ class WhatsAppChannel:
         params = self.params(delivery.message) if media is None \
             else {"body": plain_text(delivery.message)}
         body = params.pop("body", None)
-        if body == "" and media is None:
-            log.debug("outbox %d: nothing to say (empty text)", delivery.id)
+        if body is not None and not body.strip() and media is None:
+            log.debug("outbox %d: nothing to say (blank text)", delivery.id)
             return None
         if self.config.status_callback:
             params["status_callback"] = self.status_url
@@ -410,7 +410,7 @@ class WhatsAppChannel:
         # with the first), and a retry after a failed part sends only the parts not sent yet
         if body is None:
             parts = [params]  # a Content template: one message
-        elif body:
+        elif body.strip():
             parts = [{**params, "body": part} for part in split_text(body, BODY_MAX)]
         else:
             parts = [dict(params)]  # a file alone

@@ -453,6 +453,7 @@ def test_quick_reply_template() -> None:
     Message("Pick", (Button("Yes", f"{TAG}:0"),)),  # no template with one button
     Message("Pick", (Button("A label longer than twenty", f"{TAG}:0"), BUTTONS[1])),
     Message("", BUTTONS),  # WhatsApp refuses an empty variable
+    Message(" \n ", BUTTONS),  # or a blank one
     Message("x" * 1025, BUTTONS),
 ])
 def test_messages_that_do_not_fit_the_template_go_as_text(message: Message) -> None:
@@ -552,6 +553,7 @@ async def test_unreachable_api_is_transient(tmp_path: Path) -> None:
 async def test_empty_message_is_not_sent(tmp_path: Path) -> None:
     async with whatsapp_harness(tmp_path, FLOWS) as h:
         assert await h.channel.send(Delivery(1, 1, USER, Message(""))) is None
+        assert await h.channel.send(Delivery(2, 1, USER, Message(" \n "))) is None
         assert h.twilio.posts == []
 
 
