@@ -24,6 +24,7 @@ from contextlib import contextmanager
 from typing import Any
 
 import psycopg
+from psycopg.conninfo import conninfo_to_dict
 from psycopg_pool import ConnectionPool
 
 from bot import store as contract
@@ -798,14 +799,28 @@ def count_rows(conn: psycopg.Connection[tuple[Any, ...]]) -> dict[str, int]:
     return out
 
 
+# s a connection of its own (the metrics' counts) may take to open when the URL says no
+# connect_timeout: libpq's default is none (psycopg's 130 s), so against a server that
+# accepts and never answers (a stuck host, PgBouncer waiting for a dead server) every
+# /metrics scrape held a thread of the event loop's executor for two minutes
+SIDE_CONNECT_TIMEOUT = 5
+
+
+def side_connection(url: str, **kwargs: Any) -> psycopg.Connection[tuple[Any, ...]]:
+    """`psycopg.connect(url, **kwargs)`, with SIDE_CONNECT_TIMEOUT unless `url` sets one."""
+    if "connect_timeout" not in conninfo_to_dict(url):
+        kwargs["connect_timeout"] = SIDE_CONNECT_TIMEOUT
+    return psycopg.connect(url, **kwargs)
+
+
 def read_counts(url: str, prepared_statements: bool = True) -> dict[str, int]:
     """`count_rows` on a connection of its own (run it on a thread)."""
-    with psycopg.connect(url, **connect_kwargs(prepared_statements)) as conn:
+    with side_connection(url, **connect_kwargs(prepared_statements)) as conn:
         return count_rows(conn)
 
 
 def read_pending_waits(url: str) -> dict[str, int]:
     """Pending waits by kind, on a connection of its own (the metrics' gauges at start)."""
-    with psycopg.connect(url, autocommit=True) as conn:
+    with side_connection(url, autocommit=True) as conn:
         return {kind: n for kind, n in conn.execute(
             "SELECT kind, count(*) FROM waits WHERE state = 'pending' GROUP BY kind")}

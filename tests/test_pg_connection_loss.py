@@ -92,6 +92,7 @@ class Link:
     def __init__(self, target: int = 5432) -> None:
         self.target = target
         self.up = True
+        self.hung = False  # new connections accepted, then nothing answered
         self._socks: list[socket.socket] = []
         self._listener = socket.create_server(("127.0.0.1", 0))
         self.port = int(self._listener.getsockname()[1])
@@ -105,6 +106,9 @@ class Link:
                 return
             if not self.up:
                 down.close()
+                continue
+            if self.hung:
+                self._socks.append(down)
                 continue
             up = socket.create_connection(("127.0.0.1", self.target))
             self._socks += [down, up]
@@ -180,3 +184,25 @@ async def test_an_unreachable_database_answers_503_soon_and_the_server_recovers(
             await h.flush()
             assert [m.text for m in h.channel.messages("ann")] == ["Pay", "paid"]
             assert [m.text for m in h.channel.messages("bob")] == ["Pay"]
+
+
+async def test_metrics_do_not_hang_on_a_database_that_never_answers(
+        tmp_path: Path, pg_database: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A server that accepts connections and never answers (a stuck host, a PgBouncer
+    waiting for a dead server): /metrics answers with the last counts once its own
+    connection gives up, instead of holding a thread for libpq's default of minutes."""
+    empty(pg_database)
+    monkeypatch.setattr(postgres, "SIDE_CONNECT_TIMEOUT", 2)  # libpq's least
+    with link() as db:
+        monkeypatch.setenv("FLOWBOT_TEST_STORAGE",
+                           pg_database.replace("127.0.0.1:5432", f"127.0.0.1:{db.port}"))
+        async with harness(write_config(tmp_path, FLOWS)) as h:
+            await waiting(h, ["ann"])
+            resp = await h.client.get("/metrics")
+            assert 'flowbot_pending_waits{kind="webview"} 1' in await resp.text()
+            db.hung = True
+            began = time.monotonic()
+            resp = await h.client.get("/metrics")
+            assert resp.status == 200
+            assert 'flowbot_pending_waits{kind="webview"} 1' in await resp.text()
+            assert time.monotonic() - began < 10
