@@ -19,9 +19,11 @@ from pathlib import Path
 from typing import Any
 
 import psycopg
+from psycopg.conninfo import conninfo_to_dict
 
 from bot.errors import DatabaseInUse, FlowbotError
 from storage.lock import WriterLock
+from storage.pg_lock import ServerLock
 from storage.postgres import PgStore, _text
 from storage.store import SQLiteStore
 
@@ -73,9 +75,24 @@ def copy_sqlite_to_postgres(path: str | Path, url: str, *, now: float | None = N
                              "so that no callback it accepts afterwards is left behind") \
             from None
     try:  # held to the end: a server started meanwhile refuses the file
-        return _copy_all(path, url, now)
+        try:  # and a server on the target would write beside the copy (ids collide, its
+            # timer knows nothing of the copied waits): its one-server lock, taken too
+            target_lock = ServerLock.acquire(url, _where(url))
+        except DatabaseInUse as exc:
+            raise MigrationError(f"{exc} — migrate-storage copies into a database no "
+                                 "server uses yet") from None
+        try:
+            return _copy_all(path, url, now)
+        finally:
+            target_lock.release()
     finally:
         lock.release()
+
+
+def _where(url: str) -> str:
+    info = conninfo_to_dict(url)
+    return (f"PostgreSQL database {info.get('dbname', '?')} on "
+            f"{info.get('host', 'localhost')}:{info.get('port', 5432)}")
 
 
 def _copy_all(path: Path, url: str, now: float | None) -> Copied:

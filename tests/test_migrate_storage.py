@@ -203,3 +203,24 @@ def test_every_sqlite_table_and_column_is_copied_or_deliberately_left(tmp_path: 
         for table in tables:
             columns = {r[1] for r in conn.execute(f"PRAGMA table_info({table})")}
             assert columns == plan[table], table
+
+
+def test_a_target_a_server_already_runs_on_is_refused(
+        tmp_path: Path, pg_url: str, capsys: pytest.CaptureFixture[str]) -> None:
+    """A server on the (still empty) target would write beside the copy: ids collide, and
+    its timer knows nothing of the copied waits."""
+    from storage.pg_lock import ServerLock
+    from storage.store import SQLiteStore
+
+    db = tmp_path / "flowbot.db"
+    SQLiteStore(db).close()
+    running = ServerLock.acquire(pg_url, "the database")
+    try:
+        code = main(["migrate-storage", "--from", f"sqlite:{db}", "--to", pg_url])
+        err = capsys.readouterr().err
+        assert code == 2, err
+        assert "already served by another flowbot process" in err
+        assert "copies into a database no server uses yet" in err
+    finally:
+        running.release()
+    assert main(["migrate-storage", "--from", f"sqlite:{db}", "--to", pg_url]) == 0
