@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import fcntl
 import os
+import re
 import sys
 import time
 from pathlib import Path
@@ -50,7 +51,7 @@ class WriterLock:
                         "stop it first, or give this one another storage.path") from None
                 time.sleep(0.02)
         os.ftruncate(fd, 0)
-        os.pwrite(fd, f"pid {os.getpid()}: {' '.join(sys.argv)[:200]}\n".encode(), 0)
+        os.pwrite(fd, f"pid {os.getpid()}: {command_line()[:200]}\n".encode(), 0)
         return cls(fd, path)
 
     @classmethod
@@ -64,6 +65,14 @@ class WriterLock:
         if self.fd >= 0:
             os.close(self.fd)  # closing the last descriptor drops the lock
             self.fd = -1
+
+
+def command_line() -> str:
+    """This process's command line, for other processes to read, with the password of any
+    URL in it masked (`migrate-storage --to postgresql://user:pass@…` takes one)."""
+    text = " ".join(sys.argv)
+    text = re.sub(r"(://[^\s/@:]*:)\S*@", r"\1***@", text)  # to the last @: the host
+    return re.sub(r"(password=)[^\s&]*", r"\1***", text, flags=re.IGNORECASE)
 
 
 def _holder(path: Path) -> str:

@@ -78,3 +78,25 @@ def test_the_log_redacts_the_url_password(tmp_path: Path,
         f"{SECRET}%21", f"{SECRET}!"), None)
     Redact(_secret_values(load_config(config))).filter(record)
     assert record.getMessage() == "failed: [secret] / [secret]"
+
+
+def test_a_migration_s_lock_on_the_sqlite_file_does_not_show_its_url_password(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The lock file names its holder's command line to a server started meanwhile; the
+    command line of `migrate-storage --to postgresql://user:pass@…` holds a password."""
+    from bot.errors import DatabaseInUse
+    from storage.lock import WriterLock
+
+    monkeypatch.setattr(sys, "argv", [
+        "flowbot", "migrate-storage", "--from", "sqlite:flowbot.db",
+        "--to", f"postgresql://bot:{SECRET}@x@127.0.0.1/db?sslmode=require&password={SECRET}"])
+    db = tmp_path / "flowbot.db"
+    held = WriterLock.acquire(db)
+    try:
+        with pytest.raises(DatabaseInUse) as refused:
+            WriterLock.acquire(db, wait=0)
+    finally:
+        held.release()
+    said = str(refused.value) + (tmp_path / "flowbot.db.lock").read_text()
+    assert SECRET not in said and "@x@" not in said, said
+    assert "postgresql://bot:***@127.0.0.1/db?sslmode=require&password=***" in said
