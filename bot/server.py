@@ -75,11 +75,21 @@ def _cors_headers(config: Config) -> dict[str, str]:
 
 
 async def _healthz(request: web.Request) -> web.Response:
-    runtime = request.app[RUNTIME]
-    reason = await request.app[HEALTH].check(
-        lambda: backends.probe(runtime.worker, runtime.config))
+    reason = await _storage_trouble(request)
     if reason is None:
         return web.json_response({"status": "ok"})
+    return _unavailable(reason)
+
+
+async def _storage_trouble(request: web.Request) -> str | None:
+    """Why the storage is unavailable (a request met `StorageUnavailable` and a probe
+    still fails), or None."""
+    runtime = request.app[RUNTIME]
+    return await request.app[HEALTH].check(
+        lambda: backends.probe(runtime.worker, runtime.config))
+
+
+def _unavailable(reason: str) -> web.Response:
     return web.json_response(
         {"status": "unavailable", "error": "storage_unavailable",
          "message": f"The database is unavailable: {reason}."},
@@ -87,7 +97,12 @@ async def _healthz(request: web.Request) -> web.Response:
 
 
 async def _metrics(request: web.Request) -> web.Response:
+    """Prometheus exposition; 503 (DESIGN's contract, like /healthz) while requests find
+    the storage unavailable, so the scrape itself fails and `up` says so."""
     runtime = request.app[RUNTIME]
+    reason = await _storage_trouble(request)
+    if reason is not None:
+        return _unavailable(reason)
     # the pending waits, counted now on a thread with a read-only connection of its own
     # (it neither waits for the database worker nor holds it up): exact, whoever ended them
     try:

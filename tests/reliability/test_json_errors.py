@@ -161,11 +161,15 @@ async def _expect_503(h: Harness, eid: str, reason: str) -> None:
     assert resp.status == 503
     assert reason in (await resp.json())["message"]
     assert resp.headers["Retry-After"]
+    resp = await h.client.get("/metrics")  # DESIGN: 503 while storage is unavailable
+    assert resp.status == 503
+    assert (await resp.json())["error"] == "storage_unavailable"
 
 
 async def _expect_recovered(h: Harness, eid: str) -> None:
     resp = await h.client.get("/healthz")
     assert (resp.status, await resp.json()) == (200, {"status": "ok"})
+    assert (await h.client.get("/metrics")).status == 200
     status, body = await h.post("/webview/callback", json={"executionId": eid,
                                                             "success": True})
     assert (status, body["outcome"]) == (200, "success")
