@@ -109,7 +109,10 @@ class RetentionConfig:
                 "web_history": self.web_history_days * 86400.0,
                 "failed": self.failed_days * 86400.0,
                 "ended_waits": self.ended_waits_days * 86400.0,
-                "idle_conversations": self.idle_conversations_days * 86400.0}
+                "idle_conversations": self.idle_conversations_days * 86400.0,
+                # a moved chat's old address: late updates come within a day; kept as long
+                # as an idle conversation, pruned with them
+                "chat_aliases": self.idle_conversations_days * 86400.0}
         ages["early_statuses"] = 86400.0  # Twilio statuses for unknown ids: not a setting
         return {name: now - age for name, age in ages.items() if age > 0}
 

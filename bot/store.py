@@ -59,7 +59,7 @@ PER_CONVERSATION = 50
 
 
 PRUNE_CATEGORIES = ("events", "delivered", "web_history", "failed", "ended_waits",
-                    "early_statuses", "idle_conversations")
+                    "early_statuses", "idle_conversations", "chat_aliases")
 """What retention deletes, in the order a pruning round visits them."""
 
 
@@ -95,7 +95,10 @@ class Store(Protocol):
 
     def conversation(self, channel: str, user_id: str, new_key: str, now: float) -> Conversation:
         """The conversation of this user on this channel, locked for this transaction;
-        created (not started, with `new_key`) if there is none."""
+        created (not started, with `new_key`) if there is none. A `user_id` that is the old
+        address of a moved chat (`move_conversation`'s alias, kept in the database) means
+        the conversation at its new address: a late update from an upgraded Telegram group
+        reaches the moved conversation, after a restart too."""
         ...
 
     def conversation_by_id(self, conversation_id: int) -> Conversation | None:
@@ -115,7 +118,9 @@ class Store(Protocol):
         "<new>~replaced~<its id>", unless it is the older of the two: then it is the real
         one, moved before, and the one at `old_user_id` (started by a late update from the
         old address) is set aside under "<old>~replaced~<its id>" and False returned. False
-        when nothing is at `old_user_id` (moved already)."""
+        when nothing is at `old_user_id` (moved already). In every case but `old_user_id ==
+        new_user_id` the alias old → new is written in this transaction (see
+        `conversation`), whatever was moved."""
         ...
 
     def save(self, conv: Conversation, step: Step, now: float) -> None:

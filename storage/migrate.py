@@ -4,10 +4,10 @@ What moves: every conversation (with its variables, key and place), every wait (
 ones with their deadlines; resolved ones too, so a late callback still gets its 409/410
 rather than a 404), the outbox rows not yet delivered, the web chat's delivered rows (a
 reconnecting page asks for them by id), early delivery statuses, webhook calls kept for
-their block, and the inbound event ids of the `EVENT_WINDOW` seconds before the newest
-one (a platform that redelivers an event after the move is still recognised). Ids are
-kept, and PostgreSQL's sequences continue after them. All of it in one PostgreSQL
-transaction, then the counts are compared table by table.
+their block, the old addresses of moved chats, and the inbound event ids of the
+`EVENT_WINDOW` seconds before the newest one (a platform that redelivers an event after
+the move is still recognised). Ids are kept, and PostgreSQL's sequences continue after
+them. All of it in one PostgreSQL transaction, then the counts are compared table by table.
 """
 
 from __future__ import annotations
@@ -44,6 +44,7 @@ _PLAN: list[tuple[str, tuple[str, ...], str, tuple[str, ...]]] = [
     ("early_statuses", ("platform_id", "status", "error", "at"), "1", ()),
     ("early_webhooks", ("id", "conversation_id", "payload", "schemes", "received", "expires"),
      "1", ()),
+    ("chat_aliases", ("channel", "old_user_id", "new_user_id", "created"), "1", ()),
 ]
 
 

@@ -4,7 +4,7 @@ never run a step twice (the second waits, then finds it applied).
 
 Version 1 is the SQLite schema as its migrations m001…m006 left it (storage/schema.py);
 later steps are appended here and in storage/schema.py alike (2 = m007, 3 = m008,
-4 = m009, 5 = m011; m010 is an index SQLite alone needs). Times are seconds since the
+4 = m009, 5 = m011, 6 = m012; m010 is an index SQLite alone needs). Times are seconds since the
 epoch (double precision), as in SQLite, so both stores hand the engine the same values.
 """
 
@@ -102,6 +102,17 @@ MIGRATIONS: list[tuple[int, str, str]] = [
     """),
     (5, "settings", """
         CREATE TABLE settings (name text PRIMARY KEY, value text NOT NULL);
+    """),
+    (6, "chat_aliases", """
+        -- SQLite's m012: a chat's old address -> its new one (a group become a supergroup)
+        CREATE TABLE chat_aliases (
+            channel text NOT NULL,
+            old_user_id text NOT NULL,
+            new_user_id text NOT NULL,
+            created double precision NOT NULL,
+            PRIMARY KEY (channel, old_user_id)
+        );
+        CREATE INDEX chat_aliases_created ON chat_aliases (created);
     """),
 ]
 

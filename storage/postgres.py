@@ -105,6 +105,8 @@ _PRUNE = {  # (cutoff, limit) → rows deleted, as storage/store.py's
                    "AND state != 'pending' LIMIT %s)",
     "early_statuses": "DELETE FROM early_statuses WHERE platform_id IN (SELECT platform_id "
                       "FROM early_statuses WHERE at < %s LIMIT %s)",
+    "chat_aliases": "DELETE FROM chat_aliases WHERE (channel, old_user_id) IN (SELECT "
+                    "channel, old_user_id FROM chat_aliases WHERE created < %s LIMIT %s)",
 }
 
 
@@ -360,6 +362,13 @@ class PgStore(contract.Store):
         select = (f"SELECT {_CONV} FROM conversations "  # noqa: S608 - fixed fragments
                   "WHERE channel = %s AND user_id = %s FOR UPDATE")
         row = self.conn.execute(select, (channel, user_id)).fetchone()
+        if row is None:  # the old address of a moved chat? (looked up only when new)
+            alias = self.conn.execute(
+                "SELECT new_user_id FROM chat_aliases WHERE channel = %s AND old_user_id = %s",
+                (channel, _text(user_id))).fetchone()
+            if alias is not None:
+                user_id = alias[0]
+                row = self.conn.execute(select, (channel, user_id)).fetchone()
         if row is None:
             row = self.conn.execute(
                 "INSERT INTO conversations (channel, user_id, key, created, updated) "  # noqa: S608
@@ -388,9 +397,14 @@ class PgStore(contract.Store):
     def move_conversation(self, channel: str, old_user_id: str, new_user_id: str,
                           now: float) -> bool:
         """As SQLite's; both rows are locked at once, in id order (no deadlock with
-        another move)."""
+        another move). The alias is written first, in this transaction."""
         if old_user_id == new_user_id:
             return False
+        self.conn.execute(
+            "INSERT INTO chat_aliases (channel, old_user_id, new_user_id, created) "
+            "VALUES (%s, %s, %s, %s) ON CONFLICT (channel, old_user_id) DO UPDATE SET "
+            "new_user_id = excluded.new_user_id, created = excluded.created",
+            (channel, _text(old_user_id), _text(new_user_id), now))
         rows = {user: (cid, variables) for cid, user, variables in self.conn.execute(
             "SELECT id, user_id, variables FROM conversations WHERE channel = %s "
             "AND user_id IN (%s, %s) ORDER BY id FOR UPDATE",

@@ -185,3 +185,23 @@ def m011_settings(db: Database) -> None:
         CREATE TABLE settings (name TEXT PRIMARY KEY, value TEXT NOT NULL) WITHOUT ROWID;
         """
     )
+
+
+@migrations()
+def m012_chat_aliases(db: Database) -> None:
+    """A chat's old address → its new one (a Telegram group upgraded to a supergroup),
+    written by `move_conversation` in the transaction that moves the conversation: a late
+    update from the old address, after a restart too, reaches the moved conversation.
+    Pruned with the idle conversations (`[retention]`), through `created`."""
+    db.executescript(
+        """
+        CREATE TABLE chat_aliases (
+            channel TEXT NOT NULL,
+            old_user_id TEXT NOT NULL,
+            new_user_id TEXT NOT NULL,
+            created REAL NOT NULL,
+            PRIMARY KEY (channel, old_user_id)
+        );
+        CREATE INDEX chat_aliases_created ON chat_aliases (created);
+        """
+    )

@@ -48,6 +48,8 @@ _PRUNE = {  # (cutoff, limit) → rows deleted; each found through an index on i
                    "waits_created WHERE created < ? AND state != 'pending' LIMIT ?)",
     "early_statuses": "DELETE FROM early_statuses WHERE platform_id IN (SELECT platform_id "
                       "FROM early_statuses WHERE at < ? LIMIT ?)",
+    "chat_aliases": "DELETE FROM chat_aliases WHERE rowid IN (SELECT rowid FROM chat_aliases "
+                    "WHERE created < ? LIMIT ?)",
 }
 
 
@@ -124,10 +126,19 @@ class SQLiteStore(contract.Store):
     # -- conversations ----------------------------------------------------------------
 
     def conversation(self, channel: str, user_id: str, new_key: str, now: float) -> Conversation:
-        """The conversation of this user on this channel, created (not started) if new."""
+        """The conversation of this user on this channel, created (not started) if new; at
+        a moved chat's new address when `user_id` is its old one (`chat_aliases`)."""
         row = self.conn.execute(
             "SELECT * FROM conversations WHERE channel = ? AND user_id = ?", (channel, user_id)
         ).fetchone()
+        if row is None:  # the old address of a moved chat? (looked up only when new)
+            alias = self.conn.execute(
+                "SELECT new_user_id FROM chat_aliases WHERE channel = ? AND old_user_id = ?",
+                (channel, user_id)).fetchone()
+            if alias is not None:
+                user_id = alias[0]
+                row = self.conn.execute("SELECT * FROM conversations WHERE channel = ? AND "
+                                        "user_id = ?", (channel, user_id)).fetchone()
         if row is None:
             cur = self.conn.execute(
                 "INSERT INTO conversations (channel, user_id, key, created, updated) "
@@ -149,6 +160,12 @@ class SQLiteStore(contract.Store):
                           now: float) -> bool:
         if old_user_id == new_user_id:
             return False
+        # late updates from the old address follow (this transaction: with the move)
+        self.conn.execute(
+            "INSERT INTO chat_aliases (channel, old_user_id, new_user_id, created) "
+            "VALUES (?, ?, ?, ?) ON CONFLICT (channel, old_user_id) DO UPDATE SET "
+            "new_user_id = excluded.new_user_id, created = excluded.created",
+            (channel, old_user_id, new_user_id, now))
         row = self.conn.execute("SELECT id FROM conversations WHERE channel = ? AND "
                                 "user_id = ?", (channel, old_user_id)).fetchone()
         if row is None:

@@ -21,7 +21,7 @@ from tests.prereq import require
 
 DEFAULT_URL = "postgresql://postgres@127.0.0.1:5432/postgres"
 TABLES = ("conversations", "waits", "outbox", "events", "early_statuses", "early_webhooks",
-          "settings")
+          "settings", "chat_aliases")
 
 
 def admin_url() -> str:

@@ -173,6 +173,7 @@ def test_nul_characters_in_sqlite_text_are_copied_as_the_store_writes_them(
                      "next_attempt, error, created) VALUES (1, 'web', ?, '{}', 'pending', 1, "
                      "?, 1)", ("u\x00x", "boom\x00"))
         conn.execute("INSERT INTO events (id, at) VALUES (?, 1)", ("ev\x00",))
+        conn.execute("INSERT INTO chat_aliases VALUES ('telegram', '-1', '-1001', 1)")
     code = main(["migrate-storage", "--from", f"sqlite:{db}", "--to", pg_url])
     out = capsys.readouterr()
     assert code == 0, out.err
@@ -182,6 +183,8 @@ def test_nul_characters_in_sqlite_text_are_copied_as_the_store_writes_them(
         assert conn.execute("SELECT user_id, error FROM outbox").fetchone() == (
             "u\ufffdx", "boom\ufffd")
         assert conn.execute("SELECT id FROM events").fetchone() == ("ev\ufffd",)
+        assert conn.execute("SELECT * FROM chat_aliases").fetchall() == [
+            ("telegram", "-1", "-1001", 1.0)]
 
 
 def test_every_sqlite_table_and_column_is_copied_or_deliberately_left(tmp_path: Path) -> None:

@@ -82,11 +82,36 @@ def test_a_move_never_sets_aside_the_conversation_that_moved_first(store: Store)
     with store.transaction():
         real = store.conversation("telegram", "-100", "K-real", 0)
         assert store.move_conversation("telegram", "-100", "-200", 1)
+        query(store, "DELETE FROM chat_aliases")  # as a database from before m012 would
         late = store.conversation("telegram", "-100", "K-late", 2)
         assert not store.move_conversation("telegram", "-100", "-200", 3)
     with store.transaction():
         assert store.conversation("telegram", "-200", "unused", 4).key == real.key
         assert store.conversation_by_key("K-late").user_id == f"-100~replaced~{late.id}"  # type: ignore[union-attr]
+
+
+def test_the_old_address_of_a_moved_chat_leads_to_its_conversation(store: Store) -> None:
+    """The alias is written with the move, in its transaction, and read by `conversation`
+    (a late update from an upgraded group, whichever process gets it); rolled back with the
+    move; pruned with the idle conversations."""
+    with pytest.raises(RuntimeError), store.transaction():
+        store.conversation("telegram", "-100", "K-real", 0)
+        assert store.move_conversation("telegram", "-100", "-200", 1)
+        raise RuntimeError("the move rolls back")
+    with store.transaction():
+        assert query(store, "SELECT * FROM chat_aliases") == []
+        real = store.conversation("telegram", "-100", "K-real", 0)
+        assert store.move_conversation("telegram", "-100", "-200", 1)
+        assert not store.move_conversation("telegram", "-300", "-400", 1)  # nothing there
+    with store.transaction():
+        late = store.conversation("telegram", "-100", "K-late", 2)
+        assert (late.id, late.key, late.user_id) == (real.id, "K-real", "-200")
+        assert store.conversation("whatsapp", "-100", "K-other", 2).id != real.id
+        fresh = store.conversation("telegram", "-300", "K-new", 2)  # nothing had moved
+        assert (fresh.key, fresh.user_id) == ("K-new", "-400")
+        assert store.prune("chat_aliases", 1, 10) == (0, 0)
+        assert store.prune("chat_aliases", 1.5, 10) == (2, 0)
+        assert store.conversation("telegram", "-100", "K-after", 3).key == "K-after"
 
 
 def test_save_is_optimistic(store: Store) -> None:
@@ -269,7 +294,8 @@ text = "expired"
 def test_migrations_run_once_under_an_advisory_lock(pg_url: str) -> None:
     with psycopg.connect(pg_url, autocommit=True) as conn:
         conn.execute("DROP TABLE IF EXISTS conversations, waits, outbox, events, "
-                     "early_statuses, early_webhooks, settings, flowbot_migrations")
+                     "early_statuses, early_webhooks, settings, chat_aliases, "
+                     "flowbot_migrations")
     errors: list[BaseException] = []
 
     def start() -> None:
@@ -287,7 +313,7 @@ def test_migrations_run_once_under_an_advisory_lock(pg_url: str) -> None:
     with psycopg.connect(pg_url) as conn:
         assert conn.execute("SELECT version, name FROM flowbot_migrations").fetchall() == [
             (1, "initial"), (2, "removed_waits"), (3, "retention"),
-            (4, "early_webhooks"), (5, "settings")]
+            (4, "early_webhooks"), (5, "settings"), (6, "chat_aliases")]
 
 
 def test_transitions_use_the_database_clock_not_the_nodes(pg_url: str, tmp_path: Path

@@ -955,6 +955,37 @@ async def test_a_late_update_from_the_old_group_reaches_the_moved_conversation(
         assert sent_to(fake, SUPERGROUP)[-1] == "Press the button to pay."
 
 
+@pytest.mark.parametrize("first", ["to", "from", "send"])
+@pytest.mark.usefixtures("both_backends")
+async def test_a_late_update_from_the_old_group_after_a_restart_reaches_the_moved_one(
+        tmp_path: Path, fake: FakeTelegram, first: str) -> None:
+    """The old → new address is kept in the database with the move: a restart between the
+    move and a late update from the old group forgets nothing. The update answers the moved
+    conversation: no greeting to the group, no second conversation, the message not lost."""
+    config = tg_config(tmp_path, fake)
+    async with telegram(config, fake) as tg:
+        await tg.post_update(group_text(1, "hello"))
+        [(_, key, _, _)] = await conversations(tg)
+        if first == "send":
+            fake.fail_next("sendMessage", 400, "Bad Request: group chat was upgraded to a "
+                           "supergroup chat", {"migrate_to_chat_id": SUPERGROUP})
+            await tg.post_update(group_text(2, "Ada"))
+        else:
+            await tg.post_update(group_text(2, "Ada"))
+            await tg.post_update(migration_notice(10, first))
+    before = len(fake.sent())
+    async with telegram(config, fake) as tg:  # a new runtime on the same database
+        assert (await tg.post_update(group_text(3, "Pay with a web page")))[0] == 200
+        await tg.outbox.drain()
+        [(user_id, moved_key, block, variables)] = await conversations(tg)
+        assert (user_id, moved_key, block) == (str(SUPERGROUP), key, "pay")
+        assert '"name":"Ada"' in variables
+        assert [(int(p["chat_id"]), p["text"]) for p in fake.sent()[before:]] == [
+            (SUPERGROUP, "Press the button to pay.")]
+        assert [p["text"] for p in fake.sent()].count(
+            "Hi Ada Lovelace! What's your name?") == 1  # the first one, before the move
+
+
 # -- recovery: what a user sees when Telegram or our side fails ----------------------------
 
 
