@@ -414,7 +414,9 @@ class TelegramChannel:
         """The chat's id now: an update from a group that became a supergroup, delivered
         late (webhooks reorder), belongs to the conversation that moved to the new id; else
         it would start a second conversation at the old id, which the other migration
-        notice would then move over the real one."""
+        notice would then move over the real one. This map is this process's shortcut; the
+        store keeps the alias with the move and follows it too (after a restart, on
+        another node)."""
         return self._moved.get(str(chat_id), str(chat_id))
 
     def _without_mention(self, text: str) -> str | None:
