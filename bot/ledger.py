@@ -30,6 +30,7 @@ log = logging.getLogger(__name__)
 FIRE_BATCH = 500
 TOO_LARGE = "too_large"  # Outcome.state of an event refused for a variable's size
 STRANDED_BATCH = 200
+STRANDED_SPAN = 10_000  # rows a job of the stranded scan reads: ~20 ms on SQLite
 GONE_WEBHOOK = ("This conversation no longer waits for this call: the Webhook block it waited "
                 "at was removed from the flow, and the user was moved on. Nothing was applied.")
 NOT_WAITING = ("This conversation is not waiting at a Webhook block (its wait already got its "
@@ -124,13 +125,13 @@ class FirePass:
 
 @dataclass(frozen=True)
 class StrandedPass:
-    """One batch of stranded conversations moved (and orphaned waits ended) at start-up.
-    `checked`: the database had been checked against this config's blocks already (no
-    scan ran), or this batch finished the check."""
+    """One job of the stranded scan: what it found and moved (or ended), and the cursor of
+    the next job (None: the scan is done). `checked`: the database had been checked against
+    this config's blocks already (nothing was read), or this job finished a clean check."""
 
     found: list[Stranded]
     results: list[Outcome]
-    more: bool
+    cursor: tuple[int, str] | None
     errors: list[Exception]
     checked: bool = False
 
@@ -206,11 +207,12 @@ class Ledger(Store):
                                f"This WebView needs {block.verify} verification, "
                                "but that channel is not enabled on this server.")
             check(block, conv, proof or {}, now)
+        moved = self._move_first(conv, wait, now)
         try:
-            return self._resolve(wait, conv, "success" if success else "error", data, now,
-                                 refusable=True)
+            return _after(moved, self._resolve(wait, conv, "success" if success else "error",
+                                               data, now, refusable=True))
         except VariableTooLarge as exc:  # the claim was undone: the wait stays pending
-            return self._refuse(wait.conversation_id, exc, now)
+            return _after(moved, self._refuse(wait.conversation_id, exc, now))
 
     def webhook(self, key: str, payload: Any, signature: Signature,
                 now: float) -> Outcome | None:
@@ -253,7 +255,9 @@ class Ledger(Store):
         409. A replayed message id is a duplicate (None) either way."""
         hooks = self.config.webhooks
         wait = self.wait(conv.wait_id) if conv.wait_id else None
-        at_http = wait is not None and wait.kind == "http" and wait.state == "pending"
+        # (an http wait whose block is gone is stranded: nothing is kept for what follows it)
+        at_http = (wait is not None and wait.kind == "http" and wait.state == "pending"
+                   and self._live_block(wait) is not None)
         if not (at_http and hooks.early_window > 0 and self.early_schemes):
             if self._replayed(signature, now):
                 return None
@@ -326,22 +330,25 @@ class Ledger(Store):
             nxt = now + 1.0
         return done, nxt
 
-    def move_stranded(self, now: float, limit: int = STRANDED_BATCH) -> StrandedPass:
-        """Up to `limit` conversations whose block is gone from the config, each moved to
-        the start of `bot.stranded_flow` and told so, and pending waits whose block is gone
-        ended (a late callback or webhook then gets 410), each in its own savepoint.
+    def move_stranded(self, now: float, cursor: tuple[int, str] = (0, ""),
+                      clean: bool = True, span: int = STRANDED_SPAN) -> StrandedPass:
+        """One job of the scan that follows a config edit: the conversations of one stretch
+        of ids (`Store.stranded_part`, from `cursor`) whose block is gone from the config,
+        each moved to the start of `bot.stranded_flow` and told so, then pending waits whose
+        block is gone ended (a late callback or webhook gets 410), each in its own savepoint.
 
-        Only a config edit strands anything: the batch that finds the last of them keeps
-        the fingerprint of this config's blocks (`bot.stranded.CHECKED_BLOCKS`), and while
-        it matches no scan runs (a start-up with 1 M conversations does not read them all).
-        A row the scan found is moved only if it is still stranded once locked: an event
-        may have moved it since (each event path checks its own conversation)."""
+        Only a config edit strands anything: the job that ends a scan in which nothing
+        failed (`clean`: no earlier job did either) keeps the fingerprint of this config's
+        blocks (`bot.stranded.CHECKED_BLOCKS`), and while it matches nothing is read (a
+        start-up with 1 M conversations does not read them). Events do not wait for the
+        scan: each path moves its own conversation first. So a row the scan found is moved
+        only if it is still stranded once locked (an event may have moved it since)."""
         now = self.transaction_time(now)
         live = live_blocks(self.config.flows)
         checked = fingerprint(live)
         if self.setting(CHECKED_BLOCKS) == checked:
-            return StrandedPass([], [], False, [], checked=True)
-        found = self.stranded(live, limit)
+            return StrandedPass([], [], None, [], checked=True)
+        found, nxt = self.stranded_part(live, cursor, span, STRANDED_BATCH)
         results: list[Outcome] = []
         errors: list[Exception] = []
         for s in found:
@@ -357,10 +364,10 @@ class Ledger(Store):
                             wait, self.conversation_by_id(wait.conversation_id), now))
             except Exception as exc:
                 errors.append(exc)
-        more = len(found) == limit
-        if not more and not errors:  # every row is checked: the next start need not scan
+        done = nxt is None and clean and not errors
+        if done:  # every row is checked: the next start need not read them
             self.set_setting(CHECKED_BLOCKS, checked)
-        return StrandedPass(found, results, more, errors, checked=not more and not errors)
+        return StrandedPass(found, results, nxt, errors, checked=done)
 
     # -- inside a job -------------------------------------------------------------------
 
@@ -372,9 +379,10 @@ class Ledger(Store):
         conv = self.conversation_by_id(wait.conversation_id)  # the lock order: conversation first
         if wait.state == "pending" and self._live_block(wait) is None:
             return self._strand_wait(wait, conv, now)
+        moved = self._move_first(conv, wait, now)
         if not self.claim(wait_id, outcome, now, due=True):
-            return None
-        return self._transition(wait, conv, outcome, None, now)
+            return moved
+        return _after(moved, self._transition(wait, conv, outcome, None, now))
 
     def _transition(self, wait: Wait, conv: Conversation | None, outcome: str, data: Any,
                     now: float, *, refusable: bool = False) -> Outcome:
@@ -487,6 +495,22 @@ class Ledger(Store):
         flow = self.config.flows.get(conv.flow)
         return flow is None or conv.block not in flow.blocks
 
+    def _move_first(self, conv: Conversation | None, wait: Wait, now: float
+                    ) -> Outcome | None:
+        """An event for a wait that is not its conversation's own (a non-blocking WebView)
+        reaching a stranded conversation: the conversation is moved first, in this job, as
+        the start-up scan would have (it may not have got to it yet), so no event is
+        handled for a conversation that stands at a block the config no longer has."""
+        if conv is None or conv.wait_id == wait.id or not self._is_stranded(conv):
+            return None
+        try:
+            with self.savepoint():
+                return self._relocate(conv, now)
+        except VariableTooLarge as exc:  # as the scan's own failures: logged, left there
+            log.error("conversation %s: could not move it off a removed block: %s", conv.id,
+                      exc)
+            return None
+
     def _relocate(self, conv: Conversation, now: float) -> Outcome:
         """End the conversation's open wait as removed, move it to `bot.stranded_flow`."""
         held = self.wait(conv.wait_id) if conv.wait_id is not None else None
@@ -514,3 +538,15 @@ class Ledger(Store):
                        removed=wait.kind, removed_id=wait.id)
 
 
+
+
+def _after(moved: Outcome | None, result: Outcome) -> Outcome:
+    """`result`, with what moving its conversation first (`Ledger._move_first`) wrote and
+    ended, so the outbox, the timer and the metrics hear of both."""
+    if moved is None:
+        return result
+    result.messages += moved.messages
+    result.waits = moved.waits + result.waits
+    if not result.removed:
+        result.removed, result.removed_id = moved.removed, moved.removed_id
+    return result

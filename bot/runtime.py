@@ -71,6 +71,7 @@ class Runtime:
         self.http: aiohttp.ClientSession | None = None
         self.next_deadline: float | None = None  # the earliest pending one, after fire_due()
         self._tasks: set[asyncio.Task[None]] = set()
+        self.stranded_scan: asyncio.Task[list[Stranded]] | None = None  # check_stranded()
 
     # -- inbound messages ---------------------------------------------------------------
 
@@ -221,19 +222,23 @@ class Runtime:
                 return fired
 
     async def move_stranded(self) -> list[Stranded]:
-        """At start: move every conversation whose block the config no longer has to the
-        start of `bot.stranded_flow` (telling its user), and end the waits of removed
-        blocks, in batches; log how many stood where. Returns what was found."""
+        """Move every conversation whose block the config no longer has to the start of
+        `bot.stranded_flow` (telling its user), and end the waits of removed blocks, in
+        small jobs queued like any other (`Ledger.move_stranded`); log how many stood where.
+        Nothing is read when the database was checked against this config's blocks already.
+        Returns what was found."""
         found: list[Stranded] = []
-        while True:
-            done = await self.worker.run(Ledger.move_stranded, self.clock.now())
+        cursor: tuple[int, str] | None = (0, "")
+        clean = True
+        while cursor is not None:
+            done = await self.worker.run(Ledger.move_stranded, self.clock.now(), cursor, clean)
             found += done.found
             for result in done.results:
                 self._after_commit(result)
             for exc in done.errors:
                 log.error("could not move a stranded conversation: %r", exc)
-            if not done.more or done.errors:
-                break
+            clean = clean and not done.errors
+            cursor = done.cursor
         if found:
             moved = sum(1 for s in found if s.conversation_id)
             places = ", ".join(f"{place}: {n}" for place, n in per_block(found))
@@ -243,6 +248,24 @@ class Runtime:
                         sum(1 for s in found if s.wait_id), places)
             self.metrics["stranded_moved"] += len(found)
         return found
+
+    def check_stranded(self) -> asyncio.Task[list[Stranded]]:
+        """`move_stranded` in the background, started once the server is up: /healthz and
+        every event are served meanwhile (each event path moves its own conversation first,
+        bot/ledger.py), so start-up does not grow with the number of conversations. A scan
+        that fails is logged; the next start scans again. Awaited by `close`."""
+
+        async def scan() -> list[Stranded]:
+            try:
+                return await self.move_stranded()
+            except Exception:
+                log.exception("the check for stranded conversations stopped; each is still "
+                              "moved when an event reaches it, and the next start checks "
+                              "again")
+                return []
+
+        self.stranded_scan = asyncio.create_task(scan(), name="stranded")
+        return self.stranded_scan
 
     async def prune(self) -> dict[str, int]:
         """One pruning round (retention): every category older than its `[retention]` age,
@@ -402,6 +425,7 @@ class Runtime:
             self._after_commit(result)
 
     async def close(self) -> None:
-        for task in list(self._tasks):
+        tasks = [*self._tasks, *([self.stranded_scan] if self.stranded_scan else [])]
+        for task in tasks:
             task.cancel()
-        await asyncio.gather(*self._tasks, return_exceptions=True)
+        await asyncio.gather(*tasks, return_exceptions=True)

@@ -208,13 +208,15 @@ def build_app(
             raise FlowbotError("webhook secrets are missing: " + "; ".join(missing))
         await worker.open()
         runtime.http = aiohttp.ClientSession()
-        await runtime.move_stranded()  # before any channel can bring a message for them
         started: list[Channel] = []
         loops: list[asyncio.Task[None]] = []
         try:
             for channel in channels.values():
                 await channel.start()
                 started.append(channel)
+            # stranded conversations (a config edit) are moved in the background: each
+            # event moves its own first, so none has to wait for the scan
+            runtime.check_stranded()
             if run_background:
                 loops = [asyncio.create_task(outbox.run(), name="outbox"),
                          asyncio.create_task(runtime.run_pruning(), name="retention")]

@@ -197,6 +197,15 @@ class Store(Protocol):
         conversation (non-blocking WebViews). Conversations with no block never are."""
         ...
 
+    def stranded_part(self, live: list[tuple[str, str, str]], cursor: tuple[int, str],
+                      span: int, limit: int
+                      ) -> tuple[list[Stranded], tuple[int, str] | None]:
+        """`stranded` over one stretch: the conversations with ids in (cursor[0], cursor[0]
+        + span], then, once cursor[0] is -1, the orphaned waits among the `span` wait ids
+        after cursor[1]; at most `limit` rows. Returns them and the cursor to pass next,
+        None when both tables are done; start at (0, ""). Reads about `span` rows."""
+        ...
+
     def end_removed(self, wait_id: str, now: float) -> None:
         """End a pending wait as `removed` (its block is gone)."""
         ...

@@ -1,5 +1,6 @@
 """Conversations and waits a new config strands: they point at a block (or flow) the config
-no longer has. Found by the store (`Store.stranded`), moved by the ledger at start-up."""
+no longer has. Found by the store (`Store.stranded_part`, in stretches), moved by the ledger
+after start-up in the background, or by the first event that reaches one."""
 
 from __future__ import annotations
 

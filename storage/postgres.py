@@ -538,6 +538,13 @@ class PgStore(contract.Store):
     def stranded(self, live: list[tuple[str, str, str]], limit: int) -> list[Stranded]:
         return find_stranded(self.conn, live, limit)
 
+    def stranded_part(self, live: list[tuple[str, str, str]], cursor: tuple[int, str],
+                      span: int, limit: int
+                      ) -> tuple[list[Stranded], tuple[int, str] | None]:
+        from storage.pg_stranded import find_stranded_part
+
+        return find_stranded_part(self.conn, live, cursor, span, limit)
+
     def end_removed(self, wait_id: str, now: float) -> None:
         self.conn.execute("UPDATE waits SET state = %s, resolved_at = %s "
                           "WHERE id = %s AND state = 'pending'", (REMOVED, now, wait_id))

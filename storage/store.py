@@ -29,7 +29,7 @@ from bot.state import Conversation, EarlyWebhook, OutboxRow, Step, Wait
 from bot.store import FINAL_STATES, PER_CONVERSATION, status_advances
 from bot.stranded import REMOVED, Stranded
 from storage.schema import migrations
-from storage.stranded import find_stranded
+from storage.stranded import find_stranded, find_stranded_part
 
 __all__ = ["FINAL_STATES", "OutboxRow", "SQLiteLedger", "SQLiteStore", "Store", "read_counts",
            "read_pending_waits"]
@@ -271,6 +271,11 @@ class SQLiteStore(contract.Store):
 
     def stranded(self, live: list[tuple[str, str, str]], limit: int) -> list[Stranded]:
         return find_stranded(self.conn, live, limit)
+
+    def stranded_part(self, live: list[tuple[str, str, str]], cursor: tuple[int, str],
+                      span: int, limit: int
+                      ) -> tuple[list[Stranded], tuple[int, str] | None]:
+        return find_stranded_part(self.conn, live, cursor, span, limit)
 
     def end_removed(self, wait_id: str, now: float) -> None:
         self.conn.execute("UPDATE waits SET state = ?, resolved_at = ? "

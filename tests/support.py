@@ -140,6 +140,9 @@ async def harness(config: Config, channel: RecordingChannel | None = None
     app = build_app(config, channel_factories={"rec": lambda _c, _r: channel}, clock=clock,
                     run_background=False)
     async with TestClient(TestServer(app, host="127.0.0.1")) as client:
+        scan = app[RUNTIME].stranded_scan  # the background one after a config edit
+        if scan is not None:
+            await scan
         yield Harness(client, app[RUNTIME], app[OUTBOX], clock, channel)
 
 
