@@ -117,8 +117,8 @@ async def probe(worker: Worker, config: Config) -> None:
 
 
 async def pending_waits(config: Config) -> dict[str, int]:
-    """Pending waits by kind, counted once at start-up for the metrics' gauges, without
-    going through the worker (a scan of the pending rows)."""
+    """Pending waits by kind for the metrics' gauges, counted on each scrape of /metrics
+    (never at start-up) without going through the worker (a scan of the pending rows)."""
     if config.storage.backend == "postgresql":
         from storage import postgres
 

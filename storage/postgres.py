@@ -841,7 +841,7 @@ def read_counts(url: str, prepared_statements: bool = True) -> dict[str, int]:
 
 
 def read_pending_waits(url: str) -> dict[str, int]:
-    """Pending waits by kind, on a connection of its own (the metrics' gauges at start)."""
+    """Pending waits by kind, on a connection of its own (the metrics' gauges, per scrape)."""
     with side_connection(url, autocommit=True) as conn:
         return {kind: n for kind, n in conn.execute(
             "SELECT kind, count(*) FROM waits WHERE state = 'pending' GROUP BY kind")}

@@ -123,6 +123,9 @@ class App:
         await server.start_server(**self.server_options)  # the handler's options go here
         self.client = TestClient(server)
         await self.client.start_server()
+        scan = app[RUNTIME].stranded_scan  # the check for stranded conversations: done
+        if scan is not None:
+            await scan
         self.starts += 1
         return self
 

@@ -78,6 +78,10 @@ def live(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
     server = Server(tmp_path_factory.mktemp("bad-input"))
     seed_waits(server.db, 20, deadline=time.time() + 3600, prefix="u")
     server.start()
+    # the check for stranded conversations (in the background after start-up) has written
+    # what it checked: from here on only a request can change the database
+    server.until(lambda: server.sql("SELECT count(*) FROM settings") == [(1,)],
+                 "the stranded check finished")
     with segmenting_proxy(server.port, pause=0.01) as proxy:
         server.base = proxy.base  # every case goes through small delayed TCP segments
         yield server
