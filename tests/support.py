@@ -52,6 +52,33 @@ class RecordingChannel:
         return [d.message for d in self.sent if d.user_id == user]
 
 
+def pay_flow(expiration: int = 60) -> str:
+    """The `[flows.main]` TOML most storage tests share: a WebView block "pay" (the
+    given expiration, in seconds) whose success or error ends at "paid" ("paid") and
+    whose expiry ends at "late" ("expired")."""
+    return PAY_FLOW.replace("expiration = 60", f"expiration = {expiration}")
+
+
+PAY_FLOW = """
+[flows.main]
+start = "pay"
+[flows.main.blocks.pay]
+type = "webview"
+url = "https://pay.example"
+text = "Pay"
+expiration = 60
+on_success = "paid"
+on_error = "paid"
+on_expired = "late"
+[flows.main.blocks.paid]
+type = "end"
+text = "paid"
+[flows.main.blocks.late]
+type = "end"
+text = "expired"
+"""
+
+
 def storage_where(tmp_path: Path) -> str:
     """The `[storage]` line that says where the data is: a SQLite file in tmp_path, or the
     PostgreSQL database FLOWBOT_TEST_STORAGE names (see `both_backends`)."""

@@ -19,26 +19,9 @@ import pytest
 from storage import postgres
 from storage.backends import PROBE_TIMEOUT
 from tests.postgres import empty
-from tests.support import Harness, harness, write_config
+from tests.support import Harness, harness, pay_flow, write_config
 
-FLOWS = """
-[flows.main]
-start = "pay"
-[flows.main.blocks.pay]
-type = "webview"
-url = "https://pay.example"
-text = "Pay"
-expiration = 600
-on_success = "paid"
-on_error = "paid"
-on_expired = "late"
-[flows.main.blocks.paid]
-type = "end"
-text = "paid"
-[flows.main.blocks.late]
-type = "end"
-text = "expired"
-"""
+FLOWS = pay_flow(expiration=600)
 
 
 def end_sessions(url: str) -> int:

@@ -20,29 +20,14 @@ from bot.state import Step
 from storage.pg_worker import ANSWER_GROUP, PgWorker
 from storage.postgres import PgLedger, PgStore
 from tests.postgres import empty
+from tests.support import PAY_FLOW
 
 FLOW = """
 [storage]
 url = "{url}"
 [channels.web]
 enabled = false
-[flows.main]
-start = "pay"
-[flows.main.blocks.pay]
-type = "webview"
-url = "https://pay.example"
-text = "Pay"
-expiration = 60
-on_success = "paid"
-on_error = "paid"
-on_expired = "late"
-[flows.main.blocks.paid]
-type = "end"
-text = "paid"
-[flows.main.blocks.late]
-type = "end"
-text = "expired"
-"""
+""" + PAY_FLOW
 
 
 @pytest.fixture

@@ -23,7 +23,7 @@ from storage import backends
 from storage.postgres import PgLedger, PgStore
 from storage.store import SQLiteStore
 from tests.postgres import empty
-from tests.support import query
+from tests.support import PAY_FLOW, query
 
 
 @pytest.fixture(params=["sqlite", "postgresql"])
@@ -270,24 +270,7 @@ def pg_url(pg_database: str) -> str:
 
 def _config(tmp_path: Path, storage: str, flows: str = "") -> Any:
     path = tmp_path / "flowbot.toml"
-    path.write_text(f"[storage]\n{storage}\n[channels.web]\nenabled = false\n" + (flows or """
-[flows.main]
-start = "pay"
-[flows.main.blocks.pay]
-type = "webview"
-url = "https://pay.example"
-text = "Pay"
-expiration = 60
-on_success = "paid"
-on_error = "paid"
-on_expired = "late"
-[flows.main.blocks.paid]
-type = "end"
-text = "paid"
-[flows.main.blocks.late]
-type = "end"
-text = "expired"
-"""))
+    path.write_text(f"[storage]\n{storage}\n[channels.web]\nenabled = false\n" + (flows or PAY_FLOW))
     return load_config(path)
 
 
