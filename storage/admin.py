@@ -83,7 +83,7 @@ def stranded(config: Config, live: list[tuple[str, str, str]]) -> list[Stranded]
     """The stranded conversations and orphaned waits (bot/stranded.py) of the configured
     database, read-only. Raises NoDatabase, StorageError."""
     if config.storage.backend == "postgresql":
-        from storage.postgres import find_stranded
+        from storage.pg_stranded import find_stranded
 
         return _pg_job(config, lambda conn: find_stranded(conn, live))
     from storage.stranded import read_stranded

@@ -36,6 +36,7 @@ from bot.state import Conversation, EarlyWebhook, OutboxRow, Step, Wait
 from bot.store import PER_CONVERSATION, status_advances
 from bot.stranded import REMOVED, Stranded
 from storage import pg_schema
+from storage.pg_stranded import find_stranded, find_stranded_part
 
 STATEMENT_TIMEOUT = "30s"  # a statement running longer is cancelled (its job fails)
 IDLE_IN_TRANSACTION_TIMEOUT = "60s"  # a transaction left open (a stuck client) is ended
@@ -541,8 +542,6 @@ class PgStore(contract.Store):
     def stranded_part(self, live: list[tuple[str, str, str]], cursor: tuple[int, str],
                       span: int, limit: int
                       ) -> tuple[list[Stranded], tuple[int, str] | None]:
-        from storage.pg_stranded import find_stranded_part
-
         return find_stranded_part(self.conn, live, cursor, span, limit)
 
     def end_removed(self, wait_id: str, now: float) -> None:
@@ -769,43 +768,6 @@ class PgLedger(Ledger, PgStore):
                          prepared_statements=config.storage.prepared_statements,
                          caller_clock=caller_clock)
         Ledger.__init__(self, config, checks)
-
-
-_LIVE = ("live AS (SELECT * FROM unnest(%(flows)s::text[], %(blocks)s::text[], "
-         "%(kinds)s::text[]) AS b(flow, block, kind))")
-
-
-def find_stranded(conn: psycopg.Connection[tuple[Any, ...]],
-                  live: Sequence[tuple[str, str, str]], limit: int = -1) -> list[Stranded]:
-    """storage/stranded.py's `find_stranded` in PostgreSQL: the config's blocks travel as
-    three arrays (no temp table, so nothing stays on a pooled session)."""
-    params: dict[str, Any] = {
-        "flows": [f for f, _, _ in live], "blocks": [b for _, b, _ in live],
-        "kinds": [k for _, _, k in live], "limit": limit if limit >= 0 else None}
-    rows = conn.execute(
-        f"WITH {_LIVE} "  # noqa: S608 - a constant
-        "SELECT c.id, c.flow, coalesce(c.block, ''), c.wait_id, w.flow, w.block, w.kind "
-        "FROM conversations c LEFT JOIN waits w ON w.id = c.wait_id "
-        "WHERE (c.block IS NOT NULL AND NOT EXISTS (SELECT 1 FROM live b "
-        "       WHERE b.flow = c.flow AND b.block = c.block)) "
-        "   OR (c.wait_id IS NOT NULL AND (w.id IS NULL OR w.state != 'pending' "
-        "       OR NOT EXISTS (SELECT 1 FROM live b WHERE b.flow = w.flow "
-        "       AND b.block = w.block AND b.kind = w.kind))) "
-        "ORDER BY c.id LIMIT %(limit)s", params).fetchall()
-    out = [Stranded(cid, wflow or flow, wblock or block, kind or "", wait_id)
-           for cid, flow, block, wait_id, wflow, wblock, kind in rows]
-    if limit < 0 or len(out) < limit:
-        params["limit"] = limit - len(out) if limit >= 0 else None
-        waits = conn.execute(
-            f"WITH {_LIVE} "  # noqa: S608 - a constant
-            "SELECT w.id, w.flow, w.block, w.kind FROM waits w WHERE w.state = 'pending' "
-            "AND NOT EXISTS (SELECT 1 FROM live b WHERE b.flow = w.flow "
-            "AND b.block = w.block AND b.kind = w.kind) "
-            "AND NOT EXISTS (SELECT 1 FROM conversations c WHERE c.id = w.conversation_id "
-            "                AND c.wait_id = w.id) "
-            "ORDER BY w.id LIMIT %(limit)s", params).fetchall()
-        out += [Stranded(0, flow, block, kind, wid) for wid, flow, block, kind in waits]
-    return out
 
 
 def count_rows(conn: psycopg.Connection[tuple[Any, ...]]) -> dict[str, int]:
