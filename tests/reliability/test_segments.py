@@ -275,6 +275,35 @@ async def test_telegram_update_of_3000_characters_in_segments(
             assert rows == [(2,)]
 
 
+@pytest.mark.parametrize("framing", FRAMINGS)
+async def test_a_4096_emoji_reply_to_another_in_segments(
+        tmp_path: Path, fake: FakeTelegram, framing: str) -> None:
+    """Issue 14's big update as Telegram sends it: 4,096 emoji replying to another such
+    message, ~100 KB of \\u-escaped JSON (past server.max_body_bytes), in small segments:
+    the whole answer reaches the flow and the user."""
+    long = "😀" * 4096
+    async with telegram(tg_config(tmp_path, fake, flows=TG_FLOWS), fake) as tg:
+        assert tg.client.server.port is not None
+        with segmenting_proxy(tg.client.server.port) as proxy:
+            for update_id, text in ((1, "hi"), (2, long)):
+                update = tg_payload("text_message")
+                update["update_id"] = update_id
+                update["message"]["text"] = text
+                if update_id == 2:
+                    update["message"]["reply_to_message"] = {
+                        **tg_payload("text_message")["message"], "message_id": 3,
+                        "text": long}
+                body = json.dumps(update).encode()  # every emoji as \\ud83d\\ude00
+                status, _ = await post(f"{proxy.base}/telegram", body, framing,
+                                       **{"X-Telegram-Bot-Api-Secret-Token": SECRET})
+                assert status == 200
+            assert len(body) > 90_000
+            await tg.outbox.drain()
+            sent = [c["text"] for c in fake.sent()]
+            assert sent[0] == "Name?"
+            assert "".join(sent[1:]).count("😀") == 4096
+
+
 # -- Twilio ---------------------------------------------------------------------------------
 
 WA_FLOWS = """
