@@ -11,6 +11,9 @@ in the database, so a callback is two round trips); one whose speculation did no
 lost claim, a stale conversation, any failing write) runs again at once, not speculative.
 A job failing on a deadlock or serialization error is retried (it was rolled back whole);
 one failing because the database is unreachable or slow answers `StorageUnavailable` (503).
+A connection lost at COMMIT is looked up (`PgStore.commit`): a transition that committed
+answers as committed, one rolled back runs again, one whose outcome is unknown answers
+503 and never runs again.
 """
 
 from __future__ import annotations
@@ -29,7 +32,7 @@ import psycopg
 from psycopg import errors as pg_errors
 
 from bot.errors import StorageUnavailable
-from storage.postgres import PgStore, SpeculationLost, first_wait
+from storage.postgres import NotCommitted, PgStore, SpeculationLost, first_wait, learns_xid
 from storage.worker import TIMER, TimerPass, _answer_futures
 
 log = logging.getLogger(__name__)
@@ -162,6 +165,7 @@ class PgWorker:
         """The job in a transaction of its own: speculative first (see storage/postgres.py:
         a callback in 2 round trips), again not speculative if that did not hold."""
         fn, args, _ = job
+        xid = learns_xid(fn) or fn == self._fire  # this timer's pass is a transition too
         speculative = True
         attempt = 0
         reconnects = 0
@@ -170,7 +174,7 @@ class PgWorker:
             committing = False
             try:
                 with store.pool.connection() as conn:
-                    store.begin(conn, first_wait(fn, args), speculative=speculative)
+                    store.begin(conn, first_wait(fn, args), speculative=speculative, xid=xid)
                     try:
                         value = fn(store, *args)
                     except BaseException:
@@ -186,14 +190,16 @@ class PgWorker:
                 if attempt < RETRIES:
                     continue
                 return job, False, _unavailable(exc)
-            except psycopg.Error as exc:
-                if (not committing and conn is not None and conn.broken
-                        and reconnects < store.pool_size):
+            except (psycopg.Error, NotCommitted) as exc:
+                never_sent = not committing and conn is not None and conn.broken
+                if (never_sent or isinstance(exc, NotCommitted)) and (
+                        reconnects < store.pool_size):
                     # a pooled connection had died (the server restarted, the session was
-                    # ended) and the pool may hold more: COMMIT was never sent, so nothing
-                    # of the job is kept. Again on the next one (each dead one is dropped;
-                    # a new one that cannot connect ends it) rather than a 503 per
-                    # dead connection.
+                    # ended) and the pool may hold more: COMMIT was never sent, or the
+                    # database says it rolled back, so nothing of the job is kept. Again
+                    # on the next one (each dead one is dropped; a new one that cannot
+                    # connect ends it) rather than a 503 per dead connection. A COMMIT
+                    # whose outcome is unknown raises a psycopg.Error: a 503, not again.
                     reconnects += 1
                     continue
                 log.error("database job %s failed: %s: %s", getattr(fn, "__qualname__", fn),

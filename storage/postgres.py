@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import copy
 import json
+import logging
 import math
 from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
@@ -38,6 +39,7 @@ from bot.stranded import REMOVED, Stranded
 from storage import pg_schema
 from storage.pg_stranded import find_stranded, find_stranded_part
 
+log = logging.getLogger(__name__)
 STATEMENT_TIMEOUT = "30s"  # a statement running longer is cancelled (its job fails)
 IDLE_IN_TRANSACTION_TIMEOUT = "60s"  # a transaction left open (a stuck client) is ended
 EARLY_STATUS_TTL = 86400.0  # s a status for an unknown message id is kept
@@ -56,6 +58,14 @@ _CLOCK = (  # sent with BEGIN; SET LOCAL's effect, so it works behind PgBouncer 
     f" set_config('statement_timeout', '{STATEMENT_TIMEOUT}', true),"
     f" set_config('idle_in_transaction_session_timeout', '{IDLE_IN_TRANSACTION_TIMEOUT}', true)"
 )
+# The clock for a transition (see learns_xid): with the transaction's id, so that a COMMIT
+# whose answer is lost with its connection can be looked up (PgStore.commit). It gives
+# the transaction an id at once; a transition's first read locks its conversation, which
+# assigns one anyway, so this costs nothing there. Other jobs (the outbox's reads, the web
+# chat's history, polled all the time) do not ask: an id would cost each a commit record
+# in the WAL (not flushed at COMMIT when nothing else was written; no difference measured
+# with pgbench) and one of the 2^31 ids that anti-wraparound vacuums are paced by.
+_CLOCK_XID = _CLOCK + ", pg_current_xact_id()::text"
 _CONV = "id, channel, user_id, key, flow, block, wait_id, variables, version"
 _WAIT = "id, kind, flow, block, deadline, blocking, request, conversation_id, state"
 _WAIT_W = ", ".join(f"w.{c}" for c in _WAIT.split(", "))
@@ -85,6 +95,11 @@ _MANY = object()  # a deferred write sent with executemany
 
 class _Mark:
     """Stands in `_deferred` for a savepoint's SAVEPOINT until it is sent."""
+
+
+class NotCommitted(Exception):
+    """COMMIT was lost with its connection, and the database says the transaction was rolled
+    back: nothing of it is kept, so the job may run again."""
 
 
 class SpeculationLost(BaseException):
@@ -145,9 +160,11 @@ class PgStore(contract.Store):
             url, min_size=1, max_size=pool_size, kwargs=kwargs, open=True, name="flowbot",
             timeout=POOL_TIMEOUT, reconnect_timeout=RECONNECT_TIMEOUT)
         self.pool_size = pool_size
+        self._url = url
         self.caller_clock = caller_clock
         self.new_deadline = math.inf  # the earliest deadline save() wrote; the worker resets it
         self.db_time = 0.0  # the database's clock at the start of the bound transaction
+        self.xid: str | None = None  # the bound transaction's id, once read (see begin())
         self._conn: psycopg.Connection[tuple[Any, ...]] | None = None
         self._locked: Conversation | None = None  # see wait()
         self._read_first: tuple[str, tuple[Any, ...] | None] | None = None  # see begin()
@@ -206,10 +223,12 @@ class PgStore(contract.Store):
     # before: a lost race (the claim) or a stale conversation costs one more transaction.
 
     def begin(self, conn: psycopg.Connection[tuple[Any, ...]],
-              first_wait: str | None = None, *, speculative: bool = False) -> None:
+              first_wait: str | None = None, *, speculative: bool = False,
+              xid: bool = False) -> None:
         """Bind `conn` and open a transaction on it (sent with its first statement);
         `first_wait`: the id of the wait the job reads first, sent at once with BEGIN
-        and the clock (one round trip) for `wait` to find."""
+        and the clock (one round trip) for `wait` to find; `xid`: read the transaction's
+        id with the clock (see `_CLOCK_XID` and `commit`)."""
         self._conn = conn
         self._locked = None
         self._read_first = None
@@ -217,7 +236,9 @@ class PgStore(contract.Store):
         self._doomed = False
         self._speculative = speculative
         self.db_time = math.nan
-        self._deferred = [("BEGIN", None, None), (_CLOCK, None, self._set_clock)]
+        self.xid = None
+        self._deferred = [("BEGIN", None, None),
+                          (_CLOCK_XID if xid else _CLOCK, None, self._set_clock)]
         if first_wait is not None:
             def keep(cur: psycopg.Cursor[tuple[Any, ...]]) -> None:
                 self._read_first = (first_wait, cur.fetchone())
@@ -232,21 +253,53 @@ class PgStore(contract.Store):
     def _set_clock(self, cur: psycopg.Cursor[tuple[Any, ...]]) -> None:
         row = cur.fetchone()
         self.db_time = float(row[0]) if row else 0.0
+        self.xid = row[3] if row and len(row) > 3 else None
 
     def broken(self) -> bool:
         """Whether the bound connection is lost (and its transaction with it)."""
         return self._conn is None or self._conn.closed or self._conn.broken
 
     def commit(self) -> None:
+        """Send COMMIT (with the deferred writes); return once the transaction committed.
+
+        If the connection is lost on the way, the answer to COMMIT is lost, not
+        necessarily its effect. For a transaction whose id was read before (`begin`'s
+        `xid`, read in an earlier round trip) the database is asked, on a connection of
+        its own: committed → this returns, as if the answer had come; rolled back →
+        `NotCommitted` (nothing kept; the job may run again). Otherwise (still in
+        progress, the database unreachable, no id) the outcome is unknown and the
+        connection's error is raised: the job must not run again."""
         try:
             if len(self._deferred) == 2 and self._deferred[0][0] == "BEGIN":
                 self._deferred = []  # BEGIN and the clock, nothing else: nothing to send
             else:
                 self._deferred.append(("COMMIT", None, None))
-                self._flush()
+                try:
+                    self._flush()
+                except psycopg.Error as exc:
+                    if self.xid is None or not self.broken():
+                        raise
+                    status = self._status_elsewhere(self.xid)
+                    log.warning("connection lost at COMMIT; transaction %s: %s", self.xid,
+                                status or "status unknown")
+                    if status == "committed":
+                        return
+                    if status == "aborted":
+                        raise NotCommitted(f"{type(exc).__name__}: {exc}") from exc
+                    raise
         finally:
             self._conn = None
             self._deferred = []
+
+    def _status_elsewhere(self, xid: str) -> str | None:
+        """`pg_xact_status` of transaction `xid` ('committed', 'aborted', 'in progress'),
+        asked on a new connection; None if that cannot be done."""
+        try:
+            with side_connection(self._url, autocommit=True) as conn:
+                row = conn.execute("SELECT pg_xact_status(%s::xid8)", (xid,)).fetchone()
+        except psycopg.Error:
+            return None
+        return str(row[0]) if row and row[0] is not None else None
 
     def rollback(self) -> None:
         conn, self._conn = self._conn, None
@@ -748,6 +801,8 @@ class PgStore(contract.Store):
 
 
 _READS_A_WAIT_FIRST = (Ledger.webview_callback, Ledger.http_answer)
+_TRANSITIONS = (Ledger.inbound, Ledger.webview_callback, Ledger.webhook, Ledger.http_answer,
+                Ledger.fire_due, Ledger.move_stranded)
 
 
 def first_wait(fn: Any, args: Sequence[Any]) -> str | None:
@@ -756,6 +811,13 @@ def first_wait(fn: Any, args: Sequence[Any]) -> str | None:
     if fn in _READS_A_WAIT_FIRST and args and isinstance(args[0], str):
         return args[0]
     return None
+
+
+def learns_xid(fn: Any) -> bool:
+    """Whether a job reads its transaction's id with BEGIN (`_CLOCK_XID`), so that a COMMIT
+    whose answer is lost can be looked up (`PgStore.commit`): the ledger's transitions,
+    whose caller must get the committed answer, not a 503 or a 409 for its own change."""
+    return fn in _TRANSITIONS
 
 
 class PgLedger(Ledger, PgStore):

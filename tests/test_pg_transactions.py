@@ -18,7 +18,7 @@ from bot.ledger import Ledger
 from bot.messages import Inbound
 from bot.state import Step
 from storage.pg_worker import ANSWER_GROUP, PgWorker
-from storage.postgres import PgLedger, PgStore
+from storage.postgres import PgLedger, PgStore, learns_xid
 from tests.postgres import empty
 from tests.support import PAY_FLOW
 
@@ -69,14 +69,17 @@ def test_a_callback_is_two_round_trips(ledger: PgLedger,
     monkeypatch.setattr(psycopg.Connection, "execute", counted_execute)
     store = ledger.for_thread()
     with store.pool.connection() as conn:
-        store.begin(conn, wid, speculative=True)
+        store.begin(conn, wid, speculative=True,
+                    xid=learns_xid(Ledger.webview_callback))
         out = Ledger.webview_callback(store, wid, True, {"ref": "R"}, None, 0.0)
         store.commit()
     monkeypatch.undo()
     assert out is not None and (out.state, out.won, out.messages) == ("success", True, 1)
-    # BEGIN, the clock, the wait with its conversation locked; then the claim, the step,
-    # COMMIT: two pipelines, nothing else
+    # BEGIN, the clock (and the transaction's id, for a COMMIT whose answer is lost), the
+    # wait with its conversation locked; then the claim, the step, COMMIT: two pipelines,
+    # nothing else
     assert trips == ["pipeline", "pipeline"], trips
+    assert store.xid is not None and store.xid.isdigit()
     assert _counts(ledger) == {"success": 1, "outbox": 2}
 
 
