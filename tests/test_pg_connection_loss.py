@@ -95,8 +95,12 @@ class Link:
                 continue
             up = socket.create_connection(("127.0.0.1", self.target))
             self._socks += [down, up]
-            for a, b in ((down, up), (up, down)):
-                threading.Thread(target=self._pipe, args=(a, b), daemon=True).start()
+            self._join(down, up)
+
+    def _join(self, down: socket.socket, up: socket.socket) -> None:
+        """Relay both ways between the client's socket and the server's."""
+        for a, b in ((down, up), (up, down)):
+            threading.Thread(target=self._pipe, args=(a, b), daemon=True).start()
 
     @staticmethod
     def _pipe(a: socket.socket, b: socket.socket) -> None:
