@@ -42,6 +42,7 @@ _WAKE = "wake"
 RETRIES = 3  # attempts of a job that lost a deadlock or serialization race
 ANSWER_GROUP = 8  # answers sent together at most while jobs are queued (see _answered)
 ANSWER_WAIT = 0.005  # s an answer waits at most for others to go with it
+BATCH = 32  # jobs at most in one transaction (see _run_batch)
 MIN_SLEEP = 0.005  # s between timer passes at least, so a pass that leaves work never spins
 
 
@@ -127,8 +128,9 @@ class PgWorker:
     # -- the threads ----------------------------------------------------------------------
 
     def _loop(self, store: PgStore) -> None:
+        later: deque[_Job | str | None] = deque()  # taken from the queue by a batch
         while True:
-            item = self._queue.get()
+            item = later.popleft() if later else self._queue.get()
             if item is None:
                 with self._count_lock:
                     done, self._done = self._done, []
@@ -141,8 +143,26 @@ class PgWorker:
                 except IndexError:
                     break
                 self._answer([self._run(store, job)])  # urgent: not held back
-            if not isinstance(item, str):
+            if isinstance(item, str):
+                continue
+            if first_wait(item[0], item[1]) is None:
                 self._answered(self._run(store, item))
+                continue
+            batch = [item]
+            while len(batch) < BATCH and not later:
+                try:
+                    nxt = self._queue.get_nowait()
+                except queue.Empty:
+                    break
+                if nxt is None or isinstance(nxt, str) or first_wait(nxt[0], nxt[1]) is None:
+                    later.append(nxt)
+                else:
+                    batch.append(nxt)
+            done, alone = self._run_batch(store, batch)
+            for ran in done:  # answered before the jobs left over run
+                self._answered(ran)
+            for job in alone:
+                self._answered(self._run(store, job))
 
     def _answered(self, ran: tuple[_Job, bool, Any]) -> None:
         """Send a job's answer, together with others while more jobs are queued: in the
@@ -161,12 +181,82 @@ class PgWorker:
             done, self._done = self._done, []
         self._answer(done)
 
+    def _run_batch(self, store: PgStore, jobs: list[_Job]
+                   ) -> tuple[list[tuple[_Job, bool, Any]], list[_Job]]:
+        """Jobs that each read a wait first (callbacks, http answers), in one transaction:
+        their waits and conversations read and locked in one round trip
+        (`PgStore.begin_batch`), each job in a savepoint of its own (one raising is undone
+        alone, as alone it would be), all their writes sent with COMMIT. A batch costs
+        two round trips and one WAL flush whatever its size, where each statement and
+        each commit cost both processes CPU (bench/README.md, "SQLite vs PostgreSQL").
+        Returns the jobs that ran and their answers, and the jobs to run alone after it
+        (`_run`): those whose conversation the batch could not take, or all of a batch
+        whose speculation did not hold."""
+        if len(jobs) == 1:
+            return [], jobs
+        ids = [str(first_wait(fn, args)) for fn, args, _ in jobs]
+
+        def body(conn: psycopg.Connection[tuple[Any, ...]]
+                 ) -> tuple[list[tuple[_Job, bool, Any]], list[_Job]]:
+            held = store.begin_batch(conn, ids)
+            done: list[tuple[_Job, bool, Any]] = []
+            alone: list[_Job] = []
+            for job, wait_id in zip(jobs, ids, strict=True):
+                if wait_id not in held:
+                    alone.append(job)
+                    continue
+                held.discard(wait_id)
+                store.next_job(wait_id)
+                fn, args, _ = job
+                try:
+                    with store.savepoint():
+                        done.append((job, True, fn(store, *args)))
+                except psycopg.Error:
+                    raise
+                except Exception as exc:  # the job's own failure (an ApiError, a bug)
+                    done.append((job, False, exc))
+            return done, alone
+
+        try:
+            done, alone = self._transaction(store, body, f"batch of {len(jobs)}")
+        except SpeculationLost:
+            return [], jobs
+        except StorageUnavailable as exc:
+            return [(job, False, exc) for job in jobs], []
+        self._committed(store, len(done))
+        return done, alone
+
     def _run(self, store: PgStore, job: _Job) -> tuple[_Job, bool, Any]:
         """The job in a transaction of its own: speculative first (see storage/postgres.py:
         a callback in 2 round trips), again not speculative if that did not hold."""
         fn, args, _ = job
         xid = learns_xid(fn) or fn == self._fire  # this timer's pass is a transition too
+        what = getattr(fn, "__qualname__", str(fn))
         speculative = True
+
+        def body(conn: psycopg.Connection[tuple[Any, ...]]) -> Any:
+            store.begin(conn, first_wait(fn, args), speculative=speculative, xid=xid)
+            return fn(store, *args)
+
+        try:
+            try:
+                value = self._transaction(store, body, what)
+            except SpeculationLost:
+                speculative = False
+                value = self._transaction(store, body, what)
+        except Exception as exc:  # StorageUnavailable; the job's own failure (an ApiError)
+            return job, False, exc
+        self._committed(store, 1)
+        return job, True, value
+
+    def _transaction(self, store: PgStore,
+                     body: Callable[[psycopg.Connection[tuple[Any, ...]]], T], what: str) -> T:
+        """`body(conn)` (it begins the store's transaction on a pooled connection and runs
+        the job or jobs), then COMMIT. Run again after a deadlock or serialization error
+        (it was rolled back whole), and after a pooled connection turned out dead before
+        COMMIT was sent or was lost at a COMMIT the database says it rolled back. Raises
+        SpeculationLost (nothing kept), StorageUnavailable (the database unreachable,
+        slow or failing: 503) or the body's own exception (rolled back)."""
         attempt = 0
         reconnects = 0
         while True:
@@ -174,22 +264,19 @@ class PgWorker:
             committing = False
             try:
                 with store.pool.connection() as conn:
-                    store.begin(conn, first_wait(fn, args), speculative=speculative, xid=xid)
                     try:
-                        value = fn(store, *args)
+                        value = body(conn)
                     except BaseException:
                         store.rollback()
                         raise
                     committing = True
                     store.commit()
-            except SpeculationLost:
-                speculative = False
-                continue
+                    return value
             except (pg_errors.DeadlockDetected, pg_errors.SerializationFailure) as exc:
                 attempt += 1
                 if attempt < RETRIES:
                     continue
-                return job, False, _unavailable(exc)
+                raise _unavailable(exc) from None
             except (psycopg.Error, NotCommitted) as exc:
                 never_sent = not committing and conn is not None and conn.broken
                 if (never_sent or isinstance(exc, NotCommitted)) and (
@@ -202,17 +289,15 @@ class PgWorker:
                     # whose outcome is unknown raises a psycopg.Error: a 503, not again.
                     reconnects += 1
                     continue
-                log.error("database job %s failed: %s: %s", getattr(fn, "__qualname__", fn),
+                log.error("database job %s failed: %s: %s", what,
                           type(exc).__name__, str(exc).strip()[:300])
-                return job, False, _unavailable(exc)
-            except Exception as exc:  # the job's own failure (an ApiError, a bug)
-                return job, False, exc
-            else:
-                with self._count_lock:
-                    self.commits += 1
-                    self.jobs += 1
-                self._note_deadlines(store)
-                return job, True, value
+                raise _unavailable(exc) from None
+
+    def _committed(self, store: PgStore, jobs: int) -> None:
+        with self._count_lock:
+            self.commits += 1
+            self.jobs += jobs
+        self._note_deadlines(store)
 
     # -- the worker's own timer -----------------------------------------------------------
 

@@ -73,6 +73,13 @@ _CONV_C = ", ".join(f"c.{c}" for c in _CONV.split(", "))
 _WAIT_AND_CONV = (  # the wait, with its conversation locked (see PgStore.wait)
     f"SELECT {_WAIT_W}, {_CONV_C} FROM waits w "  # noqa: S608 - fixed fragments
     "JOIN conversations c ON c.id = w.conversation_id WHERE w.id = %s FOR UPDATE OF c")
+# a batch's waits (PgStore.begin_batch), their conversations locked in id order (so two
+# batches never wait for each other in a cycle); one another transaction holds is skipped,
+# not waited for: its job runs alone after the batch
+_WAITS_AND_CONVS = (
+    f"SELECT {_WAIT_W}, {_CONV_C} FROM waits w "  # noqa: S608 - fixed fragments
+    "JOIN conversations c ON c.id = w.conversation_id WHERE w.id = ANY(%s) "
+    "ORDER BY c.id FOR UPDATE OF c SKIP LOCKED")
 _RELEASE = "RELEASE SAVEPOINT part"
 _CLAIM = ("UPDATE waits SET state = %s, resolved_at = %s "
           "WHERE id = %s AND state = 'pending' AND {deadline_test}")
@@ -126,6 +133,28 @@ _PRUNE = {  # (cutoff, limit) → rows deleted, as storage/store.py's
 }
 
 
+def _grouped(deferred: list[tuple[str, Any, Any]]) -> list[tuple[str, Any, Any]]:
+    """Deferred writes (nothing reads them, no savepoint among them) merged into one
+    executemany per statement, in the order each statement first came: a batch's (see
+    `PgStore.begin_batch`) sent in a few psycopg calls instead of several per job. Only
+    writes of different conversations are reordered by this (a job's writes and a later
+    job's of the same conversation are never deferred together: that job reads its
+    conversation first, which sends them). Anything else in `deferred`: left as it is."""
+    writes = [d for d in deferred if d[2] is _WRITE or d[2] is _MANY]
+    if len(writes) < 2 or any(d[2] is not None for d in deferred
+                              if d[2] is not _WRITE and d[2] is not _MANY):
+        return deferred
+    merged: dict[str, list[Any]] = {}
+    for sql, params, then in writes:
+        rows = merged.setdefault(sql, [])
+        if then is _MANY:
+            rows.extend(params)
+        else:
+            rows.append(params)
+    others = [d for d in deferred if d[2] is None]  # BEGIN, the clock's reader aside
+    return others + [(sql, rows, _MANY) for sql, rows in merged.items()]
+
+
 def _dumps(value: Any) -> str:
     return json.dumps(value, ensure_ascii=False, separators=(",", ":"))
 
@@ -173,6 +202,7 @@ class PgStore(contract.Store):
         self._speculative = False  # see begin()
         self._doomed = False  # a speculative flush failed: the job runs again
         self._seen: dict[str, tuple[str, float]] = {}  # wait id → (state, deadline) read
+        self._batch: dict[str, tuple[Any, ...]] = {}  # wait id → its row (begin_batch)
 
     def for_thread(self) -> PgStore:
         """A copy sharing the pool (and, for a ledger, the engine) with a connection slot of
@@ -183,6 +213,7 @@ class PgStore(contract.Store):
         twin._read_first = None
         twin._deferred = []
         twin._seen = {}
+        twin._batch = {}
         twin.new_deadline = math.inf
         return twin
 
@@ -250,6 +281,28 @@ class PgStore(contract.Store):
                 self.rollback()
                 raise
 
+    def begin_batch(self, conn: psycopg.Connection[tuple[Any, ...]],
+                    wait_ids: Sequence[str]) -> set[str]:
+        """Open one speculative transaction for several jobs that each read a wait first
+        (callbacks, http answers; see PgWorker): BEGIN, the clock and all their waits with
+        their conversations locked, in one round trip. Returns the ids of the waits whose
+        conversation this transaction now holds, one wait per conversation; a job of
+        another wait (its conversation locked elsewhere, a second wait of the same
+        conversation, no such wait) does not belong in the batch. `next_job` before each."""
+        self.begin(conn, speculative=True, xid=True)  # callbacks write: see learns_xid
+        self._batch = {}
+        held: set[int] = set()
+        for row in self._execute(_WAITS_AND_CONVS, ([_text(w) for w in wait_ids],)):
+            if row[9] not in held:  # the conversation's id
+                held.add(row[9])
+                self._batch[row[0]] = row
+        return set(self._batch)
+
+    def next_job(self, wait_id: str) -> None:
+        """The next job of a batch reads `wait_id` (one `begin_batch` returned) first."""
+        self._locked = None
+        self._read_first = (wait_id, self._batch.pop(wait_id))
+
     def _set_clock(self, cur: psycopg.Cursor[tuple[Any, ...]]) -> None:
         row = cur.fetchone()
         self.db_time = float(row[0]) if row else 0.0
@@ -273,6 +326,7 @@ class PgStore(contract.Store):
             if len(self._deferred) == 2 and self._deferred[0][0] == "BEGIN":
                 self._deferred = []  # BEGIN and the clock, nothing else: nothing to send
             else:
+                self._deferred = _grouped(self._deferred)
                 self._deferred.append(("COMMIT", None, None))
                 try:
                     self._flush()

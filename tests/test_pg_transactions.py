@@ -13,6 +13,7 @@ import psycopg
 import pytest
 
 from bot.config import load_config
+from bot.engine import Engine
 from bot.errors import StaleState
 from bot.ledger import Ledger
 from bot.messages import Inbound
@@ -195,3 +196,156 @@ def test_an_inner_savepoint_sent_and_released_does_not_stop_the_outer_rollback(
             raise ValueError("undo both")
         assert ledger.record_event("outer", 0.0)  # not kept: new again
         assert ledger.record_event("inner", 0.0)
+
+
+# -- batches: callbacks that reach the worker together share one transaction ---------------
+
+
+def _queued(worker: PgWorker, jobs: list[tuple[Any, tuple[Any, ...]]]
+            ) -> list[asyncio.Future[Any]]:
+    """`jobs` queued before the worker's one thread starts, so it takes them as one batch."""
+    loop = asyncio.get_running_loop()
+    futures: list[asyncio.Future[Any]] = []
+    for fn, args in jobs:
+        fut: asyncio.Future[Any] = loop.create_future()
+        worker.submit(fn, args, (fut, loop))
+        futures.append(fut)
+    return futures
+
+
+def _callback(wid: str, data: Any = None) -> tuple[Any, tuple[Any, ...]]:
+    return Ledger.webview_callback, (wid, True, data if data is not None else {"ref": "R"},
+                                     None, 0.0)
+
+
+def _states(ledger: PgLedger) -> dict[str, str]:
+    with ledger.transaction():
+        return dict(ledger.conn.execute("SELECT id, state FROM waits"))
+
+
+def test_a_batch_of_callbacks_is_two_round_trips(ledger: PgLedger,
+                                                 monkeypatch: pytest.MonkeyPatch) -> None:
+    wids = [_waiting(ledger, f"u{i}") for i in range(5)]
+    trips: list[str] = []
+    pipeline = psycopg.Connection.pipeline
+
+    def counted_pipeline(conn: Any) -> Any:
+        trips.append("pipeline")
+        return pipeline(conn)
+
+    monkeypatch.setattr(psycopg.Connection, "pipeline", counted_pipeline)
+    store = ledger.for_thread()
+    with store.pool.connection() as conn:
+        assert store.begin_batch(conn, wids) == set(wids)
+        outs = []
+        for wid in wids:
+            store.next_job(wid)
+            with store.savepoint():
+                outs.append(Ledger.webview_callback(store, wid, True, {"ref": "R"}, None, 0.0))
+        store.commit()
+    monkeypatch.undo()
+    assert [(o.state, o.won) for o in outs if o is not None] == [("success", True)] * 5
+    # BEGIN, the clock and the five waits with their conversations locked; then every
+    # claim, step and message (one executemany per statement) with COMMIT
+    assert trips == ["pipeline", "pipeline"], trips
+    assert _counts(ledger) == {"success": 5, "outbox": 10}
+
+
+async def test_a_batch_answers_each_callback_as_alone_it_would(ledger: PgLedger) -> None:
+    """Five callbacks, the same executionId again and an unknown one, queued together: the
+    five commit in one transaction, the repeated one (its conversation is the batch's
+    already) and the unknown one (no row) run alone after it."""
+    wids = [_waiting(ledger, f"u{i}") for i in range(5)]
+    worker = PgWorker(ledger, threads=1)
+    futures = _queued(worker, [*map(_callback, wids), _callback(wids[0]), _callback("nope")])
+    worker.start()
+    try:
+        outs = await asyncio.gather(*futures)
+    finally:
+        await worker.stop()
+    assert [(o.state, o.won) for o in outs[:6]] == [("success", True)] * 5 + [("success", False)]
+    assert outs[6] is None
+    assert (worker.commits, worker.jobs) == (3, 7)
+    assert _counts(ledger) == {"success": 5, "outbox": 10}
+
+
+async def test_a_job_failing_in_a_batch_is_undone_alone(
+        ledger: PgLedger, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A callback whose transition raises (a bug) after its claim was deferred: its caller
+    gets the error and its wait stays pending; the batch's other callbacks commit."""
+    wids = [_waiting(ledger, f"u{i}") for i in range(3)]
+    on_wait = Engine.on_wait
+
+    def failing(engine: Engine, conv: Any, wait: Any, *args: Any) -> Any:
+        if wait.id == wids[1]:
+            raise RuntimeError("a bug in one transition")
+        return on_wait(engine, conv, wait, *args)
+
+    monkeypatch.setattr(Engine, "on_wait", failing)
+    worker = PgWorker(ledger, threads=1)
+    futures = _queued(worker, list(map(_callback, wids)))
+    worker.start()
+    try:
+        outs = await asyncio.gather(*futures, return_exceptions=True)
+    finally:
+        await worker.stop()
+    assert isinstance(outs[1], RuntimeError)
+    assert [(o.state, o.won) for o in (outs[0], outs[2])] == [("success", True)] * 2
+    assert _states(ledger) == {wids[0]: "success", wids[1]: "pending", wids[2]: "success"}
+    assert worker.commits == 1
+    assert _counts(ledger) == {"success": 2, "outbox": 5}
+
+
+async def test_a_batch_whose_speculation_fails_runs_each_job_alone(
+        ledger: PgLedger, pg_database: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Another transaction expires one of the batch's waits after the batch read it as
+    pending (the wait row is not locked, only its conversation): the guarded claim fails
+    at COMMIT, nothing of the batch is kept, and each callback runs again alone — that one
+    now hears `expired`, the others win."""
+    wids = [_waiting(ledger, f"u{i}") for i in range(3)]
+    next_job = PgStore.next_job
+
+    def racing(store: PgStore, wait_id: str) -> None:
+        if wait_id == wids[1]:
+            with psycopg.connect(pg_database, autocommit=True) as other:
+                other.execute("UPDATE waits SET state = 'expired' WHERE id = %s", (wait_id,))
+        next_job(store, wait_id)
+
+    monkeypatch.setattr(PgStore, "next_job", racing)
+    worker = PgWorker(ledger, threads=1)
+    futures = _queued(worker, list(map(_callback, wids)))
+    worker.start()
+    try:
+        outs = await asyncio.gather(*futures)
+    finally:
+        await worker.stop()
+    assert [(o.state, o.won) for o in outs] == [("success", True), ("expired", False),
+                                               ("success", True)]
+    assert (worker.commits, worker.jobs) == (3, 3)  # each alone; the batch kept nothing
+    assert _states(ledger) == {wids[0]: "success", wids[1]: "expired", wids[2]: "success"}
+    assert _counts(ledger) == {"success": 2, "outbox": 5}
+
+
+async def test_a_batch_does_not_wait_for_a_conversation_locked_elsewhere(
+        ledger: PgLedger, pg_database: str) -> None:
+    """One conversation is locked by another transaction: the batch takes the others
+    (SKIP LOCKED: no batch ever waits holding locks, so none deadlocks) and commits them;
+    that callback runs alone after, and waits for the lock as a lone job would."""
+    wids = [_waiting(ledger, f"u{i}") for i in range(3)]
+    with psycopg.connect(pg_database) as other:
+        other.execute("SELECT 1 FROM conversations c JOIN waits w ON w.conversation_id = c.id "
+                      "WHERE w.id = %s FOR UPDATE OF c", (wids[1],))
+        worker = PgWorker(ledger, threads=1)
+        futures = _queued(worker, list(map(_callback, wids)))
+        worker.start()
+        try:
+            done = await asyncio.wait_for(asyncio.gather(futures[0], futures[2]), 30)
+            assert [(o.state, o.won) for o in done] == [("success", True)] * 2
+            assert not futures[1].done()  # still waiting for the other transaction
+            other.commit()
+            out = await asyncio.wait_for(futures[1], 30)
+        finally:
+            await worker.stop()
+    assert (out.state, out.won) == ("success", True)
+    assert worker.commits == 2
+    assert _counts(ledger) == {"success": 3, "outbox": 6}
