@@ -393,7 +393,9 @@ class PgStore(contract.Store):
             raise SpeculationLost("this transaction's speculation already failed")
         conn = self._bound()
         done: list[tuple[Any, psycopg.Cursor[tuple[Any, ...]]]] = []
-        writes = False
+        # the error of a guard may surface while a later statement is queued (psycopg
+        # reads results when its buffer fills), so what the pipeline carries is known first
+        writes = any(then is _WRITE or then is _MANY for _, _, then in deferred)
         try:
             if len(deferred) == 1 and deferred[0][2] is not _MANY:  # no pipeline needed
                 sql, params, then = deferred[0]
@@ -405,7 +407,6 @@ class PgStore(contract.Store):
                             conn.cursor().executemany(sql, params)
                         else:
                             done.append((then, conn.execute(sql, params)))
-                        writes = writes or then is _WRITE or then is _MANY
         except psycopg.Error as exc:
             if writes and self._speculative and not self.broken():
                 self._doomed = True
