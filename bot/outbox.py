@@ -94,6 +94,7 @@ class Outbox:
         self._tasks: set[asyncio.Task[None]] = set()
         # deliveries finished in the same loop iteration, marked sent by one shared job
         self._sent: tuple[list[tuple[int, float, str | None]], asyncio.Future[None]] | None = None
+        self._pass_lock = asyncio.Lock()  # see pass_once
 
     def notify(self) -> None:
         self._wake.set()
@@ -125,7 +126,14 @@ class Outbox:
 
     async def pass_once(self) -> bool:
         """Start delivering every due row of conversations not already being delivered;
-        True when a channel's window was full (more rows may be due)."""
+        True when a channel's window was full (more rows may be due). Passes run one at
+        a time: a second pass reading rows while the first delivers them could find a
+        row the first one has not marked sent yet, and deliver it once the first one's
+        delivery had ended (`drain()` called by concurrent tasks sent duplicates)."""
+        async with self._pass_lock:
+            return await self._pass()
+
+    async def _pass(self) -> bool:
         rows: list[OutboxRow] = await self.worker.run(
             jobs.pending_by_channel, list(self.channels), self.clock.now(), BATCH,
             sorted(self._busy))
