@@ -96,6 +96,46 @@ def _guarded(update: str) -> str:
 _CLAIM_GUARDED = {due: _guarded(_CLAIM.format(deadline_test="deadline <= %s" if due
                                               else "deadline > %s")) for due in (False, True)}
 _SAVE_GUARDED = _guarded(_SAVE)
+_WAIT_COLUMNS = "id, conversation_id, kind, flow, block, deadline, blocking, request, created"
+_INSERT_WAITS = f"INSERT INTO waits ({_WAIT_COLUMNS}) VALUES ({', '.join(['%s'] * 9)})"  # noqa: S608
+_OUTBOX_COLUMNS = "conversation_id, channel, user_id, message, next_attempt, created"
+_INSERT_OUTBOX = f"INSERT INTO outbox ({_OUTBOX_COLUMNS}) VALUES ({', '.join(['%s'] * 6)})"  # noqa: S608
+
+
+def _set_based(update: str, types: str, columns: str, where: str) -> str:
+    """One guarded UPDATE for many rows: `update` (`SET …` of table `t` from source `v`)
+    joined to the rows, given as one array per column (`types`, `columns`: v's), failing
+    like `_guarded` unless every row (the last parameter: how many) changed one row."""
+    arrays = ", ".join(f"%s::{t}[]" for t in types.split())
+    return (f"WITH changed AS ({update} FROM unnest({arrays}) AS v({columns}) "  # noqa: S608
+            f"WHERE {where} RETURNING 1) SELECT 1 / (count(*) = %s)::int FROM changed")
+
+
+def _set_insert(table: str, columns: str, types: str) -> str:
+    """One INSERT for many rows given as one array per column, inserted in their order."""
+    arrays = ", ".join(f"%s::{t}[]" for t in types.split())
+    return (f"INSERT INTO {table} ({columns}) SELECT {columns} FROM unnest({arrays}) "  # noqa: S608
+            f"WITH ORDINALITY AS v({columns}, n) ORDER BY n")
+
+
+# the set-based form of a statement a batch sends once per job (see _grouped), and for
+# a guarded one the place of the row's key among its parameters (a key that comes
+# twice is left to executemany, which changes that row twice, in order); None: no guard
+_SET_FORMS: dict[str, tuple[str, int | None]] = {
+    **{_CLAIM_GUARDED[due]: (_set_based(
+        "UPDATE waits t SET state = v.outcome, resolved_at = v.at", "text float8 text float8",
+        "outcome, at, id, now", "t.id = v.id AND t.state = 'pending' AND t.deadline "
+        + ("<= v.now" if due else "> v.now")), 2) for due in (False, True)},
+    _SAVE_GUARDED: (_set_based(
+        "UPDATE conversations t SET flow = v.flow, block = v.block, wait_id = v.wait_id, "
+        "variables = v.variables, version = t.version + 1, updated = v.at",
+        "text text text text float8 int8 int4", "flow, block, wait_id, variables, at, id, version",
+        "t.id = v.id AND t.version = v.version"), 5),
+    _INSERT_WAITS: (_set_insert("waits", _WAIT_COLUMNS,
+                                "text int8 text text text float8 bool text float8"), None),
+    _INSERT_OUTBOX: (_set_insert("outbox", _OUTBOX_COLUMNS,
+                                 "int8 text text text float8 float8"), None),
+}
 _WRITE = object()  # a deferred write (no reader)
 _MANY = object()  # a deferred write sent with executemany
 
@@ -135,8 +175,10 @@ _PRUNE = {  # (cutoff, limit) → rows deleted, as storage/store.py's
 
 def _grouped(deferred: list[tuple[str, Any, Any]]) -> list[tuple[str, Any, Any]]:
     """Deferred writes (nothing reads them, no savepoint among them) merged into one
-    executemany per statement, in the order each statement first came: a batch's (see
-    `PgStore.begin_batch`) sent in a few psycopg calls instead of several per job. Only
+    statement each, in the order each statement first came: a batch's (see
+    `PgStore.begin_batch`) sent in a few psycopg calls instead of several per job, and
+    the hot ones (claims, steps, new waits, messages) run by the server as one
+    set-based statement over arrays (`_SET_FORMS`), the others as executemany. Only
     writes of different conversations are reordered by this (a job's writes and a later
     job's of the same conversation are never deferred together: that job reads its
     conversation first, which sends them). Anything else in `deferred`: left as it is."""
@@ -151,8 +193,16 @@ def _grouped(deferred: list[tuple[str, Any, Any]]) -> list[tuple[str, Any, Any]]
             rows.extend(params)
         else:
             rows.append(params)
-    others = [d for d in deferred if d[2] is None]  # BEGIN, the clock's reader aside
-    return others + [(sql, rows, _MANY) for sql, rows in merged.items()]
+    grouped = [d for d in deferred if d[2] is None]  # BEGIN, RELEASE
+    for sql, rows in merged.items():
+        form, key = _SET_FORMS.get(sql, (None, None))
+        columns = [list(column) for column in zip(*rows, strict=True)]
+        if form is None or len(rows) < 2 or (
+                key is not None and len(set(columns[key])) < len(rows)):
+            grouped.append((sql, rows, _MANY))
+        else:  # the server runs one statement for all rows, not one per row
+            grouped.append((form, columns if key is None else [*columns, len(rows)], _WRITE))
+    return grouped
 
 
 def _dumps(value: Any) -> str:
@@ -567,14 +617,12 @@ class PgStore(contract.Store):
             self._seen.pop(step.cancelled_wait, None)
         if step.waits:
             self.new_deadline = min(self.new_deadline, *(w.deadline for w in step.waits))
-            add(("INSERT INTO waits (id, conversation_id, kind, flow, block, deadline, "
-                 "blocking, request, created) VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s)",
+            add((_INSERT_WAITS,
                  [(w.id, conv.id, w.kind, w.flow, w.block, w.deadline, w.blocking,
                    _dumps(w.request) if w.request is not None else None, now)
                   for w in step.waits], _MANY))
         if step.messages:
-            add(("INSERT INTO outbox (conversation_id, channel, user_id, message, "
-                 "next_attempt, created) VALUES (%s, %s, %s, %s, %s, %s)",
+            add((_INSERT_OUTBOX,
                  [(conv.id, conv.channel, conv.user_id, m.to_json(), now, now)
                   for m in step.messages], _MANY))
         if not self._speculative:

@@ -227,13 +227,19 @@ def test_a_batch_of_callbacks_is_two_round_trips(ledger: PgLedger,
                                                  monkeypatch: pytest.MonkeyPatch) -> None:
     wids = [_waiting(ledger, f"u{i}") for i in range(5)]
     trips: list[str] = []
-    pipeline = psycopg.Connection.pipeline
+    statements: list[str] = []
+    pipeline, execute = psycopg.Connection.pipeline, psycopg.Connection.execute
 
     def counted_pipeline(conn: Any) -> Any:
         trips.append("pipeline")
         return pipeline(conn)
 
+    def counted_execute(conn: Any, query: Any, *args: Any, **kwargs: Any) -> Any:
+        statements.append(str(query).split()[0])
+        return execute(conn, query, *args, **kwargs)
+
     monkeypatch.setattr(psycopg.Connection, "pipeline", counted_pipeline)
+    monkeypatch.setattr(psycopg.Connection, "execute", counted_execute)
     store = ledger.for_thread()
     with store.pool.connection() as conn:
         assert store.begin_batch(conn, wids) == set(wids)
@@ -245,9 +251,10 @@ def test_a_batch_of_callbacks_is_two_round_trips(ledger: PgLedger,
         store.commit()
     monkeypatch.undo()
     assert [(o.state, o.won) for o in outs if o is not None] == [("success", True)] * 5
-    # BEGIN, the clock and the five waits with their conversations locked; then every
-    # claim, step and message (one executemany per statement) with COMMIT
+    # BEGIN, the clock and the five waits with their conversations locked; then the five
+    # claims, steps and messages, each kind one statement over arrays, with COMMIT
     assert trips == ["pipeline", "pipeline"], trips
+    assert statements == ["BEGIN", "SELECT", "SELECT", "WITH", "WITH", "INSERT", "COMMIT"]
     assert _counts(ledger) == {"success": 5, "outbox": 10}
 
 
