@@ -206,7 +206,6 @@ class PgWorker:
                     alone.append(job)
                     continue
                 held.discard(wait_id)
-                store.next_job(wait_id)
                 fn, args, _ = job
                 try:
                     with store.savepoint():

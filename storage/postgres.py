@@ -80,6 +80,10 @@ _WAITS_AND_CONVS = (
     f"SELECT {_WAIT_W}, {_CONV_C} FROM waits w "  # noqa: S608 - fixed fragments
     "JOIN conversations c ON c.id = w.conversation_id WHERE w.id = ANY(%s) "
     "ORDER BY c.id FOR UPDATE OF c SKIP LOCKED")
+_DUE_AND_CONVS = (  # the timer's (see PgStore.due_waits); never waits for a lock either
+    f"SELECT {_WAIT_W}, {_CONV_C} FROM waits w "  # noqa: S608 - fixed fragments
+    "JOIN conversations c ON c.id = w.conversation_id WHERE w.state = 'pending' "
+    "AND w.deadline <= %s ORDER BY w.deadline LIMIT %s FOR UPDATE OF c SKIP LOCKED")
 _RELEASE = "RELEASE SAVEPOINT part"
 _CLAIM = ("UPDATE waits SET state = %s, resolved_at = %s "
           "WHERE id = %s AND state = 'pending' AND {deadline_test}")
@@ -174,26 +178,31 @@ _PRUNE = {  # (cutoff, limit) → rows deleted, as storage/store.py's
 
 
 def _grouped(deferred: list[tuple[str, Any, Any]]) -> list[tuple[str, Any, Any]]:
-    """Deferred writes (nothing reads them, no savepoint among them) merged into one
-    statement each, in the order each statement first came: a batch's (see
-    `PgStore.begin_batch`) sent in a few psycopg calls instead of several per job, and
-    the hot ones (claims, steps, new waits, messages) run by the server as one
-    set-based statement over arrays (`_SET_FORMS`), the others as executemany. Only
-    writes of different conversations are reordered by this (a job's writes and a later
-    job's of the same conversation are never deferred together: that job reads its
-    conversation first, which sends them). Anything else in `deferred`: left as it is."""
-    writes = [d for d in deferred if d[2] is _WRITE or d[2] is _MANY]
-    if len(writes) < 2 or any(d[2] is not None for d in deferred
-                              if d[2] is not _WRITE and d[2] is not _MANY):
+    """Deferred writes (nothing reads them) merged into one statement each, in the order
+    each statement first came: a batch's (see `PgStore.begin_batch`) or a timer pass's
+    sent in a few psycopg calls instead of several per job, and the hot ones (claims,
+    steps, new waits, messages) run by the server as one set-based statement over arrays
+    (`_SET_FORMS`), the others as executemany. Only writes of different conversations
+    are reordered by this (a job's writes and a later job's of the same conversation
+    are never deferred together: that job reads its conversation first, which sends
+    them). What comes before the first write and after the last one (BEGIN, a read,
+    COMMIT) stays there; with a read or a savepoint between writes nothing is merged."""
+    at = [i for i, d in enumerate(deferred) if d[2] is _WRITE or d[2] is _MANY]
+    if len(at) < 2:
+        return deferred
+    middle = deferred[at[0]:at[-1] + 1]
+    if any(d[2] is not None for d in middle if d[2] is not _WRITE and d[2] is not _MANY):
         return deferred
     merged: dict[str, list[Any]] = {}
-    for sql, params, then in writes:
+    for sql, params, then in middle:
+        if then is None:  # RELEASE: nothing can be undone to it any more
+            continue
         rows = merged.setdefault(sql, [])
         if then is _MANY:
             rows.extend(params)
         else:
             rows.append(params)
-    grouped = [d for d in deferred if d[2] is None]  # BEGIN, RELEASE
+    grouped = deferred[:at[0]] + [d for d in middle if d[2] is None]
     for sql, rows in merged.items():
         form, key = _SET_FORMS.get(sql, (None, None))
         columns = [list(column) for column in zip(*rows, strict=True)]
@@ -202,7 +211,7 @@ def _grouped(deferred: list[tuple[str, Any, Any]]) -> list[tuple[str, Any, Any]]
             grouped.append((sql, rows, _MANY))
         else:  # the server runs one statement for all rows, not one per row
             grouped.append((form, columns if key is None else [*columns, len(rows)], _WRITE))
-    return grouped
+    return grouped + deferred[at[-1] + 1:]
 
 
 def _dumps(value: Any) -> str:
@@ -246,13 +255,14 @@ class PgStore(contract.Store):
         self.xid: str | None = None  # the bound transaction's id, once read (see begin())
         self._conn: psycopg.Connection[tuple[Any, ...]] | None = None
         self._locked: Conversation | None = None  # see wait()
-        self._read_first: tuple[str, tuple[Any, ...] | None] | None = None  # see begin()
+        # wait id → its row with its conversation's (locked), or None (no such wait, or
+        # its conversation is gone), read ahead for `wait` (begin, begin_batch, due_waits)
+        self._read: dict[str, tuple[Any, ...] | None] = {}
         # (sql, params, what reads its cursor: None, a _Mark, _MANY); see _flush()
         self._deferred: list[tuple[str, Any, Any]] = []
         self._speculative = False  # see begin()
         self._doomed = False  # a speculative flush failed: the job runs again
         self._seen: dict[str, tuple[str, float]] = {}  # wait id → (state, deadline) read
-        self._batch: dict[str, tuple[Any, ...]] = {}  # wait id → its row (begin_batch)
 
     def for_thread(self) -> PgStore:
         """A copy sharing the pool (and, for a ledger, the engine) with a connection slot of
@@ -260,10 +270,9 @@ class PgStore(contract.Store):
         twin = copy.copy(self)
         twin._conn = None
         twin._locked = None
-        twin._read_first = None
+        twin._read = {}
         twin._deferred = []
         twin._seen = {}
-        twin._batch = {}
         twin.new_deadline = math.inf
         return twin
 
@@ -312,7 +321,7 @@ class PgStore(contract.Store):
         id with the clock (see `_CLOCK_XID` and `commit`)."""
         self._conn = conn
         self._locked = None
-        self._read_first = None
+        self._read = {}
         self._seen = {}
         self._doomed = False
         self._speculative = speculative
@@ -322,7 +331,7 @@ class PgStore(contract.Store):
                           (_CLOCK_XID if xid else _CLOCK, None, self._set_clock)]
         if first_wait is not None:
             def keep(cur: psycopg.Cursor[tuple[Any, ...]]) -> None:
-                self._read_first = (first_wait, cur.fetchone())
+                self._read[first_wait] = cur.fetchone()
 
             self._deferred.append((_WAIT_AND_CONV, (_text(first_wait),), keep))
             try:
@@ -338,20 +347,20 @@ class PgStore(contract.Store):
         their conversations locked, in one round trip. Returns the ids of the waits whose
         conversation this transaction now holds, one wait per conversation; a job of
         another wait (its conversation locked elsewhere, a second wait of the same
-        conversation, no such wait) does not belong in the batch. `next_job` before each."""
+        conversation, no such wait) does not belong in the batch."""
         self.begin(conn, speculative=True, xid=True)  # callbacks write: see learns_xid
-        self._batch = {}
+        self._read_ahead(self._execute(_WAITS_AND_CONVS, ([_text(w) for w in wait_ids],)))
+        return set(self._read)
+
+    def _read_ahead(self, cur: psycopg.Cursor[tuple[Any, ...]]) -> None:
+        """Keep rows of waits with their locked conversations for `wait` to find, the first
+        of each conversation only: a job that changes a conversation would leave a second
+        row of it stale (that wait is read again when asked for)."""
         held: set[int] = set()
-        for row in self._execute(_WAITS_AND_CONVS, ([_text(w) for w in wait_ids],)):
+        for row in cur:
             if row[9] not in held:  # the conversation's id
                 held.add(row[9])
-                self._batch[row[0]] = row
-        return set(self._batch)
-
-    def next_job(self, wait_id: str) -> None:
-        """The next job of a batch reads `wait_id` (one `begin_batch` returned) first."""
-        self._locked = None
-        self._read_first = (wait_id, self._batch.pop(wait_id))
+                self._read[row[0]] = row
 
     def _set_clock(self, cur: psycopg.Cursor[tuple[Any, ...]]) -> None:
         row = cur.fetchone()
@@ -376,7 +385,6 @@ class PgStore(contract.Store):
             if len(self._deferred) == 2 and self._deferred[0][0] == "BEGIN":
                 self._deferred = []  # BEGIN and the clock, nothing else: nothing to send
             else:
-                self._deferred = _grouped(self._deferred)
                 self._deferred.append(("COMMIT", None, None))
                 try:
                     self._flush()
@@ -436,7 +444,7 @@ class PgStore(contract.Store):
     def _flush(self) -> None:
         """Send the deferred statements in one round trip (a pipeline if several), then
         hand each reader its cursor."""
-        deferred, self._deferred = self._deferred, []
+        deferred, self._deferred = _grouped(self._deferred), []
         if not deferred:
             return
         if self._doomed:
@@ -638,9 +646,8 @@ class PgStore(contract.Store):
         conversation first; the wait row itself is not locked here). The conversation is
         kept for the `conversation_by_id` that a transition asks next, saving it a round
         trip; `save` and a new transaction drop it."""
-        first, self._read_first = self._read_first, None
-        if first is not None and first[0] == wait_id:  # read with BEGIN (see begin())
-            row = first[1]
+        if wait_id in self._read:  # read ahead (begin, begin_batch, due_waits)
+            row = self._read.pop(wait_id)
         else:
             row = self._execute(_WAIT_AND_CONV, (_text(wait_id),)).fetchone()
         if row is None:  # a wait whose conversation is gone (or no such wait)
@@ -675,12 +682,17 @@ class PgStore(contract.Store):
         return cur.rowcount == 1
 
     def due_waits(self, now: float, limit: int) -> list[tuple[str, str]]:
-        return [(r[0], r[1]) for r in self.conn.execute(
+        """The due waits, earliest first; in the same round trip those whose conversation
+        no other transaction holds are read with it locked (`_DUE_AND_CONVS`), so that
+        firing them (`wait`, `conversation_by_id`, then writes deferred to COMMIT) costs
+        no round trip each: a timer pass is a few round trips, not one per wait."""
+        self._deferred.append((_DUE_AND_CONVS, (now, limit), self._read_ahead))
+        return [(r[0], r[1]) for r in self._execute(
             "SELECT id, kind FROM waits WHERE state = 'pending' AND deadline <= %s "
             "ORDER BY deadline LIMIT %s", (now, limit))]
 
     def next_deadline(self) -> float | None:
-        row = self.conn.execute(
+        row = self._execute(  # with the pass's writes
             "SELECT least((SELECT min(deadline) FROM waits WHERE state = 'pending'), "
             "(SELECT min(expires) FROM early_webhooks))").fetchone()
         return float(row[0]) if row and row[0] is not None else None
@@ -748,7 +760,7 @@ class PgStore(contract.Store):
         return None
 
     def drop_expired_early_webhooks(self, now: float, limit: int) -> list[EarlyWebhook]:
-        rows = self.conn.execute(
+        rows = self._execute(  # with BEGIN: the timer pass's first round trip
             "DELETE FROM early_webhooks WHERE id IN (SELECT id FROM early_webhooks "
             "WHERE expires <= %s ORDER BY expires LIMIT %s) RETURNING conversation_id, received",
             (now, limit)).fetchall()

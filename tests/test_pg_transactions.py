@@ -245,7 +245,6 @@ def test_a_batch_of_callbacks_is_two_round_trips(ledger: PgLedger,
         assert store.begin_batch(conn, wids) == set(wids)
         outs = []
         for wid in wids:
-            store.next_job(wid)
             with store.savepoint():
                 outs.append(Ledger.webview_callback(store, wid, True, {"ref": "R"}, None, 0.0))
         store.commit()
@@ -310,15 +309,17 @@ async def test_a_batch_whose_speculation_fails_runs_each_job_alone(
     at COMMIT, nothing of the batch is kept, and each callback runs again alone — that one
     now hears `expired`, the others win."""
     wids = [_waiting(ledger, f"u{i}") for i in range(3)]
-    next_job = PgStore.next_job
+    wait = PgStore.wait
+    raced: list[str] = []
 
-    def racing(store: PgStore, wait_id: str) -> None:
-        if wait_id == wids[1]:
+    def racing(store: PgStore, wait_id: str) -> Any:
+        if wait_id == wids[1] and not raced:  # read ahead by the batch: pending
+            raced.append(wait_id)
             with psycopg.connect(pg_database, autocommit=True) as other:
                 other.execute("UPDATE waits SET state = 'expired' WHERE id = %s", (wait_id,))
-        next_job(store, wait_id)
+        return wait(store, wait_id)
 
-    monkeypatch.setattr(PgStore, "next_job", racing)
+    monkeypatch.setattr(PgStore, "wait", racing)
     worker = PgWorker(ledger, threads=1)
     futures = _queued(worker, list(map(_callback, wids)))
     worker.start()
@@ -356,3 +357,44 @@ async def test_a_batch_does_not_wait_for_a_conversation_locked_elsewhere(
     assert (out.state, out.won) == ("success", True)
     assert worker.commits == 2
     assert _counts(ledger) == {"success": 3, "outbox": 6}
+
+
+def test_a_timer_pass_costs_the_same_round_trips_for_one_wait_or_many(
+        ledger: PgLedger, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The due waits are read with their conversations locked in the round trip that
+    lists them, so firing each costs none: a pass of one and a pass of six make the same
+    round trips: BEGIN with the clock, the expired early webhooks (the clock's `now`
+    decides them), the due waits, the writes with the next deadline, COMMIT."""
+    def one_pass(users: list[str]) -> tuple[list[str], list[Any]]:
+        wids = [_waiting(ledger, user) for user in users]
+        with ledger.transaction():
+            ledger.conn.execute("UPDATE waits SET deadline = 0 WHERE id = ANY(%s)", (wids,))
+        trips: list[str] = []
+        pipeline, execute = psycopg.Connection.pipeline, psycopg.Connection.execute
+
+        def counted_pipeline(conn: Any) -> Any:
+            trips.append("pipeline")
+            return pipeline(conn)
+
+        def counted_execute(conn: Any, query: Any, *args: Any, **kwargs: Any) -> Any:
+            if conn._pipeline is None:
+                trips.append(str(query).split()[0])
+            return execute(conn, query, *args, **kwargs)
+
+        with monkeypatch.context() as patch:
+            patch.setattr(psycopg.Connection, "pipeline", counted_pipeline)
+            patch.setattr(psycopg.Connection, "execute", counted_execute)
+            store = ledger.for_thread()
+            with store.pool.connection() as conn:
+                store.begin(conn, speculative=True, xid=True)
+                fired = Ledger.fire_due(store, 0.0)
+                store.commit()
+        assert not fired.errors
+        return trips, fired.results
+
+    one, results = one_pass(["a"])
+    assert [r.state for r in results] == ["expired"]
+    many, results = one_pass([f"u{i}" for i in range(6)])
+    assert [r.state for r in results] == ["expired"] * 6
+    assert many == one == ["pipeline", "DELETE", "pipeline", "pipeline", "COMMIT"], many
+    assert _counts(ledger)["outbox"] == 14  # "Pay" and "late" for each of the seven
