@@ -236,7 +236,7 @@ class PgStore(contract.Store):
 
     def __init__(self, url: str, *, pool_size: int = 8, prepared_statements: bool = True,
                  caller_clock: bool = False) -> None:
-        kwargs = connect_kwargs(prepared_statements)
+        kwargs = with_connect_timeout(url, connect_kwargs(prepared_statements))
         try:
             with psycopg.connect(url, **kwargs) as conn:
                 pg_schema.apply(conn)
@@ -959,18 +959,25 @@ def count_rows(conn: psycopg.Connection[tuple[Any, ...]]) -> dict[str, int]:
     return out
 
 
-# s a connection of its own (the metrics' counts) may take to open when the URL says no
-# connect_timeout: libpq's default is none (psycopg's 130 s), so against a server that
-# accepts and never answers (a stuck host, PgBouncer waiting for a dead server) every
-# /metrics scrape held a thread of the event loop's executor for two minutes
+# s a new connection (the pool's, or one of its own: the metrics' counts) may take to
+# open when the URL says no connect_timeout: libpq's default is none (psycopg's 130 s), so
+# against a server that accepts and never answers (a stuck host, PgBouncer waiting for a
+# dead server) every /metrics scrape held a thread of the event loop's executor for two
+# minutes, and the pool's reconnection stayed stuck as long after the host came back
 SIDE_CONNECT_TIMEOUT = 5
+
+
+def with_connect_timeout(url: str, kwargs: dict[str, Any]) -> dict[str, Any]:
+    """`kwargs` for `psycopg.connect(url, …)`, with SIDE_CONNECT_TIMEOUT unless `url` sets
+    a connect_timeout of its own."""
+    if "connect_timeout" not in conninfo_to_dict(url):
+        return {**kwargs, "connect_timeout": SIDE_CONNECT_TIMEOUT}
+    return kwargs
 
 
 def side_connection(url: str, **kwargs: Any) -> psycopg.Connection[tuple[Any, ...]]:
     """`psycopg.connect(url, **kwargs)`, with SIDE_CONNECT_TIMEOUT unless `url` sets one."""
-    if "connect_timeout" not in conninfo_to_dict(url):
-        kwargs["connect_timeout"] = SIDE_CONNECT_TIMEOUT
-    return psycopg.connect(url, **kwargs)
+    return psycopg.connect(url, **with_connect_timeout(url, kwargs))
 
 
 def read_counts(url: str, prepared_statements: bool = True) -> dict[str, int]:

@@ -176,6 +176,39 @@ async def test_an_unreachable_database_answers_503_soon_and_the_server_recovers(
             assert [m.text for m in h.channel.messages("bob")] == ["Pay"]
 
 
+async def test_the_pool_recovers_soon_from_a_host_that_accepted_and_never_answered(
+        tmp_path: Path, pg_database: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Connections dropped, then a host that accepts and never answers (a stuck host, a
+    PgBouncer waiting for a dead server): callbacks get 503 within the pool's wait, and
+    once the database answers again the pool's next connection goes through within the
+    connect timeout. Without one (libpq's default) the pool's reconnection stayed stuck
+    in its attempt for ~130 s after the host came back."""
+    empty(pg_database)
+    monkeypatch.setattr(postgres, "POOL_TIMEOUT", 0.5)
+    monkeypatch.setattr(postgres, "RECONNECT_TIMEOUT", 0.5)
+    monkeypatch.setattr(postgres, "SIDE_CONNECT_TIMEOUT", 2)  # libpq's least
+    monkeypatch.setenv("FLOWBOT_TEST_WORKER", "thread")  # the timeouts above apply there
+    with link() as db:
+        monkeypatch.setenv("FLOWBOT_TEST_STORAGE",
+                           pg_database.replace("127.0.0.1:5432", f"127.0.0.1:{db.port}"))
+        async with harness(write_config(tmp_path, FLOWS)) as h:
+            eids = await waiting(h, ["ann"])
+            db.cut()
+            db.hung, db.up = True, True
+            resp = await h.client.post("/webview/callback",
+                                       json={"executionId": eids["ann"], "success": True})
+            assert resp.status == 503
+            db.hung = False
+            began = time.monotonic()
+            while resp.status == 503 and time.monotonic() - began < 30:
+                resp = await h.client.post(
+                    "/webview/callback", json={"executionId": eids["ann"], "success": True})
+            assert resp.status == 200, await resp.text()
+            assert time.monotonic() - began < 8
+            await h.flush()
+            assert [m.text for m in h.channel.messages("ann")] == ["Pay", "paid"]
+
+
 async def test_metrics_do_not_hang_on_a_database_that_never_answers(
         tmp_path: Path, pg_database: str, monkeypatch: pytest.MonkeyPatch) -> None:
     """A server that accepts connections and never answers (a stuck host, a PgBouncer
