@@ -345,22 +345,28 @@ class PgStore(contract.Store):
         """Open one speculative transaction for several jobs that each read a wait first
         (callbacks, http answers; see PgWorker): BEGIN, the clock and all their waits with
         their conversations locked, in one round trip. Returns the ids of the waits whose
-        conversation this transaction now holds, one wait per conversation; a job of
-        another wait (its conversation locked elsewhere, a second wait of the same
-        conversation, no such wait) does not belong in the batch."""
+        conversation this transaction now holds, one wait per conversation: the first in
+        `wait_ids` (the jobs' order); a job of another wait (its conversation locked
+        elsewhere, a later wait of the same conversation, no such wait) does not belong in
+        the batch."""
         self.begin(conn, speculative=True, xid=True)  # callbacks write: see learns_xid
-        self._read_ahead(self._execute(_WAITS_AND_CONVS, ([_text(w) for w in wait_ids],)))
+        cur = self._execute(_WAITS_AND_CONVS, ([_text(w) for w in wait_ids],))
+        self._read_ahead(cur, wait_ids)
         return set(self._read)
 
-    def _read_ahead(self, cur: psycopg.Cursor[tuple[Any, ...]]) -> None:
-        """Keep rows of waits with their locked conversations for `wait` to find, the first
-        of each conversation only: a job that changes a conversation would leave a second
-        row of it stale (that wait is read again when asked for)."""
+    def _read_ahead(self, cur: psycopg.Cursor[tuple[Any, ...]], asked: Sequence[str]) -> None:
+        """Keep rows of waits with their locked conversations for `wait` to find, for each
+        conversation only the wait asked for first (`asked`: the ids in the order the jobs
+        will ask for them): a job that changes a conversation would leave a second row of
+        it stale (that wait is read again when asked for), and the jobs of a conversation
+        must run in the order they came, whatever order the database returned its rows in."""
+        rows = {row[0]: row for row in cur}
         held: set[int] = set()
-        for row in cur:
-            if row[9] not in held:  # the conversation's id
+        for wait_id in asked:
+            row = rows.get(wait_id)
+            if row is not None and row[9] not in held:  # the conversation's id
                 held.add(row[9])
-                self._read[row[0]] = row
+                self._read[wait_id] = row
 
     def _set_clock(self, cur: psycopg.Cursor[tuple[Any, ...]]) -> None:
         row = cur.fetchone()
@@ -686,10 +692,13 @@ class PgStore(contract.Store):
         no other transaction holds are read with it locked (`_DUE_AND_CONVS`), so that
         firing them (`wait`, `conversation_by_id`, then writes deferred to COMMIT) costs
         no round trip each: a timer pass is a few round trips, not one per wait."""
-        self._deferred.append((_DUE_AND_CONVS, (now, limit), self._read_ahead))
-        return [(r[0], r[1]) for r in self._execute(
+        locked: list[psycopg.Cursor[tuple[Any, ...]]] = []
+        self._deferred.append((_DUE_AND_CONVS, (now, limit), locked.append))
+        due = [(r[0], r[1]) for r in self._execute(
             "SELECT id, kind FROM waits WHERE state = 'pending' AND deadline <= %s "
             "ORDER BY deadline LIMIT %s", (now, limit))]
+        self._read_ahead(locked[0], [wait_id for wait_id, _ in due])  # fired in this order
+        return due
 
     def next_deadline(self) -> float | None:
         row = self._execute(  # with the pass's writes
