@@ -471,7 +471,9 @@ class PgStore(contract.Store):
                             conn.cursor().executemany(sql, params)
                         else:
                             done.append((then, conn.execute(sql, params)))
-        except psycopg.Error as exc:
+        except Exception as exc:  # a failed guard; or a value psycopg could not send (a
+            # lone surrogate) after it sent others: the writes are gone either way, and the
+            # error may be another job's than the one whose read sent them
             if writes and self._speculative and not self.broken():
                 self._doomed = True
                 raise SpeculationLost(f"{type(exc).__name__}: {exc}") from exc

@@ -147,3 +147,40 @@ async def _fire_a_tie(ledger: PgLedger) -> None:
         assert dict(ledger.conn.execute("SELECT id, state FROM waits")) == {
             "a-pay": "expired", "z-form": "expired"}
     assert _told(ledger, "u1") == ["Form", "Pay", "expired"]
+
+
+@pytest.mark.parametrize("bad", [1, 2], ids=["sent by the next job", "sent with COMMIT"])
+async def test_a_job_whose_writes_the_driver_cannot_send_fails_alone(
+        ledger: PgLedger, bad: int) -> None:
+    """One callback's data holds a lone surrogate (the edge refuses it; an http answer did
+    not), which psycopg cannot encode when the batch's writes are sent: an error of the
+    driver's, not the database's. Raised by the next job's read, which sent them, that
+    job's caller got the error, the callback whose writes were lost heard `success`, and
+    the batch committed without them; raised at COMMIT, it ended the worker's thread and
+    no caller of the batch ever heard back. Each caller must hear about its own job, and
+    only jobs that committed succeed."""
+    wids = []
+    for user in ("u1", "u2", "u3"):
+        with ledger.transaction():
+            out = ledger.inbound(Inbound("rec", user, "hi"), 0.0)
+        assert out is not None
+        wids.append(out.waits[0].id)  # the optional form
+    worker = PgWorker(ledger, threads=1)
+    sizes: list[str] = ["S", "M", "L"]
+    sizes[bad] = "\ud800"
+    futures = _queued(worker, [_callback(w, {"size": s}) for w, s in zip(wids, sizes, strict=True)])
+    worker.start()
+    try:
+        outs = await asyncio.wait_for(asyncio.gather(*futures, return_exceptions=True), 10)
+        assert isinstance(outs[bad], UnicodeEncodeError)  # as SQLite's driver raises it
+        assert [(o.state, o.won) for o in outs if not isinstance(o, BaseException)
+                ] == [("success", True)] * 2
+        with ledger.transaction():
+            assert dict(ledger.conn.execute("SELECT id, state FROM waits WHERE id = ANY(%s)",
+                                            (wids,))) == {
+                w: "pending" if i == bad else "success" for i, w in enumerate(wids)}
+        fn, args = _callback(wids[bad], {"size": "XL"})
+        again = await asyncio.wait_for(worker.run(fn, *args), 10)
+        assert (again.state, again.won) == ("success", True)
+    finally:
+        await worker.stop()
