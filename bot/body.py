@@ -165,6 +165,28 @@ def _walk(value: Any, check_text: bool) -> int:
     return depth
 
 
+def without_lone_surrogates(value: Any) -> Any:
+    """Parsed JSON with each lone UTF-16 surrogate in its strings and keys replaced by U+FFFD:
+    JSON's \\uD800 escapes can write one, but UTF-8, and so neither database, can't hold it."""
+    if isinstance(value, str):
+        return value.encode("utf-16", "surrogatepass").decode("utf-16", "replace")
+    if isinstance(value, list):
+        return [without_lone_surrogates(v) for v in value]
+    if isinstance(value, dict):
+        return {without_lone_surrogates(k): without_lone_surrogates(v) for k, v in value.items()}
+    return value
+
+
+def parse_answer(text: str) -> Any:
+    """A third party's JSON answer (an http block's): as leniently as `json.loads` reads it
+    (not ours to refuse), but with lone surrogates replaced (`without_lone_surrogates`), so
+    that what a flow maps from it can be stored. Raises ValueError when it is not JSON."""
+    value = json.loads(text)
+    if "\\u" in text and _SURROGATE_ESCAPE.search(text) is not None:
+        value = without_lone_surrogates(value)
+    return value
+
+
 def _too_deep() -> BadRequest:
     return BadRequest("too_deep", f"The JSON is nested more than {MAX_DEPTH} levels deep.")
 

@@ -15,6 +15,7 @@ import aiohttp
 from yarl import URL
 
 from bot import jobs
+from bot.body import parse_answer
 from bot.clock import Clock
 from bot.config import Config
 from bot.errors import ApiError, Conflict, Gone, NotFound, TooLarge
@@ -407,7 +408,7 @@ class Runtime:
                 data["status"] = resp.status
                 text = await resp.text()
                 try:
-                    data["body"] = await resp.json(content_type=None) if text else None
+                    data["body"] = parse_answer(text) if text.strip() else None
                 except ValueError:
                     data["body"] = text
                 outcome = "success" if 200 <= resp.status < 300 else "failure"

@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from aioresponses import aioresponses
 
 from bot.config import load_config
 from bot.ledger import Ledger
@@ -19,6 +20,7 @@ from bot.messages import Inbound, Message
 from storage.pg_worker import PgWorker
 from storage.postgres import PgLedger
 from tests.postgres import empty
+from tests.support import eventually, harness, write_config
 
 TWO_WEBVIEWS = """
 [storage]
@@ -184,3 +186,40 @@ async def test_a_job_whose_writes_the_driver_cannot_send_fails_alone(
         assert (again.state, again.won) == ("success", True)
     finally:
         await worker.stop()
+
+
+HTTP_PLAN = """
+[flows.main]
+start = "call"
+[flows.main.blocks.call]
+type = "http"
+method = "GET"
+url = "https://crm.example/plan"
+timeout = 5
+map = { plan = "plan" }
+on_success = "ok"
+on_failure = "bad"
+[flows.main.blocks.ok]
+type = "message"
+text = "plan {{plan}}"
+[flows.main.blocks.bad]
+type = "message"
+text = "failed"
+"""
+
+
+@pytest.mark.usefixtures("both_backends")
+async def test_an_http_answer_holding_a_lone_surrogate_is_kept(tmp_path: Path) -> None:
+    """A third party's JSON may escape half of a UTF-16 pair ("\\ud800", as JavaScript
+    cutting a string in two writes it), which UTF-8 cannot carry and neither database
+    stores: the answer is kept, that character replaced by U+FFFD, and the flow goes on
+    (it used to fail the job, leaving the wait to its backstop)."""
+    async with harness(write_config(tmp_path, HTTP_PLAN)) as h:
+        with aioresponses(passthrough=["http://127.0.0.1"]) as mock:
+            mock.get("https://crm.example/plan",
+                     body='{"plan": "gold \\ud800 \\ud83d\\ude00 \\u05e9\\u202e"}')
+            await h.runtime.handle_inbound(Inbound("rec", "u1", "hi"))
+            await eventually(lambda: h.runtime._tasks == set())
+            await h.flush()
+        assert [m.text for m in h.new_messages("u1")] == ["plan gold \ufffd \U0001f600 \u05e9\u202e"]
+
