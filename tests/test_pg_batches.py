@@ -15,12 +15,15 @@ import pytest
 from aioresponses import aioresponses
 
 from bot.config import load_config
-from bot.ledger import Ledger
+from bot.errors import StorageUnavailable
+from bot.ledger import Ledger, Outcome
 from bot.messages import Inbound, Message
+from storage import postgres
 from storage.pg_worker import PgWorker
 from storage.postgres import PgLedger
 from tests.postgres import empty
 from tests.support import eventually, harness, write_config
+from tests.test_pg_lost_commit import commit_link, rows, through
 
 TWO_WEBVIEWS = """
 [storage]
@@ -223,3 +226,50 @@ async def test_an_http_answer_holding_a_lone_surrogate_is_kept(tmp_path: Path) -
             await h.flush()
         assert [m.text for m in h.new_messages("u1")] == ["plan gold \ufffd \U0001f600 \u05e9\u202e"]
 
+
+@pytest.mark.parametrize("lost", ["after COMMIT was applied", "before COMMIT reached it",
+                                  "and the database with it"])
+async def test_a_batch_whose_commit_answer_is_lost_is_applied_once(
+        tmp_path: Path, pg_database: str, monkeypatch: pytest.MonkeyPatch, lost: str) -> None:
+    """The connection is lost at a batch's COMMIT (tests/test_pg_lost_commit.py's proxy):
+    committed, every caller gets its 200; rolled back, the batch runs again; not to be
+    learnt, every caller gets 503 and nothing runs again. Either way each wait is resolved
+    once and each message written once."""
+    empty(pg_database)
+    monkeypatch.setattr(postgres, "POOL_TIMEOUT", 0.5)  # the database down: 503 sooner
+    with commit_link() as db:
+        url = through(pg_database, db.port)
+        path = tmp_path / "flowbot.toml"
+        path.write_text(TWO_WEBVIEWS.format(url=url))
+        led = PgLedger(url, load_config(path))
+        try:
+            wids = []
+            for user in ("u1", "u2", "u3"):
+                with led.transaction():
+                    out = led.inbound(Inbound("rec", user, "hi"), 0.0)
+                assert out is not None
+                wids.append(out.waits[1].id)  # the payment
+            db.arm(b"UPDATE waits t SET state", applied=lost != "before COMMIT reached it",
+                   then_down=lost == "and the database with it")  # the batch's claims
+            worker = PgWorker(led, threads=1)
+            futures = _queued(worker, [_callback(w) for w in wids])
+            worker.start()
+            try:
+                outs = await asyncio.wait_for(asyncio.gather(*futures, return_exceptions=True),
+                                              30)
+            finally:
+                await worker.stop()
+            assert db.cuts == 1
+            if lost == "and the database with it":
+                assert all(isinstance(o, StorageUnavailable) for o in outs), outs
+                assert worker.commits == 0
+            else:
+                assert [(o.state, o.won) for o in outs if isinstance(o, Outcome)
+                        ] == [("success", True)] * 3
+            assert rows(pg_database) == {"waits_success": 3, "waits_pending": 3,
+                                         "outbox_pending": 9}
+            db.up = True
+            for user in ("u1", "u2", "u3"):
+                assert _told(led, user) == ["Form", "Pay", "paid, size "]
+        finally:
+            led.close()
