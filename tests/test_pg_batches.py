@@ -6,6 +6,8 @@ by one in the order they came."""
 from __future__ import annotations
 
 import asyncio
+import json
+import threading
 from collections.abc import Iterator
 from contextlib import closing
 from pathlib import Path
@@ -273,3 +275,152 @@ async def test_a_batch_whose_commit_answer_is_lost_is_applied_once(
                 assert _told(led, user) == ["Form", "Pay", "paid, size "]
         finally:
             led.close()
+
+
+# -- the same jobs, one by one on SQLite and as one batch on PostgreSQL --------------------
+
+MIXED = """
+[bot]
+max_variable_bytes = 1024
+[channels.web]
+enabled = false
+[flows.main]
+start = "form"
+[flows.main.blocks.form]
+type = "webview"
+url = "https://form.example"
+text = "Form"
+blocking = false
+response_variable = "form"
+next = "pay"
+[flows.main.blocks.pay]
+type = "webview"
+url = "https://pay.example"
+text = "Pay"
+expiration = 60
+response_variable = "payment"
+on_success = "paid"
+on_error = "paid"
+on_expired = "late"
+[flows.main.blocks.paid]
+type = "message"
+text = "paid {{payment.ref}}, size {{form.size}}"
+next = "more"
+[flows.main.blocks.more]
+type = "webview"
+url = "https://pay.example/more"
+text = "More"
+expiration = 60
+on_success = "late"
+on_error = "late"
+on_expired = "late"
+[flows.main.blocks.late]
+type = "end"
+text = "end"
+"""
+
+
+def _replay(led: Ledger, run: Any) -> tuple[list[Any], dict[str, Any]]:
+    """Seven users at the form and the payment; then `run(led, jobs)` (the callbacks, by
+    the users' waits: f1 is u1's form, p1 u1's payment); what each job answered and
+    what the database holds after, in terms that do not depend on the backend."""
+    waits: dict[str, str] = {}
+    for n in range(1, 8):
+        with led.transaction():
+            out = led.inbound(Inbound("rec", f"u{n}", "hi"), 0.0)
+        assert out is not None
+        waits[f"f{n}"], waits[f"p{n}"] = (w.id for w in out.waits)
+    names = {wid: name for name, wid in waits.items()}
+    big = {"ref": "x" * 2000}
+    odd = {"ref": "nul\x00 rtl\u202e\u05d0 \U0001f600 '\"\\ ;--"}
+    jobs = [
+        _callback(waits["f1"], {"size": "L"}), _callback(waits["p1"], {"ref": "A"}),
+        _callback(waits["p2"], big), _callback(waits["p2"], {"ref": "B"}),  # refused, then ok
+        _callback(waits["p3"], {"ref": "C"}), _callback(waits["p3"], {"ref": "D"}),  # 409
+        _callback(waits["p4"], odd), _callback("nope", {}),
+        _callback(waits["f5"], big), _callback(waits["p5"], {"ref": "E"}),  # form refused
+        (Ledger.webview_callback, (waits["p6"], False, {"ref": "F"}, None, 0.0)),
+        (Ledger.http_answer, (waits["p7"], "success", {"ref": "G"}, 0.0)),
+    ]
+    answers = [(a.state, a.won, a.messages, bool(a.refused)) if isinstance(a, Outcome)
+               else a if a is None else type(a).__name__ for a in run(led, jobs)]
+    with led.transaction():
+        conn: Any = led.conn
+        state = {
+            "waits": sorted((names.get(w, "new"), s) for w, s in conn.execute(
+                "SELECT id, state FROM waits")),
+            "conversations": sorted((u, b, {k: v for k, v in json.loads(vs).items()
+                                             if k not in ("conversation_key", "webhook_url")})
+                                    for u, b, vs in conn.execute(
+                "SELECT user_id, block, variables FROM conversations")),
+            "told": [(u, Message.from_json(m).text) for u, m in conn.execute(
+                "SELECT user_id, message FROM outbox ORDER BY id")],
+        }
+    state["told"].sort(key=lambda um: um[0])  # stable: each user's own order kept
+    return answers, state
+
+
+def _one_by_one(led: Ledger, jobs: list[tuple[Any, tuple[Any, ...]]]) -> list[Any]:
+    answers: list[Any] = []
+    for fn, args in jobs:
+        try:
+            with led.transaction():
+                answers.append(fn(led, *args))
+        except Exception as exc:
+            answers.append(exc)
+    return answers
+
+
+def _batched(led: Ledger, jobs: list[tuple[Any, tuple[Any, ...]]], commits: list[int]
+             ) -> list[Any]:
+    """`jobs` queued before the worker's one thread starts: one batch (and those it leaves
+    to run alone after it)."""
+    assert isinstance(led, PgLedger)
+    answers: dict[int, Any] = {}
+    done = threading.Event()
+
+    def answer(ran: list[tuple[Any, bool, Any]]) -> None:
+        for (_, _, reply), _, value in ran:
+            answers[reply] = value
+        if len(answers) == len(jobs):
+            done.set()
+
+    worker = PgWorker(led, answer=answer, threads=1)
+    for i, (fn, args) in enumerate(jobs):
+        worker.submit(fn, args, i)
+    worker.start()
+    try:
+        assert done.wait(30)
+    finally:
+        worker.join()
+    commits.append(worker.commits)
+    return [answers[i] for i in range(len(jobs))]
+
+
+def test_a_batch_answers_and_writes_as_sqlite_one_by_one(
+        tmp_path: Path, pg_database: str) -> None:
+    """Two callbacks of one conversation, one refused for its size then sent again, a
+    second copy (409), odd text, an unknown id, an error outcome and an http answer,
+    queued together: PostgreSQL's batch gives each caller and the database what SQLite
+    gives running them one by one."""
+    from storage.store import SQLiteLedger
+
+    empty(pg_database)
+    text = MIXED.replace("[bot]", f'[storage]\nurl = "{pg_database}"\n[bot]')
+    (tmp_path / "pg.toml").write_text(text)
+    (tmp_path / "lite.toml").write_text(text.replace(
+        f'url = "{pg_database}"', f'path = "{tmp_path / "lite.db"}"'))
+    lite = SQLiteLedger(tmp_path / "lite.db", load_config(tmp_path / "lite.toml"))
+    try:
+        expected = _replay(lite, _one_by_one)
+    finally:
+        lite.close()
+    commits: list[int] = []
+    with closing(PgLedger(pg_database, load_config(tmp_path / "pg.toml"))) as led:
+        got = _replay(led, lambda led, jobs: _batched(led, jobs, commits))
+    # one transaction for seven of them; the five others alone after it: a second job of
+    # the same conversation (u1, u2, u3, u5) and the unknown id
+    assert commits == [6]
+    assert got[0] == expected[0]
+    for part in expected[1]:
+        assert got[1][part] == expected[1][part], part
