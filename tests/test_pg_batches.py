@@ -16,7 +16,7 @@ from typing import Any
 import pytest
 from aioresponses import aioresponses
 
-from bot.config import load_config
+from bot.config import Config, load_config
 from bot.errors import StorageUnavailable
 from bot.ledger import Ledger, Outcome
 from bot.messages import Inbound, Message
@@ -397,30 +397,55 @@ def _batched(led: Ledger, jobs: list[tuple[Any, tuple[Any, ...]]], commits: list
     return [answers[i] for i in range(len(jobs))]
 
 
+def _both(tmp_path: Path, pg_database: str, later: str = MIXED
+          ) -> tuple[tuple[list[Any], dict[str, Any]], tuple[list[Any], dict[str, Any]], int]:
+    """`_replay` on SQLite, the jobs one by one, and on PostgreSQL, the jobs queued together;
+    `later`: the flows the jobs run with (a config edited after the users got there). Both
+    answers, and the PostgreSQL worker's commits."""
+    from storage.store import SQLiteLedger
+
+    empty(pg_database)
+
+    def config(name: str, where: str, flows: str) -> Config:
+        path = tmp_path / name
+        path.write_text(f"[storage]\n{where}\n{flows}")
+        return load_config(path)
+
+    lite_at, pg_at = f'path = "{tmp_path / "lite.db"}"', f'url = "{pg_database}"'
+    with closing(SQLiteLedger(tmp_path / "lite.db", config("l1.toml", lite_at, MIXED))) as lite, \
+            closing(SQLiteLedger(tmp_path / "lite.db", config("l2.toml", lite_at, later))) as edited:
+        expected = _replay(lite, lambda _, jobs: _one_by_one(edited, jobs))
+    commits: list[int] = []
+    with closing(PgLedger(pg_database, config("p1.toml", pg_at, MIXED))) as led, \
+            closing(PgLedger(pg_database, config("p2.toml", pg_at, later))) as edited_pg:
+        got = _replay(led, lambda _, jobs: _batched(edited_pg, jobs, commits))
+    return expected, got, commits[0]
+
+
 def test_a_batch_answers_and_writes_as_sqlite_one_by_one(
         tmp_path: Path, pg_database: str) -> None:
     """Two callbacks of one conversation, one refused for its size then sent again, a
     second copy (409), odd text, an unknown id, an error outcome and an http answer,
     queued together: PostgreSQL's batch gives each caller and the database what SQLite
     gives running them one by one."""
-    from storage.store import SQLiteLedger
-
-    empty(pg_database)
-    text = MIXED.replace("[bot]", f'[storage]\nurl = "{pg_database}"\n[bot]')
-    (tmp_path / "pg.toml").write_text(text)
-    (tmp_path / "lite.toml").write_text(text.replace(
-        f'url = "{pg_database}"', f'path = "{tmp_path / "lite.db"}"'))
-    lite = SQLiteLedger(tmp_path / "lite.db", load_config(tmp_path / "lite.toml"))
-    try:
-        expected = _replay(lite, _one_by_one)
-    finally:
-        lite.close()
-    commits: list[int] = []
-    with closing(PgLedger(pg_database, load_config(tmp_path / "pg.toml"))) as led:
-        got = _replay(led, lambda led, jobs: _batched(led, jobs, commits))
+    expected, got, commits = _both(tmp_path, pg_database)
     # one transaction for seven of them; the five others alone after it: a second job of
     # the same conversation (u1, u2, u3, u5) and the unknown id
-    assert commits == [6]
+    assert commits == 6
+    assert got[0] == expected[0]
+    for part in expected[1]:
+        assert got[1][part] == expected[1][part], part
+
+
+def test_a_batch_on_stranded_conversations_answers_as_sqlite(
+        tmp_path: Path, pg_database: str) -> None:
+    """The same jobs after a config edit removed the payment block (every conversation
+    stands there: stranded): callbacks for the removed block's waits get 410 and move
+    their conversation, the form's move it first (`_move_first`), as on SQLite."""
+    start = MIXED.index("[flows.main.blocks.pay]")
+    edited = (MIXED[:start] + MIXED[MIXED.index("[flows.main.blocks.paid]"):]).replace(
+        'next = "pay"', 'next = "paid"')
+    expected, got, _ = _both(tmp_path, pg_database, edited)
     assert got[0] == expected[0]
     for part in expected[1]:
         assert got[1][part] == expected[1][part], part
