@@ -18,7 +18,7 @@ from aioresponses import aioresponses
 
 from bot.config import Config, load_config
 from bot.errors import StorageUnavailable
-from bot.ledger import Ledger, Outcome
+from bot.ledger import FirePass, Ledger, Outcome
 from bot.messages import Inbound, Message
 from storage import postgres
 from storage.pg_worker import PgWorker
@@ -343,7 +343,8 @@ def _replay(led: Ledger, run: Any) -> tuple[list[Any], dict[str, Any]]:
         (Ledger.http_answer, (waits["p7"], "success", {"ref": "G"}, 0.0)),
     ]
     answers = [(a.state, a.won, a.messages, bool(a.refused)) if isinstance(a, Outcome)
-               else a if a is None else type(a).__name__ for a in run(led, jobs)]
+               else type(a).__name__ if isinstance(a, BaseException) else a
+               for a in run(led, jobs)]
     with led.transaction():
         conn: Any = led.conn
         state = {
@@ -397,11 +398,12 @@ def _batched(led: Ledger, jobs: list[tuple[Any, tuple[Any, ...]]], commits: list
     return [answers[i] for i in range(len(jobs))]
 
 
-def _both(tmp_path: Path, pg_database: str, later: str = MIXED
+def _both(tmp_path: Path, pg_database: str, later: str = MIXED, fire: bool = False
           ) -> tuple[tuple[list[Any], dict[str, Any]], tuple[list[Any], dict[str, Any]], int]:
-    """`_replay` on SQLite, the jobs one by one, and on PostgreSQL, the jobs queued together;
-    `later`: the flows the jobs run with (a config edited after the users got there). Both
-    answers, and the PostgreSQL worker's commits."""
+    """`_replay` on SQLite, the jobs one by one, and on PostgreSQL, the jobs queued together
+    (`fire`: u1's two callbacks only, then every pending wait falls due and one timer pass
+    runs); `later`: the flows the jobs run with (a config edited after the users got
+    there). Both answers, and the PostgreSQL worker's commits."""
     from storage.store import SQLiteLedger
 
     empty(pg_database)
@@ -414,12 +416,30 @@ def _both(tmp_path: Path, pg_database: str, later: str = MIXED
     lite_at, pg_at = f'path = "{tmp_path / "lite.db"}"', f'url = "{pg_database}"'
     with closing(SQLiteLedger(tmp_path / "lite.db", config("l1.toml", lite_at, MIXED))) as lite, \
             closing(SQLiteLedger(tmp_path / "lite.db", config("l2.toml", lite_at, later))) as edited:
-        expected = _replay(lite, lambda _, jobs: _one_by_one(edited, jobs))
+        expected = _replay(lite, lambda _, jobs: _then_fire(edited, _one_by_one, jobs, fire))
     commits: list[int] = []
     with closing(PgLedger(pg_database, config("p1.toml", pg_at, MIXED))) as led, \
             closing(PgLedger(pg_database, config("p2.toml", pg_at, later))) as edited_pg:
-        got = _replay(led, lambda _, jobs: _batched(edited_pg, jobs, commits))
+        got = _replay(led, lambda _, jobs: _then_fire(
+            edited_pg, lambda led, jobs: _batched(led, jobs, commits), jobs, fire))
     return expected, got, commits[0]
+
+
+def _then_fire(led: Ledger, run: Any, jobs: list[tuple[Any, tuple[Any, ...]]], fire: bool
+               ) -> list[Any]:
+    if not fire:
+        answers: list[Any] = run(led, jobs)
+        return answers
+    run(led, jobs[:2])
+    with led.transaction():
+        # due in one pass, blocking waits first: a tie's order is either database's own
+        led.conn.execute(  # type: ignore[attr-defined]
+            "UPDATE waits SET deadline = CASE WHEN blocking THEN 1 ELSE 2 END "
+            "WHERE state = 'pending'")
+    [fired] = run(led, [(Ledger.fire_due, (100.0,))])
+    assert isinstance(fired, FirePass), fired
+    return [sorted((r.state, r.won, r.messages, r.removed) for r in fired.results),
+            [type(e).__name__ for e in fired.errors], fired.more]
 
 
 def test_a_batch_answers_and_writes_as_sqlite_one_by_one(
@@ -446,6 +466,21 @@ def test_a_batch_on_stranded_conversations_answers_as_sqlite(
     edited = (MIXED[:start] + MIXED[MIXED.index("[flows.main.blocks.paid]"):]).replace(
         'next = "pay"', 'next = "paid"')
     expected, got, _ = _both(tmp_path, pg_database, edited)
+    assert got[0] == expected[0]
+    for part in expected[1]:
+        assert got[1][part] == expected[1][part], part
+
+
+@pytest.mark.parametrize("edited", [False, True], ids=["as it was", "payment block removed"])
+def test_a_timer_pass_fires_as_sqlite(tmp_path: Path, pg_database: str, edited: bool) -> None:
+    """Every wait falls due at once (each user's payment, then form; one user further on):
+    PostgreSQL's pass, its waits read ahead with their conversations, fires and writes
+    what SQLite's does; after a config edit too (stranded waits)."""
+    start = MIXED.index("[flows.main.blocks.pay]")
+    later = (MIXED[:start] + MIXED[MIXED.index("[flows.main.blocks.paid]"):]).replace(
+        'next = "pay"', 'next = "paid"') if edited else MIXED
+    expected, got, _ = _both(tmp_path, pg_database, later, fire=True)
+    assert len(expected[0][0]) >= 13 and not expected[0][1]  # fired, no errors
     assert got[0] == expected[0]
     for part in expected[1]:
         assert got[1][part] == expected[1][part], part
