@@ -13,6 +13,7 @@ from contextlib import closing
 from pathlib import Path
 from typing import Any
 
+import psycopg
 import pytest
 from aioresponses import aioresponses
 
@@ -155,6 +156,42 @@ async def _fire_a_tie(ledger: PgLedger) -> None:
             "a-pay": "expired", "z-form": "expired"}
     assert _told(ledger, "u1") == ["Form", "Pay", "expired"]
 
+
+async def test_a_timer_pass_that_waited_for_a_callbacks_conversation_does_not_fire_it(
+        ledger: PgLedger, pg_database: str) -> None:
+    """Every wait is due; a callback's transaction holds u2's conversation (the pass reads
+    the others ahead, SKIP LOCKED, and waits for that one) and resolves u2's payment.
+    The pass then must not fire it: one branch only, u2 hears no expiry, nothing fails."""
+    convs = {}
+    for user in ("u1", "u2", "u3"):
+        with ledger.transaction():
+            out = ledger.inbound(Inbound("rec", user, "hi"), 0.0)
+        assert out is not None
+        convs[user] = (out.conversation, out.waits[1].id)
+    with ledger.transaction():
+        ledger.conn.execute("UPDATE waits SET deadline = 1")
+    worker = PgWorker(ledger, threads=1)
+    await worker.open()
+    try:
+        with psycopg.connect(pg_database) as callback:
+            cid, pay = convs["u2"]
+            callback.execute("SELECT 1 FROM conversations WHERE id = %s FOR UPDATE", (cid,))
+            passing = asyncio.ensure_future(worker.run(Ledger.fire_due, 0.0))
+            await asyncio.sleep(0.5)
+            assert not passing.done()  # waiting for u2's conversation
+            callback.execute("UPDATE waits SET state = 'success' WHERE id = %s", (pay,))
+            callback.execute("UPDATE conversations SET block = 'paid', wait_id = NULL, "
+                             "version = version + 1 WHERE id = %s", (cid,))
+        fired = await asyncio.wait_for(passing, 30)
+    finally:
+        await worker.stop()
+    assert not fired.errors
+    with ledger.transaction():
+        states = dict(ledger.conn.execute("SELECT id, state FROM waits WHERE id = ANY(%s)",
+                                          ([p for _, p in convs.values()],)))
+    assert states == {convs["u1"][1]: "expired", pay: "success", convs["u3"][1]: "expired"}
+    assert _told(ledger, "u2") == ["Form", "Pay"]
+    assert _told(ledger, "u1") == _told(ledger, "u3") == ["Form", "Pay", "expired"]
 
 @pytest.mark.parametrize("bad", [1, 2], ids=["sent by the next job", "sent with COMMIT"])
 async def test_a_job_whose_writes_the_driver_cannot_send_fails_alone(
