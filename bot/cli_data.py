@@ -71,7 +71,8 @@ def add_commands(sub: Any, load: Loader) -> None:
     c = sub.add_parser("conversation", help="show one conversation (read-only)")
     c.add_argument("--config", required=True, help="the TOML config file")
     c.add_argument("key_or_user", metavar="KEY_OR_USER",
-                   help="its conversation_key, or the user's id on its channel")
+                   help="its conversation_key, or the user's id on its channel (one that "
+                   "starts with '-': put -- before it)")
     c.add_argument("--channel", help="which channel, when the user has several")
     c.add_argument("--messages", type=int, default=10, help="last messages shown (10)")
     c.add_argument("--json", action="store_true", help="one JSON object, for scripts")

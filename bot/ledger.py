@@ -50,8 +50,11 @@ def refusal(exc: VariableTooLarge) -> str:
 
 
 def new_token() -> str:
-    """144 random bits, URL-safe: executionIds, wait ids and conversation keys."""
-    return secrets.token_urlsafe(18)
+    """~144 random bits, URL-safe (24 characters): executionIds, wait ids and conversation
+    keys. Never starts with "-": a command line would take it for an option (`flowbot
+    conversation -Ab3…` failed for one key in 64)."""
+    token = secrets.token_urlsafe(18)
+    return "_" + token[1:] if token.startswith("-") else token
 
 
 class WebViewCheck(Protocol):

@@ -173,3 +173,22 @@ def test_an_unreachable_postgresql_is_one_line(tmp_path: Path,
     assert code == 1 and out.startswith("flowbot: cannot reach the PostgreSQL database none "
                                         "on 127.0.0.1:1: OperationalError"), out
     assert len(out.strip().splitlines()) == 1
+
+
+def test_keys_never_look_like_options(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A conversation key (or executionId) starting with "-" was taken for an option by
+    `flowbot conversation KEY` (one key in 64)."""
+    from bot import ledger
+
+    drawn = iter(["-Ab3" + "x" * 20, "Ab3-" + "x" * 20])
+    monkeypatch.setattr(ledger.secrets, "token_urlsafe", lambda n: next(drawn))
+    assert ledger.new_token() == "_Ab3" + "x" * 20
+    assert ledger.new_token() == "Ab3-" + "x" * 20
+
+
+async def test_a_key_that_starts_with_a_dash_is_shown_after_double_dash(
+        seeded: dict[str, str], capsys: pytest.CaptureFixture[str]) -> None:
+    """Keys made before new_token avoided a leading "-" still work, after `--`."""
+    code, out = run(capsys, "conversation", "--config", seeded["config"], "--",
+                    "-no-such-key")
+    assert code == 2 and "no conversation" in out
