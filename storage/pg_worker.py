@@ -222,6 +222,10 @@ class PgWorker:
             return [], jobs
         except StorageUnavailable as exc:
             return [(job, False, exc) for job in jobs], []
+        except Exception:  # a bug outside the jobs: each runs alone and hears its own error,
+            # rather than the thread ending with none of them answered
+            log.exception("a batch of %d jobs failed; running them one by one", len(jobs))
+            return [], jobs
         self._committed(store, len(done))
         return done, alone
 

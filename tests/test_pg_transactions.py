@@ -302,6 +302,29 @@ async def test_a_job_failing_in_a_batch_is_undone_alone(
     assert _counts(ledger) == {"success": 2, "outbox": 5}
 
 
+async def test_a_batch_that_fails_outside_its_jobs_runs_each_alone(
+        ledger: PgLedger, monkeypatch: pytest.MonkeyPatch,
+        caplog: pytest.LogCaptureFixture) -> None:
+    """A bug in the batch's own path (here: reading the waits ahead) is logged and every
+    callback runs alone and is answered; the worker's thread goes on."""
+    wids = [_waiting(ledger, f"u{i}") for i in range(3)]
+
+    def broken(store: PgStore, conn: Any, wait_ids: Any) -> set[str]:
+        raise RuntimeError("a bug in begin_batch")
+
+    monkeypatch.setattr(PgStore, "begin_batch", broken)
+    worker = PgWorker(ledger, threads=1)
+    futures = _queued(worker, list(map(_callback, wids)))
+    worker.start()
+    try:
+        outs = await asyncio.wait_for(asyncio.gather(*futures), 30)
+        assert await worker.run(PgStore.record_event, "after", 0.0)  # the thread goes on
+    finally:
+        await worker.stop()
+    assert [(o.state, o.won) for o in outs] == [("success", True)] * 3
+    assert "a batch of 3 jobs failed" in caplog.text
+
+
 async def test_a_batch_whose_speculation_fails_runs_each_job_alone(
         ledger: PgLedger, pg_database: str, monkeypatch: pytest.MonkeyPatch) -> None:
     """Another transaction expires one of the batch's waits after the batch read it as
