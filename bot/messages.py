@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 
@@ -59,6 +59,15 @@ class Message:
         if self.media is not None:
             doc["media"] = [self.media.kind, self.media.url]
         return json.dumps(doc, ensure_ascii=False, separators=(",", ":"))
+
+    def without_media(self) -> Message:
+        """This message as text only, its file's URL appended to the text: what goes when
+        the platform could not send the file, so the text and the choices still reach the
+        user (a question whose buttons never arrive leaves a flow stuck)."""
+        if self.media is None:
+            return self
+        text = "\n\n".join(t for t in (self.text, self.media.url) if t)
+        return replace(self, text=text, media=None)
 
     @classmethod
     def from_json(cls, raw: str) -> Message:

@@ -115,19 +115,26 @@ def split_text(text: str, limit: int, size: Callable[[str], int] = len) -> list[
 class SentParts:
     """How many parts of a split message a channel has sent, by `Delivery.id`: when a part
     fails and the outbox retries the delivery, only the parts not yet sent go out again.
-    Kept in memory: after a crash the whole message is sent again (at-least-once)."""
+    The platform's id of the first part is kept with the count, for a channel whose row
+    must carry it. Kept in memory: after a crash the whole message is sent again
+    (at-least-once)."""
 
     def __init__(self, cap: int = 10_000) -> None:
         self.cap = cap
-        self._sent: dict[int, int] = {}
+        self._sent: dict[int, tuple[int, str]] = {}
 
     def first_unsent(self, delivery_id: int) -> int:
-        return self._sent.get(delivery_id, 0)
+        return self._sent.get(delivery_id, (0, ""))[0]
 
-    def sent(self, delivery_id: int, count: int) -> None:
+    def first_id(self, delivery_id: int) -> str:
+        """The platform id `sent` was given with the first part ("" if none)."""
+        return self._sent.get(delivery_id, (0, ""))[1]
+
+    def sent(self, delivery_id: int, count: int, platform_id: str = "") -> None:
         if len(self._sent) >= self.cap:  # rows that failed for good never come back
             self._sent.clear()
-        self._sent[delivery_id] = count
+        first = self._sent.get(delivery_id, (0, platform_id))[1] if count > 1 else platform_id
+        self._sent[delivery_id] = (count, first)
 
     def done(self, delivery_id: int) -> None:
         self._sent.pop(delivery_id, None)

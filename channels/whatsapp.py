@@ -428,12 +428,17 @@ class WhatsAppChannel:
                 # question whose buttons never arrive leaves the user stuck)
                 log.warning("outbox %d: Twilio refused the media URL %s… (%s); sending it "
                             "as text", delivery.id, media.url[:40], exc)
-                text = "\n\n".join(t for t in (delivery.message.text, media.url) if t)
-                fallback = plain_text(dataclasses.replace(delivery.message, text=text))
+                fallback = plain_text(delivery.message.without_media())
                 parts = [{**params, "body": part} for part in split_text(fallback, BODY_MAX)]
                 continue
-            self._parts.sent(delivery.id, i + 1)
+            self._parts.sent(delivery.id, i + 1, sid)
             i += 1
+        # The row keeps one SID, and status callbacks are matched by it. A file goes with
+        # the first part, and only Twilio's fetch of that file fails later (63019): that
+        # part's SID, so its failure finds the row and the text is sent again without the
+        # file (`_status`). A text alone keeps the last part's, as before.
+        if media is not None and "media_url" in parts[0]:
+            sid = self._parts.first_id(delivery.id) or sid
         self._parts.done(delivery.id)
         return sid
 
