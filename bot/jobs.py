@@ -67,6 +67,11 @@ def set_platform_status(store: Store, platform_id: str, status: str, error: str 
     return store.set_platform_status(platform_id, status, error, now)
 
 
+def resend_without_media(store: Store, platform_id: str, status: str, error: str | None,
+                         now: float) -> int | None:
+    return store.resend_without_media(platform_id, status, error, now)
+
+
 def web_history(store: Store, user_id: str, after_id: int, limit: int = 200,
                 newest: bool = False) -> list[Delivery]:
     return store.web_history(user_id, after_id, limit, newest)

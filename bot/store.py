@@ -279,6 +279,18 @@ class Store(Protocol):
         (the status is kept, by the same rule, for the commit that may still bring it)."""
         ...
 
+    def resend_without_media(self, platform_id: str, status: str, error: str | None,
+                             now: float) -> int | None:
+        """`set_platform_status` for a status saying the platform could not send the file
+        of its message `platform_id`; and where that moves a row whose message has a file
+        to a final status for the first time, a new pending row for the row's conversation
+        with the message as text only (`Message.without_media`), in this transaction, so
+        the text and its choices still reach the user. A repeated callback finds the row
+        final already: nothing more is added. The new row's id; 0 when none was added;
+        None when no row has that id yet (the status is kept as `set_platform_status`
+        keeps it)."""
+        ...
+
     def web_history(self, user_id: str, after_id: int, limit: int = 200,
                     newest: bool = False) -> list[Delivery]:
         """Web chat messages already sent to one session, in id order: the first `limit`

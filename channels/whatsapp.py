@@ -53,6 +53,12 @@ EMPTY_TWIML = '<?xml version="1.0" encoding="UTF-8"?><Response/>'
 SEND_TIMEOUT = 15.0  # seconds for one Messages API call; the outbox retries after that
 OUTSIDE_WINDOW = "63016"
 INVALID_MEDIA_URL = "21620"  # Twilio refuses a MediaUrl it cannot use (400, at create time)
+# Error codes of a status callback (failed / undelivered) that say Twilio accepted the
+# message but could not fetch or pass on its file: 63019 "Media failed to download",
+# 63021 "Channel invalid content" (a file type WhatsApp does not take), 11200 "HTTP
+# retrieval failure" (fetching MediaUrl: a 4xx/5xx, a timeout, a wrong Content-Type). On
+# a message with a file, its text goes again without it (see `_status`).
+MEDIA_FAILED = frozenset({"63019", "63021", "11200"})
 MAX_FORM_BYTES = WHATSAPP_MAX_BODY_BYTES  # default of [channels.whatsapp] max_body_bytes
 # WhatsApp's limits for Content templates sent inside the 24-hour window.
 TEMPLATE_BODY_MAX = 1024
@@ -343,8 +349,23 @@ class WhatsAppChannel:
                              "MessageStatus.")
         code, detail = form.get("ErrorCode", ""), form.get("ErrorMessage", "")
         error = (f"{code}: {detail}" if detail else code) if code else None
-        found = await self.runtime.worker.run(jobs.set_platform_status, sid, status, error,
-                                              self.runtime.clock.now())
+        now = self.runtime.clock.now()
+        if status in ("failed", "undelivered") and code in MEDIA_FAILED:
+            # the file could not go: the same status, and in the same transaction the text
+            # as a new row without it, once (a repeated callback finds the row failed)
+            resent = await self.runtime.worker.run(jobs.resend_without_media, sid, status,
+                                                   error, now)
+            found = resent is not None
+            if resent:
+                self.runtime.metrics["whatsapp_media_fallbacks"] += 1
+                log.warning("WhatsApp message %s is %s: error %s; its text goes again "
+                            "without the file, with the file's URL (outbox %d)", sid, status,
+                            error, resent)
+                self.runtime.on_messages()
+                return web.Response(text="")
+        else:
+            found = await self.runtime.worker.run(jobs.set_platform_status, sid, status,
+                                                  error, now)
         if error:
             log.warning("WhatsApp message %s is %s: error %s", sid, status, error)
         if not found:

@@ -34,7 +34,7 @@ from bot.errors import StaleState, StorageUnavailable
 from bot.ledger import Ledger, WebViewCheck
 from bot.messages import Delivery, Message
 from bot.state import Conversation, EarlyWebhook, OutboxRow, Step, Wait
-from bot.store import PER_CONVERSATION, status_advances
+from bot.store import FINAL_DELIVERY, PER_CONVERSATION, status_advances
 from bot.stranded import REMOVED, Stranded
 from storage import pg_schema
 from storage.pg_stranded import find_stranded, find_stranded_part
@@ -908,6 +908,29 @@ class PgStore(contract.Store):
                 "SET status = excluded.status, error = excluded.error, at = excluded.at",
                 (platform_id, status, error, now))
         return False
+
+    def resend_without_media(self, platform_id: str, status: str, error: str | None,
+                             now: float) -> int | None:
+        """As SQLite's: the rows locked first, so a callback Twilio repeats at once waits
+        for this one and then finds the row final (nothing sent twice)."""
+        rows = self.conn.execute(
+            "SELECT platform_status, conversation_id, message FROM outbox "
+            "WHERE platform_id = %s FOR UPDATE", (_text(platform_id),)).fetchall()
+        if not self.set_platform_status(platform_id, status, error, now):
+            return None
+        added = 0
+        for current, cid, raw in rows:
+            message = Message.from_json(raw)
+            if (message.media is None or status not in FINAL_DELIVERY
+                    or not status_advances(current, status)):
+                continue  # no file, or a callback repeated: the row is final already
+            row = self.conn.execute(
+                "INSERT INTO outbox (conversation_id, channel, user_id, message, next_attempt, "
+                "created) SELECT id, channel, user_id, %s, %s, %s FROM conversations "
+                "WHERE id = %s RETURNING id",
+                (message.without_media().to_json(), now, now, cid)).fetchone()
+            added = row[0] if row else added
+        return added
 
     def web_history(self, user_id: str, after_id: int, limit: int = 200,
                     newest: bool = False) -> list[Delivery]:

@@ -26,7 +26,7 @@ from bot.flow import WAIT_KINDS
 from bot.ledger import Ledger, WebViewCheck
 from bot.messages import Delivery, Message
 from bot.state import Conversation, EarlyWebhook, OutboxRow, Step, Wait
-from bot.store import FINAL_STATES, PER_CONVERSATION, status_advances
+from bot.store import FINAL_DELIVERY, FINAL_STATES, PER_CONVERSATION, status_advances
 from bot.stranded import REMOVED, Stranded
 from storage.schema import migrations
 from storage.stranded import find_stranded, find_stranded_part
@@ -480,6 +480,28 @@ class SQLiteStore(contract.Store):
                 "INSERT OR REPLACE INTO early_statuses (platform_id, status, error, at) "
                 "VALUES (?, ?, ?, ?)", (platform_id, status, error, now))
         return False
+
+    def resend_without_media(self, platform_id: str, status: str, error: str | None,
+                             now: float) -> int | None:
+        """See the contract. The new row goes to the conversation's address now (a moved
+        chat's new one); none if retention deleted the conversation."""
+        rows = self.conn.execute(
+            "SELECT platform_status, conversation_id, message FROM outbox WHERE platform_id = ?",
+            (platform_id,)).fetchall()
+        if not self.set_platform_status(platform_id, status, error, now):
+            return None
+        added = 0
+        for current, cid, raw in rows:
+            message = Message.from_json(raw)
+            if (message.media is None or status not in FINAL_DELIVERY
+                    or not status_advances(current, status)):
+                continue  # no file, or a callback repeated: the row is final already
+            row = self.conn.execute(
+                "INSERT INTO outbox (conversation_id, channel, user_id, message, next_attempt, "
+                "created) SELECT id, channel, user_id, ?, ?, ? FROM conversations WHERE id = ? "
+                "RETURNING id", (message.without_media().to_json(), now, now, cid)).fetchone()
+            added = row[0] if row else added
+        return added
 
     def web_history(self, user_id: str, after_id: int, limit: int = 200,
                     newest: bool = False) -> list[Delivery]:

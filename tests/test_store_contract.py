@@ -16,7 +16,7 @@ import pytest
 
 from bot.config import load_config
 from bot.errors import FlowbotError, StaleState
-from bot.messages import Inbound, Message
+from bot.messages import Button, Inbound, Media, Message
 from bot.state import Step, Wait
 from bot.store import Store
 from storage import backends
@@ -247,6 +247,28 @@ def test_an_early_status_waits_for_its_message(store: Store) -> None:
     with store.transaction():
         assert query(store, "SELECT platform_id, platform_status, error FROM outbox "
                      "ORDER BY id") == [("SM1", "read", None), ("SM2", "failed", "63016")]
+
+
+def test_a_file_the_platform_could_not_send_goes_again_as_text_once(store: Store) -> None:
+    photo = Message("Pick one", (Button("A", "p:1"),), media=Media("image", "https://x/p.png"))
+    with store.transaction():
+        conv = store.conversation("whatsapp", "u", "K", 0)
+        store.save(conv, Step(messages=[photo, Message("plain")]), 0)
+        first, second = store.pending_deliveries(0, 10)
+        store.mark_sent(first.id, 1, "SM1")
+        store.mark_sent(second.id, 1, "SM2")
+        assert store.resend_without_media("SM0", "failed", "63019", 2) is None  # unknown yet
+        added = store.resend_without_media("SM1", "failed", "63019", 2)
+        assert added
+        assert store.resend_without_media("SM1", "failed", "63019", 3) == 0  # repeated
+        assert store.resend_without_media("SM1", "undelivered", "63019", 3) == 0
+        assert store.resend_without_media("SM2", "failed", "63019", 3) == 0  # no file
+        [again] = store.pending_deliveries(10, 10)
+        assert (again.id, again.conversation_id, again.user_id) == (added, conv.id, "u")
+        assert again.message == Message("Pick one\n\nhttps://x/p.png", (Button("A", "p:1"),))
+    with store.transaction():
+        assert query(store, "SELECT platform_status, error FROM outbox ORDER BY id") == [
+            ("failed", "63019"), ("failed", "63019"), (None, None)]
 
 
 def test_pending_http_waits_are_found_again(store: Store) -> None:
