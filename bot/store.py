@@ -287,8 +287,8 @@ class Store(Protocol):
         with the message as text only (`Message.without_media`), in this transaction, so
         the text and its choices still reach the user. A repeated callback finds the row
         final already: nothing more is added. The new row's id; 0 when none was added;
-        None when no row has that id yet (the status is kept as `set_platform_status`
-        keeps it)."""
+        None when no row has that id yet: the status is kept as `set_platform_status`
+        keeps it, and the `mark_sent` that brings the id adds the row then."""
         ...
 
     def web_history(self, user_id: str, after_id: int, limit: int = 200,

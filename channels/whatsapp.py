@@ -363,6 +363,11 @@ class WhatsAppChannel:
                             error, resent)
                 self.runtime.on_messages()
                 return web.Response(text="")
+            if resent is None:
+                log.warning("WhatsApp message %s is %s: error %s, before its SID is stored; "
+                            "its text goes again without the file once it is", sid, status,
+                            error)
+                return web.Response(text="")
         else:
             found = await self.runtime.worker.run(jobs.set_platform_status, sid, status,
                                                   error, now)

@@ -41,7 +41,7 @@ _PLAN: list[tuple[str, tuple[str, ...], str, tuple[str, ...]]] = [
     ("waits", _WAITS, "1", ("blocking",)),
     ("outbox", _OUTBOX, "state = 'pending' OR (channel = 'web' AND state = 'sent')", ()),
     ("events", ("id", "at"), "at >= :since", ()),
-    ("early_statuses", ("platform_id", "status", "error", "at"), "1", ()),
+    ("early_statuses", ("platform_id", "status", "error", "at", "resend"), "1", ("resend",)),
     ("early_webhooks", ("id", "conversation_id", "payload", "schemes", "received", "expires"),
      "1", ()),
     ("chat_aliases", ("channel", "old_user_id", "new_user_id", "created"), "1", ()),

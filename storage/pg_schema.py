@@ -114,6 +114,10 @@ MIGRATIONS: list[tuple[int, str, str]] = [
         );
         CREATE INDEX chat_aliases_created ON chat_aliases (created);
     """),
+    (7, "early_media_failures", """
+        -- SQLite's m013: an early status whose "sent" commit queues the text again
+        ALTER TABLE early_statuses ADD COLUMN resend boolean NOT NULL DEFAULT false;
+    """),
 ]
 
 

@@ -857,9 +857,11 @@ class PgStore(contract.Store):
         if platform_id is None:
             return
         early = self.conn.execute(
-            "DELETE FROM early_statuses WHERE platform_id = %s RETURNING status, error",
+            "DELETE FROM early_statuses WHERE platform_id = %s RETURNING status, error, resend",
             (platform_id,)).fetchall()
-        if early:
+        if early and early[0][2]:  # the file failed before we knew the id: text again
+            self.resend_without_media(platform_id, early[0][0], early[0][1], now)
+        elif early:
             self.set_platform_status(platform_id, early[0][0], early[0][1], now)
 
     def mark_all_sent(self, rows: list[tuple[int, float, str | None]]) -> None:
@@ -917,6 +919,10 @@ class PgStore(contract.Store):
             "SELECT platform_status, conversation_id, message FROM outbox "
             "WHERE platform_id = %s FOR UPDATE", (_text(platform_id),)).fetchall()
         if not self.set_platform_status(platform_id, status, error, now):
+            # kept as an early status: the "sent" commit resends (mark_sent)
+            self.conn.execute(
+                "UPDATE early_statuses SET resend = true WHERE platform_id = %s "
+                "AND status = %s AND at = %s", (_text(platform_id), _text(status), now))
             return None
         added = 0
         for current, cid, raw in rows:

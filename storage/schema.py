@@ -205,3 +205,15 @@ def m012_chat_aliases(db: Database) -> None:
         CREATE INDEX chat_aliases_created ON chat_aliases (created);
         """
     )
+
+
+@migrations()
+def m013_early_media_failures(db: Database) -> None:
+    """An early status (m006) that says the platform could not send the message's file:
+    the "sent" commit that applies it also queues the text again without the file
+    (`resend_without_media`). Old code ignores the column."""
+    db.executescript(
+        """
+        ALTER TABLE early_statuses ADD COLUMN resend INTEGER NOT NULL DEFAULT 0;
+        """
+    )

@@ -271,6 +271,26 @@ def test_a_file_the_platform_could_not_send_goes_again_as_text_once(store: Store
             ("failed", "63019"), ("failed", "63019"), (None, None)]
 
 
+def test_a_file_failure_before_the_sent_commit_sends_the_text_at_that_commit(
+        store: Store) -> None:
+    photo = Message("Pick one", media=Media("image", "https://x/p.png"))
+    with store.transaction():
+        conv = store.conversation("whatsapp", "u", "K", 0)
+        store.save(conv, Step(messages=[photo, photo]), 0)
+        first, second = store.pending_deliveries(0, 10)
+        assert store.resend_without_media("SM1", "failed", "63019", 1) is None
+        assert store.resend_without_media("SM1", "failed", "63019", 2) is None  # repeated
+        assert not store.set_platform_status("SM2", "failed", "63016", 1)  # not the file
+        store.mark_all_sent([(first.id, 3, "SM1"), (second.id, 3, "SM2")])
+        [again] = store.pending_deliveries(10, 10)
+        assert again.message == Message("Pick one\n\nhttps://x/p.png")
+        assert store.counts()["outbox_sent"] == 2
+    with store.transaction():
+        assert query(store, "SELECT platform_status, error FROM outbox ORDER BY id") == [
+            ("failed", "63019"), ("failed", "63016"), (None, None)]
+        assert query(store, "SELECT count(*) FROM early_statuses") == [(0,)]
+
+
 def test_pending_http_waits_are_found_again(store: Store) -> None:
     request = {"method": "GET", "url": "https://api.example/x", "timeout": 5}
     with store.transaction():
@@ -318,7 +338,8 @@ def test_migrations_run_once_under_an_advisory_lock(pg_url: str) -> None:
     with psycopg.connect(pg_url) as conn:
         assert conn.execute("SELECT version, name FROM flowbot_migrations").fetchall() == [
             (1, "initial"), (2, "removed_waits"), (3, "retention"),
-            (4, "early_webhooks"), (5, "settings"), (6, "chat_aliases")]
+            (4, "early_webhooks"), (5, "settings"), (6, "chat_aliases"),
+            (7, "early_media_failures")]
 
 
 def test_transitions_use_the_database_clock_not_the_nodes(pg_url: str, tmp_path: Path

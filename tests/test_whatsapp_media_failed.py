@@ -83,6 +83,20 @@ async def test_a_split_message_is_matched_by_the_part_that_carried_the_file(
         assert await h.sql("SELECT count(*) FROM early_statuses") == [(1,)]  # sid(2) only
 
 
+async def test_a_file_failure_told_before_the_sent_commit_is_applied_by_that_commit(
+        tmp_path: Path) -> None:
+    # Twilio can call back before the outbox has stored the SID its send returned
+    async with whatsapp_harness(tmp_path, SEATS, whatsapp="status_callback = true") as h:
+        for _ in range(2):
+            await h.post("/twilio/status", status_form(sid(1), "failed", "63019"))
+        assert await h.sql("SELECT count(*) FROM outbox") == [(0,)]
+        await h.post("/twilio/whatsapp", twilio_form(MessageSid="SM" + "0" * 32, Body="hi"))
+        assert [(f.get("Body"), f.get("MediaUrl")) for f in h.new_sends()] == [
+            (QUESTION, "https://cdn.example/seats.png"), (AGAIN, None)]
+        assert await h.sql("SELECT platform_status FROM outbox ORDER BY id") == [
+            ("failed",), (None,)]
+
+
 @pytest.mark.parametrize(("status", "code"), [
     ("failed", "63016"),  # outside the 24-hour window: sending again would fail the same
     ("undelivered", "30008"),
