@@ -8,6 +8,7 @@ CI (`CI=true`), where they fail (tests/prereq.py): CI must run both halves.
 
 from __future__ import annotations
 
+import asyncio
 import os
 import secrets
 from collections.abc import Iterator
@@ -115,3 +116,15 @@ def pg_summary(terminalreporter: Any) -> None:
         shown = ", ".join(f"{n} {k}" for k, n in outcomes.items()) or "none run"
         terminalreporter.write_line(
             f"PostgreSQL half ({admin_url().rsplit('@', 1)[-1]}): {shown}")
+
+
+def queued(worker: Any, jobs: list[tuple[Any, tuple[Any, ...]]]) -> list[asyncio.Future[Any]]:
+    """`jobs` ((fn, args) each) submitted to a `storage.pg_worker.PgWorker` before its one
+    thread starts, so that it takes them as one batch; their answers' futures."""
+    loop = asyncio.get_running_loop()
+    futures: list[asyncio.Future[Any]] = []
+    for fn, args in jobs:
+        fut: asyncio.Future[Any] = loop.create_future()
+        worker.submit(fn, args, (fut, loop))
+        futures.append(fut)
+    return futures

@@ -24,7 +24,7 @@ from bot.messages import Inbound, Message
 from storage import postgres
 from storage.pg_worker import PgWorker
 from storage.postgres import PgLedger
-from tests.postgres import empty
+from tests.postgres import empty, queued
 from tests.support import eventually, harness, write_config
 from tests.test_pg_lost_commit import commit_link, rows, through
 
@@ -71,18 +71,6 @@ def ledger(pg_database: str, tmp_path: Path) -> Iterator[PgLedger]:
         led.close()
 
 
-def _queued(worker: PgWorker, jobs: list[tuple[Any, tuple[Any, ...]]]
-            ) -> list[asyncio.Future[Any]]:
-    """`jobs` queued before the worker's one thread starts, so it takes them as one batch."""
-    loop = asyncio.get_running_loop()
-    futures: list[asyncio.Future[Any]] = []
-    for fn, args in jobs:
-        fut: asyncio.Future[Any] = loop.create_future()
-        worker.submit(fn, args, (fut, loop))
-        futures.append(fut)
-    return futures
-
-
 def _callback(wid: str, data: Any = None) -> tuple[Any, tuple[Any, ...]]:
     return Ledger.webview_callback, (wid, True, data if data is not None else {}, None, 0.0)
 
@@ -110,7 +98,7 @@ async def test_a_batch_keeps_the_order_of_one_conversations_callbacks(
             ledger.conn.execute("UPDATE waits SET id = %s WHERE id = %s", (new, old))
         ledger.conn.execute("UPDATE conversations SET wait_id = 'a-pay'")
     worker = PgWorker(ledger, threads=1)
-    futures = _queued(worker, [_callback("z-form", {"size": "L"}), _callback("a-pay")])
+    futures = queued(worker, [_callback("z-form", {"size": "L"}), _callback("a-pay")])
     worker.start()
     try:
         outs = await asyncio.wait_for(asyncio.gather(*futures), 30)
@@ -212,7 +200,7 @@ async def test_a_job_whose_writes_the_driver_cannot_send_fails_alone(
     worker = PgWorker(ledger, threads=1)
     sizes: list[str] = ["S", "M", "L"]
     sizes[bad] = "\ud800"
-    futures = _queued(worker, [_callback(w, {"size": s}) for w, s in zip(wids, sizes, strict=True)])
+    futures = queued(worker, [_callback(w, {"size": s}) for w, s in zip(wids, sizes, strict=True)])
     worker.start()
     try:
         outs = await asyncio.wait_for(asyncio.gather(*futures, return_exceptions=True), 10)
@@ -291,7 +279,7 @@ async def test_a_batch_whose_commit_answer_is_lost_is_applied_once(
             db.arm(b"UPDATE waits t SET state", applied=lost != "before COMMIT reached it",
                    then_down=lost == "and the database with it")  # the batch's claims
             worker = PgWorker(led, threads=1)
-            futures = _queued(worker, [_callback(w) for w in wids])
+            futures = queued(worker, [_callback(w) for w in wids])
             worker.start()
             try:
                 outs = await asyncio.wait_for(asyncio.gather(*futures, return_exceptions=True),

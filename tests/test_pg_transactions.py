@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -20,7 +21,7 @@ from bot.messages import Inbound
 from bot.state import Step
 from storage.pg_worker import ANSWER_GROUP, PgWorker
 from storage.postgres import PgLedger, PgStore, learns_xid
-from tests.postgres import empty
+from tests.postgres import empty, queued
 from tests.support import PAY_FLOW
 
 FLOW = """
@@ -51,35 +52,53 @@ def _waiting(ledger: PgLedger, user: str = "u1") -> str:
     return out.waits[0].id
 
 
-def test_a_callback_is_two_round_trips(ledger: PgLedger,
-                                      monkeypatch: pytest.MonkeyPatch) -> None:
-    wid = _waiting(ledger)
-    trips: list[str] = []
+class Sent:
+    """What a block of code sends PostgreSQL (see `sent`): `trips`, one entry per round
+    trip ("pipeline", or the first word of a statement sent alone), and `statements`, the
+    first word of every statement."""
+
+    def __init__(self) -> None:
+        self.trips: list[str] = []
+        self.statements: list[str] = []
+
+
+@contextmanager
+def sent() -> Iterator[Sent]:
+    """Count what psycopg sends inside the block (see `Sent`)."""
+    out = Sent()
     pipeline, execute = psycopg.Connection.pipeline, psycopg.Connection.execute
 
     def counted_pipeline(conn: Any) -> Any:
-        trips.append("pipeline")
+        out.trips.append("pipeline")
         return pipeline(conn)
 
     def counted_execute(conn: Any, query: Any, *args: Any, **kwargs: Any) -> Any:
+        word = str(query).split()[0]
+        out.statements.append(word)
         if conn._pipeline is None:
-            trips.append(str(query))
+            out.trips.append(word)
         return execute(conn, query, *args, **kwargs)
 
-    monkeypatch.setattr(psycopg.Connection, "pipeline", counted_pipeline)
-    monkeypatch.setattr(psycopg.Connection, "execute", counted_execute)
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(psycopg.Connection, "pipeline", counted_pipeline)
+        patch.setattr(psycopg.Connection, "execute", counted_execute)
+        yield out
+
+
+
+def test_a_callback_is_two_round_trips(ledger: PgLedger) -> None:
+    wid = _waiting(ledger)
     store = ledger.for_thread()
-    with store.pool.connection() as conn:
+    with sent() as counted, store.pool.connection() as conn:
         store.begin(conn, wid, speculative=True,
                     xid=learns_xid(Ledger.webview_callback))
         out = Ledger.webview_callback(store, wid, True, {"ref": "R"}, None, 0.0)
         store.commit()
-    monkeypatch.undo()
     assert out is not None and (out.state, out.won, out.messages) == ("success", True, 1)
     # BEGIN, the clock (and the transaction's id, for a COMMIT whose answer is lost), the
     # wait with its conversation locked; then the claim, the step, COMMIT: two pipelines,
     # nothing else
-    assert trips == ["pipeline", "pipeline"], trips
+    assert counted.trips == ["pipeline", "pipeline"], counted.trips
     assert store.xid is not None and store.xid.isdigit()
     assert _counts(ledger) == {"success": 1, "outbox": 2}
 
@@ -161,7 +180,7 @@ def test_a_savepoint_that_sent_nothing_costs_nothing(ledger: PgLedger) -> None:
         store.rollback()
 
 
-async def test_answers_go_back_together_while_jobs_are_queued(ledger: PgLedger) -> None:
+async def test_answers_go_back_together_while_jobs_arequeued(ledger: PgLedger) -> None:
     """Each send is a frame (and an event-loop wake-up) in the database process: under
     load answers are grouped, and every job still hears back, the last ones included."""
     from storage.worker import _answer_futures
@@ -201,18 +220,6 @@ def test_an_inner_savepoint_sent_and_released_does_not_stop_the_outer_rollback(
 # -- batches: callbacks that reach the worker together share one transaction ---------------
 
 
-def _queued(worker: PgWorker, jobs: list[tuple[Any, tuple[Any, ...]]]
-            ) -> list[asyncio.Future[Any]]:
-    """`jobs` queued before the worker's one thread starts, so it takes them as one batch."""
-    loop = asyncio.get_running_loop()
-    futures: list[asyncio.Future[Any]] = []
-    for fn, args in jobs:
-        fut: asyncio.Future[Any] = loop.create_future()
-        worker.submit(fn, args, (fut, loop))
-        futures.append(fut)
-    return futures
-
-
 def _callback(wid: str, data: Any = None) -> tuple[Any, tuple[Any, ...]]:
     return Ledger.webview_callback, (wid, True, data if data is not None else {"ref": "R"},
                                      None, 0.0)
@@ -223,37 +230,22 @@ def _states(ledger: PgLedger) -> dict[str, str]:
         return dict(ledger.conn.execute("SELECT id, state FROM waits"))
 
 
-def test_a_batch_of_callbacks_is_two_round_trips(ledger: PgLedger,
-                                                 monkeypatch: pytest.MonkeyPatch) -> None:
+def test_a_batch_of_callbacks_is_two_round_trips(ledger: PgLedger) -> None:
     wids = [_waiting(ledger, f"u{i}") for i in range(5)]
-    trips: list[str] = []
-    statements: list[str] = []
-    pipeline, execute = psycopg.Connection.pipeline, psycopg.Connection.execute
-
-    def counted_pipeline(conn: Any) -> Any:
-        trips.append("pipeline")
-        return pipeline(conn)
-
-    def counted_execute(conn: Any, query: Any, *args: Any, **kwargs: Any) -> Any:
-        statements.append(str(query).split()[0])
-        return execute(conn, query, *args, **kwargs)
-
-    monkeypatch.setattr(psycopg.Connection, "pipeline", counted_pipeline)
-    monkeypatch.setattr(psycopg.Connection, "execute", counted_execute)
     store = ledger.for_thread()
-    with store.pool.connection() as conn:
+    with sent() as counted, store.pool.connection() as conn:
         assert store.begin_batch(conn, wids) == set(wids)
         outs = []
         for wid in wids:
             with store.savepoint():
                 outs.append(Ledger.webview_callback(store, wid, True, {"ref": "R"}, None, 0.0))
         store.commit()
-    monkeypatch.undo()
     assert [(o.state, o.won) for o in outs if o is not None] == [("success", True)] * 5
     # BEGIN, the clock and the five waits with their conversations locked; then the five
     # claims, steps and messages, each kind one statement over arrays, with COMMIT
-    assert trips == ["pipeline", "pipeline"], trips
-    assert statements == ["BEGIN", "SELECT", "SELECT", "WITH", "WITH", "INSERT", "COMMIT"]
+    assert counted.trips == ["pipeline", "pipeline"], counted.trips
+    assert counted.statements == ["BEGIN", "SELECT", "SELECT", "WITH", "WITH", "INSERT",
+                                  "COMMIT"]
     assert _counts(ledger) == {"success": 5, "outbox": 10}
 
 
@@ -263,7 +255,7 @@ async def test_a_batch_answers_each_callback_as_alone_it_would(ledger: PgLedger)
     already) and the unknown one (no row) run alone after it."""
     wids = [_waiting(ledger, f"u{i}") for i in range(5)]
     worker = PgWorker(ledger, threads=1)
-    futures = _queued(worker, [*map(_callback, wids), _callback(wids[0]), _callback("nope")])
+    futures = queued(worker, [*map(_callback, wids), _callback(wids[0]), _callback("nope")])
     worker.start()
     try:
         outs = await asyncio.gather(*futures)
@@ -289,7 +281,7 @@ async def test_a_job_failing_in_a_batch_is_undone_alone(
 
     monkeypatch.setattr(Engine, "on_wait", failing)
     worker = PgWorker(ledger, threads=1)
-    futures = _queued(worker, list(map(_callback, wids)))
+    futures = queued(worker, list(map(_callback, wids)))
     worker.start()
     try:
         outs = await asyncio.gather(*futures, return_exceptions=True)
@@ -314,7 +306,7 @@ async def test_a_batch_that_fails_outside_its_jobs_runs_each_alone(
 
     monkeypatch.setattr(PgStore, "begin_batch", broken)
     worker = PgWorker(ledger, threads=1)
-    futures = _queued(worker, list(map(_callback, wids)))
+    futures = queued(worker, list(map(_callback, wids)))
     worker.start()
     try:
         outs = await asyncio.wait_for(asyncio.gather(*futures), 30)
@@ -344,7 +336,7 @@ async def test_a_batch_whose_speculation_fails_runs_each_job_alone(
 
     monkeypatch.setattr(PgStore, "wait", racing)
     worker = PgWorker(ledger, threads=1)
-    futures = _queued(worker, list(map(_callback, wids)))
+    futures = queued(worker, list(map(_callback, wids)))
     worker.start()
     try:
         outs = await asyncio.gather(*futures)
@@ -367,7 +359,7 @@ async def test_a_batch_does_not_wait_for_a_conversation_locked_elsewhere(
         other.execute("SELECT 1 FROM conversations c JOIN waits w ON w.conversation_id = c.id "
                       "WHERE w.id = %s FOR UPDATE OF c", (wids[1],))
         worker = PgWorker(ledger, threads=1)
-        futures = _queued(worker, list(map(_callback, wids)))
+        futures = queued(worker, list(map(_callback, wids)))
         worker.start()
         try:
             done = await asyncio.wait_for(asyncio.gather(futures[0], futures[2]), 30)
@@ -383,7 +375,7 @@ async def test_a_batch_does_not_wait_for_a_conversation_locked_elsewhere(
 
 
 def test_a_timer_pass_costs_the_same_round_trips_for_one_wait_or_many(
-        ledger: PgLedger, monkeypatch: pytest.MonkeyPatch) -> None:
+        ledger: PgLedger) -> None:
     """The due waits are read with their conversations locked in the round trip that
     lists them, so firing each costs none: a pass of one and a pass of six make the same
     round trips: BEGIN with the clock, the expired early webhooks (the clock's `now`
@@ -392,28 +384,13 @@ def test_a_timer_pass_costs_the_same_round_trips_for_one_wait_or_many(
         wids = [_waiting(ledger, user) for user in users]
         with ledger.transaction():
             ledger.conn.execute("UPDATE waits SET deadline = 0 WHERE id = ANY(%s)", (wids,))
-        trips: list[str] = []
-        pipeline, execute = psycopg.Connection.pipeline, psycopg.Connection.execute
-
-        def counted_pipeline(conn: Any) -> Any:
-            trips.append("pipeline")
-            return pipeline(conn)
-
-        def counted_execute(conn: Any, query: Any, *args: Any, **kwargs: Any) -> Any:
-            if conn._pipeline is None:
-                trips.append(str(query).split()[0])
-            return execute(conn, query, *args, **kwargs)
-
-        with monkeypatch.context() as patch:
-            patch.setattr(psycopg.Connection, "pipeline", counted_pipeline)
-            patch.setattr(psycopg.Connection, "execute", counted_execute)
-            store = ledger.for_thread()
-            with store.pool.connection() as conn:
-                store.begin(conn, speculative=True, xid=True)
-                fired = Ledger.fire_due(store, 0.0)
-                store.commit()
+        store = ledger.for_thread()
+        with sent() as counted, store.pool.connection() as conn:
+            store.begin(conn, speculative=True, xid=True)
+            fired = Ledger.fire_due(store, 0.0)
+            store.commit()
         assert not fired.errors
-        return trips, fired.results
+        return counted.trips, fired.results
 
     one, results = one_pass(["a"])
     assert [r.state for r in results] == ["expired"]
