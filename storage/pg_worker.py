@@ -14,6 +14,10 @@ one failing because the database is unreachable or slow answers `StorageUnavaila
 A connection lost at COMMIT is looked up (`PgStore.commit`): a transition that committed
 answers as committed, one rolled back runs again, one whose outcome is unknown answers
 503 and never runs again.
+
+Callbacks (and http blocks' answers) queued together run as one batch, one transaction
+(`_run_batch`): a thread that takes one takes those queued behind it, up to BATCH; a job
+of another kind it meets on the way runs next, in this thread.
 """
 
 from __future__ import annotations
