@@ -52,7 +52,8 @@ MIN_SLEEP = 0.005  # s between timer passes at least, so a pass that leaves work
 
 class PgWorker:
     """`store`: a `PgStore` (a `PgLedger` for the server); each thread works on a copy of it
-    (`PgStore.for_thread`). `threads` defaults to the store's pool size."""
+    (`PgStore.for_thread`). `threads` defaults to the store's pool size, less one for the
+    timer's own connection when there is a `timer`."""
 
     def __init__(self, store: PgStore, max_batch: int = 512,
                  answer: Callable[[list[Any]], None] = _answer_futures,
@@ -66,7 +67,8 @@ class PgWorker:
         self._monotonic = monotonic
         self._answer = answer
         self._timer = timer
-        self._threads_n = threads or store.pool_size
+        # the pool's connections: one for each thread, and the timer's own
+        self._threads_n = threads or max(1, store.pool_size - (timer is not None))
         self._queue: queue.SimpleQueue[_Job | str | None] = queue.SimpleQueue()
         self._urgent: deque[_Job] = deque()
         self._threads: list[threading.Thread] = []
@@ -337,16 +339,22 @@ class PgWorker:
             self._offset = float(row[0]) - (before + after) / 2
 
     def _timer_loop(self) -> None:
-        """Sleeps until the earliest deadline, then queues a pass as an urgent job; its
-        thread answers with the reply TIMER."""
-        with self._timer_wake:
-            while not self._stopping:
-                delay = self._due - self._monotonic()
-                if delay > 0:
+        """Sleeps until the earliest deadline, then runs the pass itself, on a connection of
+        its own, and answers with the reply TIMER: queued as an urgent job it waited for a
+        worker thread to finish its batch, under load one more wait at every pass
+        (bench/README.md, timers on PostgreSQL)."""
+        store = self.store.for_thread()
+        while True:
+            with self._timer_wake:
+                while not self._stopping:
+                    delay = self._due - self._monotonic()
+                    if delay <= 0:
+                        break
                     self._timer_wake.wait(None if self._due == math.inf else delay)
-                    continue
+                if self._stopping:
+                    return
                 self._due = math.inf  # the pass sets the next one
-                self.submit(self._fire, (), TIMER, urgent=True)
+            self._answer([self._run(store, (self._fire, (), TIMER))])
 
     def _fire(self, store: PgStore) -> Any:
         assert self._timer is not None
