@@ -26,7 +26,7 @@ from collections.abc import Sequence
 from contextlib import AbstractContextManager
 from typing import Any, Protocol
 
-from bot.messages import Delivery
+from bot.messages import Delivery, Message
 from bot.state import Conversation, EarlyWebhook, OutboxRow, Step, Wait
 from bot.stranded import Stranded
 
@@ -38,6 +38,22 @@ DELIVERY_ORDER = ("accepted", "scheduled", "queued", "sending", "sent", "deliver
 """A platform's delivery statuses in the order a message goes through them (Twilio's)."""
 FINAL_DELIVERY = ("failed", "undelivered", "canceled")
 """Delivery statuses nothing moves a message out of."""
+
+
+def text_resends(rows: Sequence[tuple[str | None, int, str]], status: str
+                 ) -> list[tuple[int, Message]]:
+    """For `Store.resend_without_media` (each backend's): of outbox rows (platform status,
+    conversation id, message JSON) whose file the platform could not send, the
+    conversations to send each one's text to again, as text only: rows with a file that
+    `status` moves to a final status for the first time (a repeated callback finds the row
+    final already)."""
+    out = []
+    for current, cid, raw in rows:
+        message = Message.from_json(raw)
+        if (message.media is not None and status in FINAL_DELIVERY
+                and status_advances(current, status)):
+            out.append((cid, message.without_media()))
+    return out
 
 
 def status_advances(current: str | None, new: str) -> bool:

@@ -34,7 +34,7 @@ from bot.errors import StaleState, StorageUnavailable
 from bot.ledger import Ledger, WebViewCheck
 from bot.messages import Delivery, Message
 from bot.state import Conversation, EarlyWebhook, OutboxRow, Step, Wait
-from bot.store import FINAL_DELIVERY, PER_CONVERSATION, status_advances
+from bot.store import PER_CONVERSATION, status_advances
 from bot.stranded import REMOVED, Stranded
 from storage import pg_schema
 from storage.pg_stranded import find_stranded, find_stranded_part
@@ -925,16 +925,11 @@ class PgStore(contract.Store):
                 "AND status = %s AND at = %s", (_text(platform_id), _text(status), now))
             return None
         added = 0
-        for current, cid, raw in rows:
-            message = Message.from_json(raw)
-            if (message.media is None or status not in FINAL_DELIVERY
-                    or not status_advances(current, status)):
-                continue  # no file, or a callback repeated: the row is final already
+        for cid, message in contract.text_resends(rows, status):
             row = self.conn.execute(
                 "INSERT INTO outbox (conversation_id, channel, user_id, message, next_attempt, "
                 "created) SELECT id, channel, user_id, %s, %s, %s FROM conversations "
-                "WHERE id = %s RETURNING id",
-                (message.without_media().to_json(), now, now, cid)).fetchone()
+                "WHERE id = %s RETURNING id", (message.to_json(), now, now, cid)).fetchone()
             added = row[0] if row else added
         return added
 

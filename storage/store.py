@@ -26,7 +26,7 @@ from bot.flow import WAIT_KINDS
 from bot.ledger import Ledger, WebViewCheck
 from bot.messages import Delivery, Message
 from bot.state import Conversation, EarlyWebhook, OutboxRow, Step, Wait
-from bot.store import FINAL_DELIVERY, FINAL_STATES, PER_CONVERSATION, status_advances
+from bot.store import FINAL_STATES, PER_CONVERSATION, status_advances, text_resends
 from bot.stranded import REMOVED, Stranded
 from storage.schema import migrations
 from storage.stranded import find_stranded, find_stranded_part
@@ -497,15 +497,11 @@ class SQLiteStore(contract.Store):
                 "AND at = ?", (platform_id, status, now))
             return None
         added = 0
-        for current, cid, raw in rows:
-            message = Message.from_json(raw)
-            if (message.media is None or status not in FINAL_DELIVERY
-                    or not status_advances(current, status)):
-                continue  # no file, or a callback repeated: the row is final already
+        for cid, message in text_resends(rows, status):
             row = self.conn.execute(
                 "INSERT INTO outbox (conversation_id, channel, user_id, message, next_attempt, "
                 "created) SELECT id, channel, user_id, ?, ?, ? FROM conversations WHERE id = ? "
-                "RETURNING id", (message.without_media().to_json(), now, now, cid)).fetchone()
+                "RETURNING id", (message.to_json(), now, now, cid)).fetchone()
             added = row[0] if row else added
         return added
 

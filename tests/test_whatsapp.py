@@ -378,23 +378,24 @@ async def test_a_block_with_a_file_sends_it_as_media_url(tmp_path: Path) -> None
             (None, "https://cdn.example/terms.pdf")]  # a file alone: no Body
 
 
+SEATS = """
+[flows.main]
+start = "pick"
+[flows.main.blocks.pick]
+type = "buttons"
+image = "https://cdn.example/seats.png"
+text = "Pick a seat"
+choices = [{ label = "Window", next = "bye" }, { label = "Aisle", next = "bye" }]
+[flows.main.blocks.bye]
+type = "end"
+text = "Bye"
+"""  # a question with a picture (the file's failures)
+
 async def test_a_media_url_twilio_refuses_still_delivers_the_question_and_its_choices(
         tmp_path: Path) -> None:
     """Twilio answers 400 / 21620 for a MediaUrl it cannot use: the text and the numbered
     choices go anyway, with the URL in the text, or the user could never answer."""
-    flows = """
-    [flows.main]
-    start = "pick"
-    [flows.main.blocks.pick]
-    type = "buttons"
-    image = "https://cdn.example/seats.png"
-    text = "Pick a seat"
-    choices = [{ label = "Window", next = "bye" }, { label = "Aisle", next = "bye" }]
-    [flows.main.blocks.bye]
-    type = "end"
-    text = "Bye"
-    """
-    async with whatsapp_harness(tmp_path, flows) as h:
+    async with whatsapp_harness(tmp_path, SEATS) as h:
         h.twilio.fail_next(400, 21620, "Invalid media URL(s)")
         await h.post("/twilio/whatsapp", twilio_form(MessageSid="SM" + "0" * 32, Body="hi"))
         sends = h.new_sends()

@@ -9,22 +9,10 @@ from pathlib import Path
 import pytest
 
 from tests.fake_twilio import whatsapp_harness
-from tests.test_whatsapp import status_form, twilio_form
+from tests.test_whatsapp import SEATS, status_form, twilio_form
 
 pytestmark = pytest.mark.usefixtures("twilio_auth_token")
 
-SEATS = """
-[flows.main]
-start = "pick"
-[flows.main.blocks.pick]
-type = "buttons"
-image = "https://cdn.example/seats.png"
-text = "Pick a seat"
-choices = [{ label = "Window", next = "bye" }, { label = "Aisle", next = "bye" }]
-[flows.main.blocks.bye]
-type = "end"
-text = "Bye"
-"""
 QUESTION = "Pick a seat\n\n1. Window\n2. Aisle\n\nReply 1 or 2."
 AGAIN = "Pick a seat\n\nhttps://cdn.example/seats.png\n\n1. Window\n2. Aisle\n\nReply 1 or 2."
 
